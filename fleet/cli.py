@@ -1,0 +1,163 @@
+"""The `fleet` command: parse, call the core, print. No logic of its own lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, NoReturn
+
+import click
+from tabulate import tabulate
+
+from fleet.errors import ExitCode, FleetError
+from fleet.lab import ops as lab_ops
+from fleet.lab.layout import MAX_HOSTS
+from fleet.lab.layout import Lab as LabInstance
+
+
+@dataclass
+class Context:
+    flake: str
+    json: bool
+    verbose: bool
+
+    def say(self, message: str) -> None:
+        """Progress for people: stderr, so stdout stays a clean report."""
+        click.echo(message, err=True)
+
+
+def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) -> None:
+    if ctx.json:
+        click.echo(json.dumps(data, indent=2))
+    elif table is not None:
+        click.echo(tabulate(table, headers="keys"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--flake",
+    default=".",
+    show_default=True,
+    metavar="REF",
+    help="The flake that declares the fleet.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-v", "--verbose", is_flag=True, help="Say more about what is done.")
+@click.version_option(package_name="fleet")
+@click.pass_context
+def cli(click_ctx: click.Context, flake: str, as_json: bool, verbose: bool) -> None:
+    """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
+    click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose)
+
+
+@cli.group()
+def lab() -> None:
+    """A practice fleet of local hosts: Debian containers with Nix and systemd (not NixOS)."""
+
+
+def _lab() -> LabInstance:
+    return LabInstance.from_env()
+
+
+def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
+    return [
+        {
+            "host": s.name,
+            "address": s.address,
+            "container": "up" if s.running else "down",
+            "link": "up" if s.link_up else "cut",
+            "ssh": "yes" if s.ssh else "no",
+        }
+        for s in states
+    ]
+
+
+@lab.command("up")
+@click.option(
+    "--hosts",
+    "count",
+    type=click.IntRange(1, MAX_HOSTS),
+    default=None,
+    help=f"Number of hosts (default {lab_ops.DEFAULT_HOSTS}; 1 to {MAX_HOSTS}).",
+)
+@click.pass_obj
+def lab_up(ctx: Context, count: int | None) -> None:
+    """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
+    states = lab_ops.up(_lab(), count, ctx.say)
+    _emit(ctx, [asdict(s) for s in states], _state_rows(states))
+
+
+@lab.command("down")
+@click.pass_obj
+def lab_down(ctx: Context) -> None:
+    """Remove every container, namespace, link, bridge, mount and file the lab made."""
+    lab_ops.down(_lab())
+    ctx.say("lab is down")
+
+
+@lab.command("status")
+@click.pass_obj
+def lab_status(ctx: Context) -> None:
+    """List the lab's hosts, their addresses and whether each is up."""
+    states = lab_ops.status(_lab())
+    if not states and not ctx.json:
+        ctx.say("no lab is up")
+        return
+    _emit(ctx, [asdict(s) for s in states], _state_rows(states))
+
+
+@lab.command("fault")
+@click.argument("host")
+@click.argument("action", type=click.Choice([f.value for f in lab_ops.Fault]))
+@click.pass_obj
+def lab_fault(ctx: Context, host: str, action: str) -> None:
+    """Break (or mend) one lab host: cut its link, stop sshd, crash it, fill its disk."""
+    lab_ops.fault(_lab(), host, lab_ops.Fault(action))
+    ctx.say(f"{host}: {action}")
+
+
+@lab.command("flake")
+def lab_flake() -> None:
+    """Print the path of the lab's flake (use it as --flake)."""
+    click.echo(str(_lab().flake))
+
+
+@lab.command("release")
+@click.option("--version", "version", required=True, help="The release the lab flake builds next.")
+@click.option(
+    "--broken",
+    type=click.Choice(["health", "start"]),
+    default=None,
+    help="health: the service fails its check; start: its unit fails to start.",
+)
+@click.pass_obj
+def lab_release(ctx: Context, version: str, broken: str | None) -> None:
+    """Change what the lab's flake builds next."""
+    lab_ops.release(_lab(), version, broken)
+    ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"fleet: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error is one line on stderr and a documented exit code."""
+    try:
+        cli.main(args=argv, prog_name="fleet", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", ExitCode.ERROR)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        _fail(where + exc.format_message().replace("\n", " "), ExitCode.USAGE)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), ExitCode.USAGE)
+    except FleetError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    sys.exit(ExitCode.OK)

@@ -1,0 +1,43 @@
+"""Errors the tool reports to an operator, each mapped to a documented exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; README.md documents them for scripts and CI."""
+
+    OK = 0
+    ERROR = 1  # an operation failed in a way no other code describes
+    USAGE = 2  # bad input: nothing was touched
+    ROLLED_BACK = 3  # the change failed and every touched host is back on its known-good generation
+    ATTENTION = 4  # some host needs an operator: unreachable, or not restored
+
+
+class FleetError(Exception):
+    """A failure with a one-line message meant for the operator."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class UsageError(FleetError):
+    """The operator asked for something impossible; raised before anything is touched."""
+
+    exit_code = ExitCode.USAGE
+
+
+class InventoryError(UsageError):
+    """The fleet inventory does not match the schema."""
+
+
+class NixError(FleetError):
+    """A local Nix command failed."""
+
+
+class SshError(FleetError):
+    """A remote command could not be run: connection, authentication or host key."""
+
+
+class HostKeyError(SshError):
+    """The host presented a key that does not match the pinned or known one."""

@@ -1,0 +1,181 @@
+"""The fleet inventory: validated against the one written-down schema, then typed.
+
+The schema lives in ``inventory.schema.json`` (explained in docs/inventory.md) and is
+produced on the Nix side by ``nix/inventory.nix`` for both the lab and real fleets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import jsonschema.exceptions
+
+from fleet.errors import InventoryError, UsageError
+
+
+class CheckType(StrEnum):
+    HTTP = "http"
+    TCP = "tcp"
+    COMMAND = "command"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health check; HTTP and TCP are made from the host itself (127.0.0.1:port)."""
+
+    name: str
+    service: str | None
+    type: CheckType
+    timeout: float
+    interval: float
+    retries: int
+    port: int | None = None
+    path: str | None = None
+    expect_status: int | None = None
+    expect_body: str | None = None
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    ssh_port: int
+    ssh_user: str
+    tags: tuple[str, ...]
+    system: str
+    host_key: str | None
+    services: tuple[str, ...]
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class DeployPolicy:
+    parallel: int
+    canary: int
+    batch_size: int | str  # a count, or a share of the fleet such as "25%"
+    max_failures: int
+    health_timeout: float
+    confirm_timeout: float
+
+
+@dataclass(frozen=True)
+class Inventory:
+    hosts: Mapping[str, Host]
+    deploy: DeployPolicy
+
+    def select(self, selectors: Sequence[str]) -> list[Host]:
+        """Hosts matching any selector, in inventory order; no selector means all."""
+        names = select_names(
+            list(self.hosts), {h.name: h.tags for h in self.hosts.values()}, selectors
+        )
+        return [self.hosts[n] for n in names]
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files("fleet").joinpath("inventory.schema.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _where(error: jsonschema.exceptions.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate(data: Any, source: str) -> None:
+    """Raise InventoryError naming the first offending field, or return."""
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        raise InventoryError(f"inventory from {source}: {_where(error)}: {error.message}")
+
+
+def _check(raw: Mapping[str, Any]) -> Check:
+    return Check(
+        name=raw["name"],
+        service=raw["service"],
+        type=CheckType(raw["type"]),
+        timeout=float(raw["timeout"]),
+        interval=float(raw["interval"]),
+        retries=int(raw["retries"]),
+        port=raw.get("port"),
+        path=raw.get("path"),
+        expect_status=raw.get("expectStatus"),
+        expect_body=raw.get("expectBody"),
+        command=tuple(raw.get("command", ())),
+    )
+
+
+def parse(data: Any, source: str) -> Inventory:
+    """Validate raw inventory JSON and turn it into typed records."""
+    validate(data, source)
+    hosts = {
+        name: Host(
+            name=name,
+            address=h["address"],
+            ssh_port=h["sshPort"],
+            ssh_user=h["sshUser"],
+            tags=tuple(h["tags"]),
+            system=h["system"],
+            host_key=h["hostKey"],
+            services=tuple(h["services"]),
+            checks=tuple(_check(c) for c in h["checks"]),
+        )
+        for name, h in data["hosts"].items()
+    }
+    for host in hosts.values():
+        seen: set[str] = set()
+        for check in host.checks:
+            if check.name in seen:
+                raise InventoryError(
+                    f"inventory from {source}: hosts.{host.name}.checks: "
+                    f"check name {check.name!r} is used twice"
+                )
+            seen.add(check.name)
+    d = data["deploy"]
+    policy = DeployPolicy(
+        parallel=d["parallel"],
+        canary=d["canary"],
+        batch_size=d["batchSize"],
+        max_failures=d["maxFailures"],
+        health_timeout=float(d["healthTimeout"]),
+        confirm_timeout=float(d["confirmTimeout"]),
+    )
+    return Inventory(hosts=hosts, deploy=policy)
+
+
+def select_names(
+    names: Sequence[str], tags: Mapping[str, Iterable[str]], selectors: Sequence[str]
+) -> list[str]:
+    """Resolve selectors (names, shell globs, @tag) to names in their given order.
+
+    A selector that matches nothing is an error: a typo must never shrink a rollout
+    silently.
+    """
+    if not selectors:
+        return list(names)
+    chosen: set[str] = set()
+    for selector in selectors:
+        if selector.startswith("@"):
+            tag = selector[1:]
+            matched = {n for n in names if tag in tags.get(n, ())}
+            what = f"tag {tag!r}"
+        elif any(ch in selector for ch in "*?["):
+            matched = set(fnmatch.filter(names, selector))
+            what = f"pattern {selector!r}"
+        else:
+            matched = {selector} if selector in names else set()
+            what = f"host {selector!r}"
+        if not matched:
+            raise UsageError(f"selector {selector!r}: no {what} in the inventory")
+        chosen |= matched
+    return [n for n in names if n in chosen]

@@ -1,0 +1,74 @@
+#!/usr/bin/python3
+"""The lab's service: answers its release on /version and its health on /health.
+
+--broken start exits before telling systemd it is ready (the unit fails to start);
+--broken health starts fine but answers 503 on /health.
+"""
+
+import argparse
+import os
+import socket
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def notify(message: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.sendall(message.encode())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--release", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--broken", choices=["start", "health"])
+    args = parser.parse_args()
+
+    if args.broken == "start":
+        print(f"lab-web {args.release}: refusing to start (broken release)", file=sys.stderr)
+        return 1
+
+    healthy = args.broken != "health"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/version":
+                status, body = 200, args.release
+            elif self.path == "/health":
+                status, body = (200, "ok") if healthy else (503, "unhealthy")
+            else:
+                status, body = 404, "not found"
+            data = (body + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *log_args: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+        def server_bind(self) -> None:
+            # HTTPServer would look its own name up in DNS first, which hangs offline.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = "lab-web", args.port
+
+    server = Server(("0.0.0.0", args.port), Handler)
+    notify(f"READY=1\nSTATUS=serving release {args.release}")
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

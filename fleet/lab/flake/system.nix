@@ -1,0 +1,24 @@
+# One lab host's system: a store path laid out like a NixOS toplevel
+# (bin/switch-to-configuration, etc/systemd/system, nixos-version).
+{
+  name,
+  system,
+  release,
+  webPort,
+}:
+derivation {
+  name = "lab-system-${name}-${release.version}";
+  inherit system;
+  builder = "/bin/sh";
+  args = [
+    "-e"
+    ./build-system.sh
+  ];
+  hostName = name;
+  releaseVersion = release.version;
+  broken = if release.broken == null then "" else release.broken;
+  port = toString webPort;
+  switchScript = ./switch-to-configuration.py;
+  webScript = ./lab-web.py;
+  PATH = "/usr/bin:/bin";
+}

@@ -1,0 +1,293 @@
+"""What `fleet lab` does: bring a lab up, tear it down, report it, break it on purpose."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from fleet import nix, process
+from fleet.errors import FleetError, UsageError
+from fleet.lab import containers, flake, network, rootfs
+from fleet.lab.layout import MAX_HOSTS, TMPFS_SIZE, Lab, LabHost
+from fleet.ssh import Endpoint, SshConfig, Transport
+
+DEFAULT_HOSTS = 3
+SSH_WAIT = 60.0
+REQUIRED_TOOLS = {
+    "systemd-nspawn": "systemd-container",
+    "debootstrap": "debootstrap",
+    "ip": "iproute2",
+    "nsenter": "util-linux",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "nix": "nix-bin",
+}
+
+# The lab needs nothing from binary caches; asking them only waits for time-outs offline.
+OFFLINE = {"substituters": ""}
+
+Say = Callable[[str], None]
+
+
+class Fault(StrEnum):
+    PARTITION = "partition"
+    HEAL = "heal"
+    STOP_SSH = "stop-ssh"
+    START_SSH = "start-ssh"
+    CRASH = "crash"
+    FILL_DISK = "fill-disk"
+    FREE_DISK = "free-disk"
+
+
+@dataclass(frozen=True)
+class HostState:
+    name: str
+    address: str
+    running: bool
+    link_up: bool
+    ssh: bool
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"{what}: must run as root (it makes namespaces, mounts and containers)")
+
+
+def _require_tools() -> None:
+    missing = [
+        f"{tool} (package {pkg})"
+        for tool, pkg in REQUIRED_TOOLS.items()
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        raise FleetError(f"the lab needs {', '.join(missing)}: install with apt-get")
+
+
+@contextlib.contextmanager
+def _locked(lab: Lab) -> Iterator[None]:
+    lab.lock.parent.mkdir(parents=True, exist_ok=True)
+    with lab.lock.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _mounts_under(path: Path) -> list[Path]:
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1].replace("\\040", " ")
+        if target.startswith(prefix):
+            found.append(Path(target))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _keygen(path: Path, comment: str) -> str:
+    process.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    return " ".join(path.with_suffix(".pub").read_text().split()[:2])
+
+
+def _profile_link(root: Path, path: str) -> None:
+    """Generation 1 of the system profile and the boot entry, as an installer leaves them."""
+    profiles = root / "nix/var/nix/profiles"
+    profiles.mkdir(parents=True, exist_ok=True)
+    (profiles / "system-1-link").symlink_to(path)
+    (profiles / "system").symlink_to("system-1-link")
+    (root / "boot/lab").mkdir(parents=True, exist_ok=True)
+    (root / "boot/lab/default").symlink_to(path)
+
+
+def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
+    """State, keys, flake and each host's disk with generation 1 installed."""
+    lab.state.mkdir(parents=True, exist_ok=True)
+    _keygen(lab.identity, f"fleet-lab{lab.instance}")
+    keys = {}
+    for host in hosts:
+        ssh_dir = lab.host_dir(host) / "ssh"
+        ssh_dir.mkdir(parents=True)
+        keys[host.name] = _keygen(ssh_dir / "ssh_host_ed25519_key", host.name)
+        shutil.copy(lab.identity.with_suffix(".pub"), ssh_dir / "authorized_keys")
+        root = lab.host_root(host)
+        root.mkdir()
+        process.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={TMPFS_SIZE},mode=0755",
+                f"fleetlab{lab.instance}-{host.name}",
+                str(root),
+            ]
+        )
+        for folder in ("nix", "boot"):
+            (root / folder).mkdir()
+    flake.write(lab, hosts, keys)
+    lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
+    say(f"building generation 1 for {len(hosts)} hosts")
+    paths = nix.build(str(lab.flake), [toplevel(h.name) for h in hosts], OFFLINE)
+    for host, path in zip(hosts, paths, strict=True):
+        nix.copy_to_root(lab.host_root(host), path)
+        _profile_link(lab.host_root(host), path)
+
+
+def toplevel(host: str) -> str:
+    return f"nixosConfigurations.{host}.config.system.build.toplevel"
+
+
+def transport(lab: Lab) -> Transport:
+    """A transport with the lab's identity; host keys come pinned from the lab's flake."""
+    return Transport(SshConfig(identity_file=lab.identity, connect_timeout=5))
+
+
+def endpoints(lab: Lab) -> list[Endpoint]:
+    loaded = flake.spec(lab) or {"hosts": {}}
+    return [
+        Endpoint(name, h["address"], h["sshPort"], h["sshUser"], h["hostKey"])
+        for name, h in loaded["hosts"].items()
+    ]
+
+
+def _port_open(address: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_ssh(lab: Lab, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+
+    def wait(endpoint: Endpoint) -> None:
+        while not _port_open(endpoint.address, endpoint.port, 0.5):
+            if time.monotonic() > deadline:
+                raise FleetError(
+                    f"lab host {endpoint.name} did not answer ssh within "
+                    f"{timeout:g} s; see {lab.state}/hosts/{endpoint.name}/console.log"
+                )
+            time.sleep(0.05)
+        remote.remote(endpoint).run(["true"], fresh=True, timeout=timeout)
+
+    with transport(lab) as remote, ThreadPoolExecutor(max_workers=32) as pool:
+        for future in [pool.submit(wait, e) for e in endpoints(lab)]:
+            future.result()
+
+
+def _stale(lab: Lab, hosts: list[LabHost]) -> bool:
+    """A lab whose host disks are gone (the machine rebooted) cannot be resumed."""
+    mounted = set(_mounts_under(lab.state))
+    return any(lab.host_root(h) not in mounted for h in hosts)
+
+
+def up(lab: Lab, count: int | None, say: Say) -> list[HostState]:
+    require_root("fleet lab up")
+    if count is not None and not 1 <= count <= MAX_HOSTS:
+        raise UsageError(f"--hosts {count}: expected 1 to {MAX_HOSTS}")
+    _require_tools()
+    with _locked(lab):
+        existing = flake.hosts(lab)
+        if existing is not None and count is not None and count != len(existing):
+            raise UsageError(
+                f"the lab is up with {len(existing)} hosts, not {count}: "
+                "run `fleet lab down` first to change its size"
+            )
+        if existing is not None and _stale(lab, existing):
+            say("the lab's host disks are gone (was the machine restarted?): making it anew")
+            _teardown(lab)
+            existing = None
+        hosts = existing or lab.hosts(count or DEFAULT_HOSTS)
+        image = rootfs.ensure(lab.cache, say)
+        try:
+            if existing is None:
+                _create(lab, hosts, say)
+            network.ensure_bridge(lab)
+            present = network.namespaces(lab.netns_prefix)
+            for host in hosts:
+                network.ensure_host(lab, host, present)
+            for host in hosts:
+                if containers.nspawn_pid(lab, host) is None:
+                    containers.start(lab, host, image)
+            _wait_for_ssh(lab, SSH_WAIT)
+        except BaseException:
+            if existing is None:
+                _teardown(lab)
+            raise
+    return status(lab)
+
+
+def _teardown(lab: Lab) -> None:
+    containers.kill(containers.stray_nspawns(lab))
+    for mount in _mounts_under(lab.state):
+        process.run(["umount", "--lazy", str(mount)], check=False)
+    network.remove_all(lab)
+    shutil.rmtree(lab.state, ignore_errors=True)
+
+
+def down(lab: Lab) -> None:
+    """Remove every container, namespace, link, bridge, mount and file of the lab; idempotent."""
+    require_root("fleet lab down")
+    with _locked(lab):
+        _teardown(lab)
+
+
+def status(lab: Lab) -> list[HostState]:
+    hosts = flake.hosts(lab) or []
+
+    def probe(host: LabHost) -> HostState:
+        running = containers.nspawn_pid(lab, host) is not None
+        link_up = network.link_is_up(host)
+        ssh = running and link_up and _port_open(host.address, 22, 1.0)
+        return HostState(host.name, host.address, running, link_up, ssh)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(probe, hosts))
+
+
+def _host(lab: Lab, name: str) -> LabHost:
+    hosts = flake.hosts(lab)
+    if hosts is None:
+        raise UsageError("no lab is up: run `fleet lab up` first")
+    for host in hosts:
+        if host.name == name:
+            return host
+    raise UsageError(f"no lab host {name!r}; the lab has {', '.join(h.name for h in hosts)}")
+
+
+def _fill_file(lab: Lab, host: LabHost) -> Path:
+    return lab.host_root(host) / "fill"  # beside nix/ on the host's disk, invisible inside
+
+
+def fault(lab: Lab, name: str, action: Fault) -> None:
+    require_root("fleet lab fault")
+    host = _host(lab, name)
+    if action in (Fault.PARTITION, Fault.HEAL):
+        network.set_link(host, up=action is Fault.HEAL)
+    elif action in (Fault.STOP_SSH, Fault.START_SSH):
+        verb = "start" if action is Fault.START_SSH else "stop"
+        containers.run_inside(lab, host, ["systemctl", verb, "ssh.service"])
+    elif action is Fault.CRASH:
+        pid = containers.nspawn_pid(lab, host)
+        if pid is None:
+            raise FleetError(f"lab host {name} is not running")
+        containers.kill([pid])
+    elif action is Fault.FILL_DISK:
+        stat = os.statvfs(lab.host_root(host))
+        with _fill_file(lab, host).open("ab") as fill:
+            os.posix_fallocate(fill.fileno(), fill.tell(), stat.f_bavail * stat.f_frsize)
+    elif action is Fault.FREE_DISK:
+        _fill_file(lab, host).unlink(missing_ok=True)
+
+
+def release(lab: Lab, version: str, broken: str | None) -> None:
+    if flake.hosts(lab) is None:
+        raise UsageError("no lab is up: run `fleet lab up` first")
+    flake.set_release(lab, version, broken)

@@ -1,0 +1,61 @@
+"""Running local programs: one place that turns a failed command into a readable error."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fleet.errors import FleetError
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last_error_line(self) -> str:
+        """The most telling line of stderr: tools print the cause last."""
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {self.returncode}"
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    error: type[FleetError] = FleetError,
+    what: str | None = None,
+) -> Result:
+    """Run argv (never through a shell) and capture its output.
+
+    With check, a non-zero exit raises ``error`` whose message names ``what`` (or the
+    program) and the last line the program printed on stderr.
+    """
+    try:
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=True,
+            env=dict(env) if env is not None else None,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise error(f"{argv[0]}: command not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise error(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
+    result = Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+    if check and not result.ok:
+        raise error(f"{what or argv[0]}: {result.last_error_line()}")
+    return result

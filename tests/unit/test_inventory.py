@@ -1,0 +1,156 @@
+"""Inventory validation and selectors: pure logic, no hosts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from importlib import resources
+
+import pytest
+
+from fleet.errors import InventoryError, UsageError
+from fleet.inventory import CheckType, parse, select_names
+
+EXAMPLE = {
+    "schemaVersion": 1,
+    "hosts": {
+        "web1": {
+            "address": "192.0.2.11",
+            "sshPort": 22,
+            "sshUser": "root",
+            "tags": ["web", "canary"],
+            "system": "x86_64-linux",
+            "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA==",
+            "services": ["api"],
+            "checks": [
+                {
+                    "name": "api",
+                    "service": "api",
+                    "type": "http",
+                    "port": 8080,
+                    "path": "/health",
+                    "expectStatus": 200,
+                    "expectBody": None,
+                    "timeout": 2,
+                    "interval": 1,
+                    "retries": 3,
+                }
+            ],
+        },
+        "db1": {
+            "address": "db1.example.org",
+            "sshPort": 2222,
+            "sshUser": "deploy",
+            "tags": ["db"],
+            "system": "aarch64-linux",
+            "hostKey": None,
+            "services": [],
+            "checks": [
+                {
+                    "name": "redis",
+                    "service": None,
+                    "type": "command",
+                    "command": ["redis-cli", "ping"],
+                    "timeout": 2,
+                    "interval": 1,
+                    "retries": 3,
+                }
+            ],
+        },
+    },
+    "deploy": {
+        "parallel": 4,
+        "canary": 1,
+        "batchSize": "50%",
+        "maxFailures": 0,
+        "healthTimeout": 60,
+        "confirmTimeout": 30,
+    },
+}
+
+
+def test_example_parses():
+    inv = parse(EXAMPLE, "example")
+    assert inv.hosts["web1"].checks[0].type is CheckType.HTTP
+    assert inv.hosts["db1"].checks[0].command == ("redis-cli", "ping")
+    assert inv.deploy.batch_size == "50%"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["hosts"]["web1"].update(sshPort=0), "hosts.web1.sshPort"),
+        (lambda d: d["hosts"]["web1"].pop("address"), "'address' is a required property"),
+        (lambda d: d["hosts"]["web1"].update(colour="red"), "colour"),
+        (lambda d: d["hosts"]["web1"]["checks"][0].update(type="udp"), "hosts.web1.checks.0.type"),
+        (lambda d: d["hosts"]["web1"]["checks"][0].pop("port"), "'port' is a required property"),
+        (lambda d: d["deploy"].update(batchSize="150%"), "deploy.batchSize"),
+        (lambda d: d.update(schemaVersion=2), "schemaVersion"),
+        (
+            lambda d: d["hosts"]["db1"]["checks"].append(d["hosts"]["db1"]["checks"][0]),
+            "check name 'redis' is used twice",
+        ),
+    ],
+)
+def test_bad_inventory_names_the_field(mutate, message):
+    data = copy.deepcopy(EXAMPLE)
+    mutate(data)
+    with pytest.raises(InventoryError) as error:
+        parse(data, "example")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+NAMES = ["web1", "web2", "db1"]
+TAGS = {"web1": ["web", "canary"], "web2": ["web"], "db1": ["db"]}
+
+
+@pytest.mark.parametrize(
+    ("selectors", "expected"),
+    [
+        ([], NAMES),
+        (["db1"], ["db1"]),
+        (["web*"], ["web1", "web2"]),
+        (["@web"], ["web1", "web2"]),
+        (["db1", "@canary"], ["web1", "db1"]),  # inventory order, not selector order
+        (["web?", "web1"], ["web1", "web2"]),
+    ],
+)
+def test_selectors(selectors, expected):
+    assert select_names(NAMES, TAGS, selectors) == expected
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"),
+    [
+        ("web3", "no host 'web3'"),
+        ("@cache", "no tag 'cache'"),
+        ("x*", "no pattern 'x*'"),
+    ],
+)
+def test_selector_matching_nothing_is_an_error(selector, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        select_names(NAMES, TAGS, ["web1", selector])
+
+
+@pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="needs nix-instantiate")
+def test_inventory_nix_fills_defaults_to_the_schema():
+    """The Nix producer's defaults make a valid inventory from the least a fleet can say."""
+    path = resources.files("fleet").joinpath("nix/inventory.nix")
+    expr = (
+        f'import {path} {{ hosts.a = {{ address = "192.0.2.1"; checks = [ '
+        '{ name = "h"; type = "http"; port = 80; } '
+        '{ name = "t"; type = "tcp"; port = 22; } ]; }; }'
+    )
+    out = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    inv = parse(json.loads(out), "inventory.nix")
+    assert inv.hosts["a"].ssh_user == "root"
+    assert inv.hosts["a"].checks[0].path == "/"
