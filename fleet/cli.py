@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import click
 from tabulate import tabulate
 
+from fleet import flows, output
 from fleet.errors import ExitCode, FleetError
 from fleet.lab import ops as lab_ops
 from fleet.lab.layout import MAX_HOSTS
@@ -18,7 +19,7 @@ from fleet.lab.layout import Lab as LabInstance
 
 @dataclass
 class Context:
-    flake: str
+    flake: str | None
     json: bool
     verbose: bool
 
@@ -37,18 +38,100 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--flake",
-    default=".",
-    show_default=True,
+    default=None,
     metavar="REF",
-    help="The flake that declares the fleet.",
+    help="The flake that declares the fleet (default: the config's flake, else .).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Say more about what is done.")
 @click.version_option(package_name="fleet")
 @click.pass_context
-def cli(click_ctx: click.Context, flake: str, as_json: bool, verbose: bool) -> None:
+def cli(click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
     click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose)
+
+
+def _session(ctx: Context) -> flows.Session:
+    return flows.open_session(ctx.flake)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once.")
+@click.option("--canary", type=click.IntRange(0), help="Hosts deployed first, alone (default 1).")
+@click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary.")
+@click.option(
+    "--max-failures",
+    type=click.IntRange(0),
+    help="Failed hosts tolerated before the rollout stops (default 0).",
+)
+@click.option(
+    "--health-timeout",
+    type=click.FloatRange(min=1),
+    metavar="S",
+    help="Seconds a host's checks may take to pass.",
+)
+@click.option(
+    "--confirm-timeout",
+    type=click.FloatRange(min=1),
+    metavar="S",
+    help="Seconds before an unconfirmed host re-activates its recorded generation.",
+)
+@click.option(
+    "--no-rollback",
+    is_flag=True,
+    help="When the rollout stops, leave hosts that already deployed this release "
+    "on it (failing hosts still revert).",
+)
+@click.option("--dry-run", is_flag=True, help="Build and show what would change; touch nothing.")
+@click.option("--boot", is_flag=True, help="Make it the next boot generation only.")
+@click.option("--break-lock", is_flag=True, help="Take deploy locks even if held (on purpose).")
+@click.pass_obj
+def deploy(
+    ctx: Context, /, selectors: tuple[str, ...], batch_size: str | None, **overrides: Any
+) -> None:
+    """Build, copy, activate behind a dead-man switch, prove healthy, persist: in waves."""
+    session = _session(ctx)
+    session.inventory.select(selectors)  # an unknown selector fails before any build
+    overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None
+    options = flows.deploy_options(session, overrides)
+    outcome = flows.deploy(session, selectors, options, output.reporter_for())
+    if isinstance(outcome, list):
+        rows = [
+            {
+                "host": p.host,
+                "running": output.short_path(p.running),
+                "desired": output.short_path(p.desired),
+                "change": ("unreachable: " + p.message)
+                if not p.reachable
+                else ("switch" if p.changed else "none"),
+            }
+            for p in outcome
+        ]
+        _emit(
+            ctx,
+            {
+                "dryRun": True,
+                "hosts": {
+                    p.host: {
+                        "running": p.running,
+                        "desired": p.desired,
+                        "changed": p.changed,
+                        "reachable": p.reachable,
+                    }
+                    for p in outcome
+                },
+            },
+            rows,
+        )
+        return
+    if ctx.json:
+        click.echo(json.dumps(outcome.as_json(), indent=2))
+    else:
+        click.echo(output.host_table(outcome.reports))
+        summary = f"release {outcome.release.id}: {outcome.result.value}"
+        click.echo(summary + (f" ({outcome.stopped})" if outcome.stopped else ""))
+    sys.exit(outcome.exit_code)
 
 
 @cli.group()
@@ -131,10 +214,17 @@ def lab_flake() -> None:
     default=None,
     help="health: the service fails its check; start: its unit fails to start.",
 )
+@click.option(
+    "--start-delay",
+    type=float,
+    default=0.0,
+    metavar="S",
+    help="The service takes S seconds to become ready (a slow activation).",
+)
 @click.pass_obj
-def lab_release(ctx: Context, version: str, broken: str | None) -> None:
+def lab_release(ctx: Context, version: str, broken: str | None, start_delay: float) -> None:
     """Change what the lab's flake builds next."""
-    lab_ops.release(_lab(), version, broken)
+    lab_ops.release(_lab(), version, broken, start_delay)
     ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
 
 

@@ -70,3 +70,14 @@ def copy_to_root(root: Path, path: str) -> None:
         error=NixError,
         what=f"nix copy to {root}",
     )
+
+
+def flake_metadata(flake: str) -> dict[str, Any]:
+    """``nix flake metadata --json``: the locked revision, when the flake has one."""
+    result = process.run(
+        [*NIX, "flake", "metadata", "--json", flake],
+        error=NixError,
+        what=f"nix flake metadata {flake}",
+    )
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded

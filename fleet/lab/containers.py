@@ -74,6 +74,7 @@ def start(lab: Lab, host: LabHost, rootfs: Path) -> int:
         f"--machine={host.name}", f"--hostname={host.name}",
         _marker(host),
         f"--bind={root / 'nix'}:/nix", f"--bind={root / 'boot'}:/boot",
+        f"--bind={root / 'var-fleet'}:/var/lib/fleet",
         f"--bind-ro={ssh_dir}:/etc/ssh/lab",
         "--link-journal=no",
     ]  # fmt: skip

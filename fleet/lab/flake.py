@@ -82,14 +82,16 @@ def hosts(lab: Lab) -> list[LabHost] | None:
     return None if loaded is None else lab.hosts(len(loaded["hosts"]))
 
 
-def set_release(lab: Lab, version: str, broken: str | None) -> None:
+def set_release(lab: Lab, version: str, broken: str | None, start_delay: float = 0.0) -> None:
     if not _VERSION.match(version):
         raise UsageError(
             f"release version {version!r}: use 1-32 letters, digits, '.', '_', '+', '-'"
         )
     if broken is not None and broken not in BROKEN_KINDS:
         raise UsageError(f"--broken {broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
-    text = json.dumps({"version": version, "broken": broken}) + "\n"
+    if not 0 <= start_delay <= 60:
+        raise UsageError(f"--start-delay {start_delay:g}: expected 0 to 60 seconds")
+    text = json.dumps({"version": version, "broken": broken, "startDelay": start_delay}) + "\n"
     (lab.flake / "release.json").write_text(text)
 
 

@@ -98,5 +98,5 @@ class Lab:
         return self.state / "hosts" / host.name
 
     def host_root(self, host: LabHost) -> Path:
-        """The host's persistent tmpfs: its nix/ and boot/ survive a crash, as a disk would."""
+        """The host's persistent tmpfs: nix/, boot/ and var-fleet/ survive a crash like a disk."""
         return self.host_dir(host) / "root"

@@ -128,7 +128,7 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
                 str(root),
             ]
         )
-        for folder in ("nix", "boot"):
+        for folder in ("nix", "boot", "var-fleet"):
             (root / folder).mkdir()
     flake.write(lab, hosts, keys)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
@@ -287,7 +287,7 @@ def fault(lab: Lab, name: str, action: Fault) -> None:
         _fill_file(lab, host).unlink(missing_ok=True)
 
 
-def release(lab: Lab, version: str, broken: str | None) -> None:
+def release(lab: Lab, version: str, broken: str | None, start_delay: float = 0.0) -> None:
     if flake.hosts(lab) is None:
         raise UsageError("no lab is up: run `fleet lab up` first")
-    flake.set_release(lab, version, broken)
+    flake.set_release(lab, version, broken, start_delay)

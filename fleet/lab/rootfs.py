@@ -17,8 +17,10 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3",
     "nix-bin", "libdbi-perl",  # debootstrap does not resolve nix-bin's virtual perl-dbdabi dep
 )  # fmt: skip
-# Bump when customise() changes, so caches made by an older version are not reused.
-LAYOUT_VERSION = "1"
+# Bump when customise() changes: a cached root of an older layout is customised again.
+LAYOUT_VERSION = "2"
+# Units that fail or make no sense in a container; a failed unit fails every switch.
+MASKED = ("console-getty.service", "systemd-remount-fs.service")
 READY = ".fleet-lab-ready"
 
 SSHD_CONFIG = """\
@@ -70,19 +72,28 @@ def mirror() -> str:
 
 
 def cache_key() -> str:
-    text = "\n".join([SUITE, *PACKAGES, LAYOUT_VERSION])
+    text = "\n".join([SUITE, *PACKAGES])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _current(root: Path) -> bool:
+    marker = root / READY
+    return marker.exists() and marker.read_text().strip() == LAYOUT_VERSION
 
 
 def ensure(cache: Path, say: Callable[[str], None]) -> Path:
     """The cached root, made once with debootstrap; concurrent callers wait for one build."""
     final = cache / f"rootfs-{cache_key()}"
-    if (final / READY).exists():
+    if _current(final):
         return final
     cache.mkdir(parents=True, exist_ok=True)
     with (cache / "rootfs.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / READY).exists():
+        if _current(final):
+            return final
+        if (final / READY).exists():  # debootstrapped by an older layout: only customise
+            customise(final)
+            (final / READY).write_text(LAYOUT_VERSION + "\n")
             return final
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +115,7 @@ def ensure(cache: Path, say: Callable[[str], None]) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FleetError(f"debootstrap failed ({result.last_error_line()}); see {log}")
         customise(tmp)
-        (tmp / READY).touch()
+        (tmp / READY).write_text(LAYOUT_VERSION + "\n")
         tmp.rename(final)
         return final
 
@@ -115,8 +126,16 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def _link(link: Path, target: str) -> None:
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+
+
 def customise(root: Path) -> None:
-    """Make the root a template: no identity of its own, fast boot, sshd keyed per host."""
+    """Make the root a template: no identity of its own, fast boot, sshd keyed per host.
+
+    Idempotent, so that a cached root can be brought to a newer layout.
+    """
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     _write(root / "etc/ssh/sshd_config.d/fleet-lab.conf", SSHD_CONFIG)
@@ -125,11 +144,12 @@ def customise(root: Path) -> None:
     _write(root / "etc/systemd/system/fleet-lab-boot.service", BOOT_UNIT)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    (wants / "fleet-lab-boot.service").symlink_to("/etc/systemd/system/fleet-lab-boot.service")
+    _link(wants / "fleet-lab-boot.service", "/etc/systemd/system/fleet-lab-boot.service")
     for folder in ("timers.target.wants", "getty.target.wants"):
         for link in (root / "etc/systemd/system" / folder).glob("*"):
             link.unlink()
-    (root / "etc/systemd/system/console-getty.service").symlink_to("/dev/null")
+    for unit in MASKED:
+        _link(root / "etc/systemd/system" / unit, "/dev/null")
     (root / "etc/hostname").unlink(missing_ok=True)  # systemd keeps the name nspawn gives
     (root / "etc/machine-id").write_text("")  # each boot gets its own
     for folder in ("nix", "boot", "etc/ssh/lab"):

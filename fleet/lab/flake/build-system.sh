@@ -1,14 +1,18 @@
 # Builder of a lab system (see system.nix); runs under the operator's /bin/sh.
-mkdir -p "$out/bin" "$out/etc/systemd/system"
+mkdir -p "$out/bin" "$out/etc/systemd/system" "$out/sw/bin"
+# Like NixOS's sw/bin: the tools a dead-man switch may use from this very system.
+ln -s /bin/sh "$out/sw/bin/sh"
+ln -s /bin/rm "$out/sw/bin/rm"
+ln -s /usr/bin/touch "$out/sw/bin/touch"
 cp "$switchScript" "$out/bin/switch-to-configuration"
 cp "$webScript" "$out/bin/lab-web"
 chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web"
 printf '%s\n' "$releaseVersion" > "$out/nixos-version"
 printf '%s\n' "$hostName" > "$out/hostname"
 
-brokenArgs=""
+brokenArgs=" --start-delay $startDelay"
 if [ -n "$broken" ]; then
-  brokenArgs=" --broken $broken"
+  brokenArgs="$brokenArgs --broken $broken"
 fi
 cat > "$out/etc/systemd/system/lab-web.service" <<UNIT
 [Unit]
@@ -18,5 +22,5 @@ Description=fleet lab web service, release $releaseVersion
 Type=notify
 ExecStart=$out/bin/lab-web --release $releaseVersion --port $port$brokenArgs
 Restart=no
-TimeoutStartSec=10
+TimeoutStartSec=120
 UNIT

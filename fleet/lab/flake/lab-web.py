@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """The lab's service: answers its release on /version and its health on /health.
 
+--start-delay S sleeps before it is ready, as a slow service does;
 --broken start exits before telling systemd it is ready (the unit fails to start);
 --broken health starts fine but answers 503 on /health.
 """
@@ -10,6 +11,7 @@ import os
 import socket
 import socketserver
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -29,8 +31,10 @@ def main() -> int:
     parser.add_argument("--release", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--broken", choices=["start", "health"])
+    parser.add_argument("--start-delay", type=float, default=0.0)
     args = parser.parse_args()
 
+    time.sleep(args.start_delay)  # a slow service: activation waits for READY=1
     if args.broken == "start":
         print(f"lab-web {args.release}: refusing to start (broken release)", file=sys.stderr)
         return 1

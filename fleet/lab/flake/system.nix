@@ -18,6 +18,7 @@ derivation {
   releaseVersion = release.version;
   broken = if release.broken == null then "" else release.broken;
   port = toString webPort;
+  startDelay = toString (release.startDelay or 0);
   switchScript = ./switch-to-configuration.py;
   webScript = ./lab-web.py;
   PATH = "/usr/bin:/bin";

@@ -1,0 +1,104 @@
+"""Operator configuration: ``fleet.yaml`` at the flake root, then ``~/.config/fleet/config.yaml``.
+
+For each key the first file that sets it wins. Everything here is the operator's own
+(keys, jump host, patience); what the fleet is comes from the flake.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleet.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    expected: str
+
+
+KEYS: dict[str, Key] = {
+    "flake": Key(str, "a flake reference"),
+    "sshUser": Key(str, "a user name"),
+    "identityFile": Key(str, "a path to an ssh private key"),
+    "knownHostsFile": Key(str, "a path to a known_hosts file"),
+    "jumpHost": Key(str, "an ssh destination such as user@bastion:22"),
+    "connectTimeout": Key((int, float), "a number of seconds"),
+    "parallel": Key(int, "a whole number of hosts"),
+    "healthTimeout": Key((int, float), "a number of seconds"),
+    "confirmTimeout": Key((int, float), "a number of seconds"),
+}
+PATH_KEYS = ("identityFile", "knownHostsFile")
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict[str, Any]
+    sources: tuple[Path, ...]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+def user_config_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "fleet" / "config.yaml"
+
+
+def flake_root(flake: str) -> Path | None:
+    """The local directory of a flake reference, if it has one."""
+    for scheme in ("path:", "git+file://", "git+file:"):
+        if flake.startswith(scheme):
+            flake = flake[len(scheme) :]
+            break
+    else:
+        if ":" in flake.split("#", 1)[0]:
+            return None  # github:, https:, a registry name with a scheme
+    path = Path(flake.split("?", 1)[0].split("#", 1)[0])
+    return path if path.is_dir() else None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"{path}:{line}: not valid YAML") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of keys to values")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        spec = KEYS.get(str(key))
+        if spec is None:
+            raise UsageError(f"{path}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
+        if not isinstance(value, spec.type) or isinstance(value, bool):
+            raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
+        if key in PATH_KEYS:
+            value = str((path.parent / Path(str(value)).expanduser()).resolve())
+        values[key] = value
+    return values
+
+
+def load(flake: str | None) -> Config:
+    """Read the flake's fleet.yaml (when the flake is local) and the user's config."""
+    candidates = []
+    root = flake_root(flake) if flake is not None else None
+    if root is not None:
+        candidates.append(root / "fleet.yaml")
+    candidates.append(user_config_path())
+    values: dict[str, Any] = {}
+    sources = []
+    for path in candidates:
+        if path.is_file():
+            sources.append(path)
+            for key, value in _read(path).items():
+                values.setdefault(key, value)
+    return Config(values, tuple(sources))

@@ -1,0 +1,128 @@
+"""Health of one host: systemd settled with no failed unit, then every declared check.
+
+HTTP and TCP checks reach 127.0.0.1:PORT on the host through the ssh master connection
+(``ssh -W``), so they need no open port towards the operator and work through jump hosts.
+Checks run concurrently; each retries until it passes, runs out of retries, or the
+host's health deadline passes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fleet.errors import SshError
+from fleet.hostops import HostOps
+from fleet.inventory import Check, CheckType
+from fleet.ssh import Remote
+
+TCP_SETTLE = 0.3  # a tunnel still open after this long has connected
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    attempts: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    failed_units: tuple[str, ...]
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def message(self) -> str:
+        if self.failed_units:
+            return f"failed units: {', '.join(self.failed_units)}"
+        bad = [c for c in self.checks if not c.ok]
+        return "; ".join(f"check {c.name}: {c.message}" for c in bad) or "healthy"
+
+
+def _http(remote: Remote, check: Check) -> tuple[bool, str]:
+    request = (
+        f"GET {check.path} HTTP/1.0\r\nHost: 127.0.0.1:{check.port}\r\n"
+        "User-Agent: fleet\r\nConnection: close\r\n\r\n"
+    )
+    assert check.port is not None
+    proc = remote.tunnel(check.port)
+    try:
+        out, err = proc.communicate(request.encode(), timeout=check.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return False, f"no answer within {check.timeout:g} s"
+    if not out:
+        lines = err.decode(errors="replace").strip().splitlines()
+        return False, lines[-1] if lines else "connection closed without an answer"
+    head, _, body = out.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return False, f"not an HTTP answer: {status_line[:80]!r}"
+    status = int(parts[1])
+    if status != check.expect_status:
+        return False, f"HTTP {status}, expected {check.expect_status}"
+    if check.expect_body and check.expect_body not in body.decode(errors="replace"):
+        return False, f"HTTP {status} but the body lacks {check.expect_body!r}"
+    return True, f"HTTP {status}"
+
+
+def _tcp(remote: Remote, check: Check) -> tuple[bool, str]:
+    assert check.port is not None
+    proc = remote.tunnel(check.port)
+    try:
+        proc.communicate(timeout=min(TCP_SETTLE, check.timeout))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return True, "connected"
+    if proc.returncode == 0:
+        return True, "connected"
+    err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
+    return False, err.splitlines()[-1] if err else f"port {check.port} refused"
+
+
+def _command(remote: Remote, check: Check) -> tuple[bool, str]:
+    try:
+        result = remote.run(check.command, check=False, timeout=check.timeout)
+    except SshError as exc:
+        return False, str(exc)
+    if result.ok:
+        return True, "exit 0"
+    return False, f"exit {result.returncode}: {result.last_error_line()}"
+
+
+PROBES = {CheckType.HTTP: _http, CheckType.TCP: _tcp, CheckType.COMMAND: _command}
+
+
+def run_check(remote: Remote, check: Check, deadline: float) -> CheckResult:
+    message = "not attempted"
+    for attempt in range(1, check.retries + 1):
+        ok, message = PROBES[check.type](remote, check)
+        if ok:
+            return CheckResult(check.name, True, attempt, message)
+        if attempt == check.retries or time.monotonic() + check.interval > deadline:
+            return CheckResult(check.name, False, attempt, message)
+        time.sleep(check.interval)
+    return CheckResult(check.name, False, check.retries, message)
+
+
+def check_host(ops: HostOps, checks: Sequence[Check], timeout: float) -> Health:
+    """Settle, then look for failed units, then run every check concurrently."""
+    deadline = time.monotonic() + timeout
+    settled, failed = ops.settle(timeout)
+    if failed:
+        return Health(False, failed, ())
+    if not settled:
+        return Health(False, ("(systemd jobs still running)",), ())
+    if not checks:
+        return Health(True, (), ())
+    with ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        results = tuple(pool.map(lambda c: run_check(ops.remote, c, deadline), checks))
+    return Health(all(r.ok for r in results), (), results)

@@ -1,0 +1,79 @@
+"""The vocabulary of a rollout: phases, results, generations and per-host reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Phase(StrEnum):
+    """Steps of the one-host protocol, in order; a failure names the phase it happened in."""
+
+    CONNECT = "connect"
+    BUILD = "build"
+    COPY = "copy"
+    LOCK = "lock"
+    RECORD = "record"
+    ARM = "arm"
+    ACTIVATE = "activate"
+    HEALTH = "health"
+    CONFIRM = "confirm"
+    PERSIST = "persist"
+    ROLLBACK = "rollback"
+    DONE = "done"
+
+
+class HostResult(StrEnum):
+    DEPLOYED = "deployed"  # running, healthy, persisted
+    ROLLED_BACK = "rolled-back"  # back on its recorded generation, verified healthy
+    FAILED = "failed"  # not known to be on a good generation: needs an operator
+    UNREACHABLE = "unreachable"  # could not be reached; a dead-man switch may still act
+    SKIPPED = "skipped"  # never touched: the rollout stopped before its wave
+
+    @property
+    def needs_attention(self) -> bool:
+        return self in (HostResult.FAILED, HostResult.UNREACHABLE)
+
+
+class RolloutResult(StrEnum):
+    DEPLOYED = "deployed"
+    ROLLED_BACK = "rolled-back"
+    ATTENTION = "attention"
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int | None  # None: the running system is in no generation of the profile
+    path: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"number": self.number, "path": self.path}
+
+
+@dataclass
+class HostReport:
+    """What happened on one host; mutable while the host's protocol runs."""
+
+    name: str
+    result: HostResult = HostResult.SKIPPED
+    changed: bool = False
+    previous: Generation | None = None
+    new: Generation | None = None
+    phase: Phase | None = None  # the failing phase, when one failed
+    message: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, result: HostResult, phase: Phase, message: str) -> None:
+        self.result, self.phase, self.message = result, phase, message
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "result": self.result.value,
+            "changed": self.changed,
+            "previous": self.previous.as_json() if self.previous else None,
+            "new": self.new.as_json() if self.new else None,
+            "phase": self.phase.value if self.phase else None,
+            "message": self.message,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }

@@ -1,0 +1,39 @@
+# ssh keys of the VM tests only. They are public: never use them anywhere else.
+{
+  operator = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE3k16WCx3sF7ZD53tRWUkOh3QkQj1VqqVWvMPeBPGVQ";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACBN5Nelgsd7Be2Q+d7UVlJDod0JEI9VaqlVrzD3gTxlUAAAAKDfcxAz33MQ
+      MwAAAAtzc2gtZWQyNTUxOQAAACBN5Nelgsd7Be2Q+d7UVlJDod0JEI9VaqlVrzD3gTxlUA
+      AAAECd9rAectszL+Uz8cKh9CqDdaE7pYkw5w2NT4aYizpKeU3k16WCx3sF7ZD53tRWUkOh
+      3QkQj1VqqVWvMPeBPGVQAAAAFmZsZWV0LXZtLXRlc3Qtb3BlcmF0b3IBAgMEBQYH
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
+  target1 = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFvGTjbhhrQeO5ubgYqOCdm1VgKdcCXPlvD0Kp6Np4hx";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACBbxk424Ya0Hjubm4GKjgnZtVYCnXAlz5bw9CqejaeIcQAAAJjOXJCmzlyQ
+      pgAAAAtzc2gtZWQyNTUxOQAAACBbxk424Ya0Hjubm4GKjgnZtVYCnXAlz5bw9CqejaeIcQ
+      AAAEB0CiOkpDGSGSgv04meL0+/8miVFGKgbvUXfSnMzb8yA1vGTjbhhrQeO5ubgYqOCdm1
+      VgKdcCXPlvD0Kp6Np4hxAAAAFWZsZWV0LXZtLXRlc3QtdGFyZ2V0MQ==
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
+  target2 = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDWldZ2C1VIXIEAunScQqMUcwNWH51UaO0YV2ci3ffY0";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACA1pXWdgtVSFyBALp0nEKjFHMDVh+dVGjtGFdnIt332NAAAAJjrd46M63eO
+      jAAAAAtzc2gtZWQyNTUxOQAAACA1pXWdgtVSFyBALp0nEKjFHMDVh+dVGjtGFdnIt332NA
+      AAAEDkm6XNc0X5XQ6kaHiSPq6owklSDsF2iWzn6Pz2dam+gzWldZ2C1VIXIEAunScQqMUc
+      wNWH51UaO0YV2ci3ffY0AAAAFWZsZWV0LXZtLXRlc3QtdGFyZ2V0Mg==
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
+}
