@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from fleet import flows, output
 from fleet.errors import ExitCode, FleetError
+from fleet.lab import flake as lab_flake_files
 from fleet.lab import ops as lab_ops
 from fleet.lab.layout import MAX_HOSTS
 from fleet.lab.layout import Lab as LabInstance
@@ -210,9 +211,17 @@ def lab_flake() -> None:
 @click.option("--version", "version", required=True, help="The release the lab flake builds next.")
 @click.option(
     "--broken",
-    type=click.Choice(["health", "start"]),
+    type=click.Choice(lab_flake_files.BROKEN_KINDS),
     default=None,
-    help="health: the service fails its check; start: its unit fails to start.",
+    help="health: the service fails its check; start: its unit fails to start; "
+    "build: the system fails to build.",
+)
+@click.option(
+    "--on",
+    "broken_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Break only this host (repeatable); default: every host.",
 )
 @click.option(
     "--start-delay",
@@ -222,9 +231,16 @@ def lab_flake() -> None:
     help="The service takes S seconds to become ready (a slow activation).",
 )
 @click.pass_obj
-def lab_release(ctx: Context, version: str, broken: str | None, start_delay: float) -> None:
+def lab_release(
+    ctx: Context,
+    version: str,
+    broken: str | None,
+    broken_hosts: tuple[str, ...],
+    start_delay: float,
+) -> None:
     """Change what the lab's flake builds next."""
-    lab_ops.release(_lab(), version, broken, start_delay)
+    wanted = lab_flake_files.LabRelease(version, broken, start_delay, broken_hosts)
+    lab_ops.release(_lab(), wanted)
     ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
 
 

@@ -15,8 +15,6 @@ from fleet.output import Reporter
 from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
 from fleet.ssh import SshConfig, Transport
 
-_PLAIN_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
-
 
 @dataclass(frozen=True)
 class Session:
@@ -47,11 +45,6 @@ def open_session(flake: str | None) -> Session:
     cfg = config.load(ref)
     data = nix.eval_json(ref, "fleet")
     return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"))
-
-
-def toplevel_attr(host: str) -> str:
-    quoted = host if _PLAIN_ATTR.match(host) else f'"{host}"'
-    return f"nixosConfigurations.{quoted}.config.system.build.toplevel"
 
 
 def revision(flake: str) -> str | None:
@@ -109,7 +102,7 @@ def deploy(
     paths = dict(
         zip(
             [h.name for h in hosts],
-            nix.build(session.flake, [toplevel_attr(h.name) for h in hosts]),
+            nix.build(session.flake, [nix.toplevel_attr(h.name) for h in hosts]),
             strict=True,
         )
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from fleet import process
 from fleet.errors import NixError
 from fleet.ssh import Remote
+
+_PLAIN_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 # Flakes are enabled per call: the operator's nix.conf is theirs, not ours.
 NIX = ("nix", "--extra-experimental-features", "nix-command flakes")
@@ -30,6 +33,12 @@ def eval_json(flake: str, attribute: str) -> Any:
         what=f"nix eval {flake}#{attribute}",
     )
     return json.loads(result.stdout)
+
+
+def toplevel_attr(host: str) -> str:
+    """The flake attribute of a host's system; names that are not Nix identifiers get quoted."""
+    quoted = host if _PLAIN_ATTR.match(host) else f'"{host}"'
+    return f"nixosConfigurations.{quoted}.config.system.build.toplevel"
 
 
 def _options(options: Mapping[str, str]) -> list[str]:

@@ -21,9 +21,19 @@ class Result:
         return self.returncode == 0
 
     def last_error_line(self) -> str:
-        """The most telling line of stderr: tools print the cause last."""
+        """The most telling line of stderr, for a one-line message.
+
+        Nix and many tools start the cause with ``error:`` and print hints after it; a
+        failed Nix builder's own last words follow as ``> ...`` lines.
+        """
         lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {self.returncode}"
+        if not lines:
+            return f"exit code {self.returncode}"
+        errors = [line for line in lines if line.startswith("error:")]
+        if not errors:
+            return lines[-1]
+        builder_log = [line for line in lines if line.startswith("> ")]
+        return errors[0] + (f" ({builder_log[-1][2:]})" if builder_log else "")
 
 
 def run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -18,7 +19,7 @@ TEMPLATE = (
     "switch-to-configuration.py",
     "lab-web.py",
 )
-BROKEN_KINDS = ("health", "start")
+BROKEN_KINDS = ("health", "start", "build")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$")
 
 # The lab's deploy policy: small hosts, quick checks, all hosts at once after the canary.
@@ -63,9 +64,9 @@ def write(lab: Lab, hosts: list[LabHost], host_keys: dict[str, str]) -> None:
         "deploy": DEPLOY_POLICY,
     }
     (lab.flake / "lab.json").write_text(json.dumps(spec, indent=2) + "\n")
-    (lab.flake / "fleet.yaml").write_text(f"identityFile: {lab.identity}\n")
+    (lab.flake / "fleet.yaml").write_text(f"identityFile: {lab.identity}\nconnectTimeout: 5\n")
     if not (lab.flake / "release.json").exists():
-        set_release(lab, "0", None)
+        set_release(lab, LabRelease("0"))
 
 
 def spec(lab: Lab) -> dict[str, Any] | None:
@@ -82,17 +83,35 @@ def hosts(lab: Lab) -> list[LabHost] | None:
     return None if loaded is None else lab.hosts(len(loaded["hosts"]))
 
 
-def set_release(lab: Lab, version: str, broken: str | None, start_delay: float = 0.0) -> None:
-    if not _VERSION.match(version):
-        raise UsageError(
-            f"release version {version!r}: use 1-32 letters, digits, '.', '_', '+', '-'"
-        )
-    if broken is not None and broken not in BROKEN_KINDS:
-        raise UsageError(f"--broken {broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
-    if not 0 <= start_delay <= 60:
-        raise UsageError(f"--start-delay {start_delay:g}: expected 0 to 60 seconds")
-    text = json.dumps({"version": version, "broken": broken, "startDelay": start_delay}) + "\n"
-    (lab.flake / "release.json").write_text(text)
+@dataclass(frozen=True)
+class LabRelease:
+    """What the lab's flake builds next; ``broken`` applies to ``broken_hosts`` (all if empty)."""
+
+    version: str
+    broken: str | None = None
+    start_delay: float = 0.0
+    broken_hosts: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not _VERSION.match(self.version):
+            raise UsageError(
+                f"release version {self.version!r}: use 1-32 letters, digits, '.', '_', '+', '-'"
+            )
+        if self.broken is not None and self.broken not in BROKEN_KINDS:
+            raise UsageError(f"--broken {self.broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
+        if not 0 <= self.start_delay <= 60:
+            raise UsageError(f"--start-delay {self.start_delay:g}: expected 0 to 60 seconds")
+
+
+def set_release(lab: Lab, release: LabRelease) -> None:
+    release.validate()
+    text = json.dumps({
+        "version": release.version,
+        "broken": release.broken,
+        "startDelay": release.start_delay,
+        "brokenHosts": list(release.broken_hosts),
+    })  # fmt: skip
+    (lab.flake / "release.json").write_text(text + "\n")
 
 
 def release(lab: Lab) -> dict[str, Any]:

@@ -133,14 +133,10 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
     flake.write(lab, hosts, keys)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
-    paths = nix.build(str(lab.flake), [toplevel(h.name) for h in hosts], OFFLINE)
+    paths = nix.build(str(lab.flake), [nix.toplevel_attr(h.name) for h in hosts], OFFLINE)
     for host, path in zip(hosts, paths, strict=True):
         nix.copy_to_root(lab.host_root(host), path)
         _profile_link(lab.host_root(host), path)
-
-
-def toplevel(host: str) -> str:
-    return f"nixosConfigurations.{host}.config.system.build.toplevel"
 
 
 def transport(lab: Lab) -> Transport:
@@ -287,7 +283,12 @@ def fault(lab: Lab, name: str, action: Fault) -> None:
         _fill_file(lab, host).unlink(missing_ok=True)
 
 
-def release(lab: Lab, version: str, broken: str | None, start_delay: float = 0.0) -> None:
-    if flake.hosts(lab) is None:
+def release(lab: Lab, wanted: flake.LabRelease) -> None:
+    hosts = flake.hosts(lab)
+    if hosts is None:
         raise UsageError("no lab is up: run `fleet lab up` first")
-    flake.set_release(lab, version, broken, start_delay)
+    names = [h.name for h in hosts]
+    for name in wanted.broken_hosts:
+        if name not in names:
+            raise UsageError(f"--on {name!r}: no such lab host; the lab has {', '.join(names)}")
+    flake.set_release(lab, wanted)

@@ -25,11 +25,11 @@ def http_get(address: str, path: str) -> tuple[int, str]:
 
 
 def build(lab, host: str, version: str, broken: str | None = None) -> str:
-    flake.set_release(lab, version, broken)
+    flake.set_release(lab, flake.LabRelease(version, broken))
     try:
-        return nix.build(str(lab.flake), [ops.toplevel(host)], ops.OFFLINE)[0]
+        return nix.build(str(lab.flake), [nix.toplevel_attr(host)], ops.OFFLINE)[0]
     finally:
-        flake.set_release(lab, "0", None)
+        flake.set_release(lab, flake.LabRelease("0"))
 
 
 def install(remote, path: str) -> None:

@@ -213,7 +213,9 @@ let
     TARGETS = [target1, target2]
     TOPLEVELS = ${
       builtins.toJSON (
-        lib.mapAttrs (release: _: lib.genAttrs targets (name: "${toplevel nodes name release}")) releases
+        lib.mapAttrs (
+          release: _: lib.genAttrs targets (name: "${toplevel nodes name release}")
+        ) releases
       )
     }
     FLAKES = ${builtins.toJSON (lib.mapAttrs (_: flake: "${flake}") (flakes nodes))}
@@ -314,7 +316,7 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
         use("slow")
         target1.succeed("rm -f /run/fleet-test-activating")
         deployer.succeed(
-            "(fleet --flake /root/fleet --json deploy target1 --confirm-timeout 20"
+            "(fleet --flake /root/fleet --json deploy target1 --confirm-timeout 60"
             " > /tmp/deploy.json 2> /tmp/deploy.err; echo $? > /tmp/deploy.rc)"
             " < /dev/null > /dev/null 2>&1 &"
         )
@@ -324,7 +326,8 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
             f'test "$(readlink -f /run/current-system)" = {TOPLEVELS["slow"]["target1"]}',
             timeout=120,
         )
-        # Nobody confirms the new generation now: the dead-man switch fires.
+        # Nobody can confirm the new generation now: the dead-man switch, armed
+        # for 60 s before the activation, fires.
         target1.wait_until_succeeds(
             f'test "$(readlink -f /run/current-system)" = {TOPLEVELS["v1"]["target1"]}',
             timeout=180,

@@ -1,4 +1,8 @@
 # Builder of a lab system (see system.nix); runs under the operator's /bin/sh.
+if [ "$broken" = build ]; then
+  echo "lab release $releaseVersion of $hostName is broken at build time" >&2
+  exit 1
+fi
 mkdir -p "$out/bin" "$out/etc/systemd/system" "$out/sw/bin"
 # Like NixOS's sw/bin: the tools a dead-man switch may use from this very system.
 ln -s /bin/sh "$out/sw/bin/sh"

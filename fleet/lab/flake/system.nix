@@ -16,7 +16,11 @@ derivation {
   ];
   hostName = name;
   releaseVersion = release.version;
-  broken = if release.broken == null then "" else release.broken;
+  broken =
+    let
+      onHost = release.brokenHosts or [ ] == [ ] || builtins.elem name release.brokenHosts;
+    in
+    if release.broken == null || !onHost then "" else release.broken;
   port = toString webPort;
   startDelay = toString (release.startDelay or 0);
   switchScript = ./switch-to-configuration.py;

@@ -1,0 +1,85 @@
+# The example fleet: two application hosts running the example HTTP API and
+# a data host running redis, which the API depends on. The addresses are from
+# a documentation range: replace them, the operator key and the host modules.
+{ lib, pkgs, ... }:
+let
+  api = pkgs.callPackage ../examples/api { };
+in
+{
+  hosts = {
+    app1 = {
+      address = "192.0.2.11";
+      tags = [ "app" ];
+      modules = [ ./common.nix ];
+    };
+    app2 = {
+      address = "192.0.2.12";
+      tags = [ "app" ];
+      modules = [ ./common.nix ];
+    };
+    db1 = {
+      address = "192.0.2.21";
+      tags = [ "data" ];
+      modules = [
+        ./common.nix
+        ./db1.nix
+      ];
+    };
+  };
+
+  # The key the fleet tool logs in with (see fleet.yaml's identityFile).
+  authorizedKeys = [
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFw+9uMjv8rSCdSM9Nx4RWSHLIEMgBurxOfSqIzgeFra operator@example"
+  ];
+
+  services.api = {
+    description = "example HTTP API";
+    package = api;
+    command = [
+      (lib.getExe api)
+      "--port"
+      "8080"
+    ];
+    environment.API_VERSION = "1";
+    ports = [ 8080 ];
+    placement.tags = [ "app" ];
+    # Its instances find redis in FLEET_REDIS_ADDRS.
+    dependsOn = [ "redis" ];
+    healthCheck = {
+      type = "http";
+      path = "/health";
+      expectBody = "ok";
+    };
+    limits = {
+      memory = "256M";
+      cpu = "50%";
+    };
+  };
+
+  # A service nixpkgs has a module for: the module runs it, the fleet places
+  # it, opens its port, checks it and tells the API where it is.
+  services.redis = {
+    description = "redis";
+    ports = [ 6379 ];
+    placement.tags = [ "data" ];
+    unit = "redis-main";
+    nixosModule = {
+      services.redis.servers.main = {
+        enable = true;
+        port = 6379;
+        # Listen on every interface: the example trusts its private network.
+        # A real fleet sets requirePassFile as well.
+        bind = null;
+        settings.protected-mode = "no";
+      };
+    };
+    healthCheck.type = "tcp";
+    limits.memory = "512M";
+  };
+
+  deploy = {
+    canary = 1;
+    batchSize = 1;
+    healthTimeout = 90;
+  };
+}

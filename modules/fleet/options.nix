@@ -1,0 +1,167 @@
+# What a fleet declaration may say: its hosts, its services and the default
+# deploy policy.
+{ lib, ... }:
+let
+  inherit (lib) literalExpression mkOption types;
+
+  fleetLib = import ../lib.nix { inherit lib; };
+  inherit (fleetLib.defaults) host deploy;
+
+  name = types.strMatching fleetLib.namePattern;
+
+  hostOptions = {
+    options = {
+      address = mkOption {
+        type = types.strMatching "[^[:space:]@/]+";
+        example = "192.0.2.10";
+        description = ''
+          Address (IP or DNS name) the fleet tool connects to, and where other
+          hosts reach the services placed here.
+        '';
+      };
+      sshPort = mkOption {
+        type = types.port;
+        default = host.sshPort;
+        description = "Port of the host's sshd.";
+      };
+      sshUser = mkOption {
+        type = types.strMatching "[a-z_][a-z0-9_-]*";
+        default = host.sshUser;
+        description = ''
+          User the fleet tool logs in as. Any user other than root is created
+          on the host, trusted by Nix and allowed to run sudo without a
+          password: it activates configurations.
+        '';
+      };
+      tags = mkOption {
+        type = types.listOf name;
+        default = host.tags;
+        example = [ "app" ];
+        description = "Labels that selectors (`@tag`) and service placement match.";
+      };
+      system = mkOption {
+        type = types.str;
+        default = host.system;
+        example = "aarch64-linux";
+        description = "The host's platform.";
+      };
+      hostKey = mkOption {
+        type = types.nullOr (
+          types.strMatching "(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( .*)?"
+        );
+        default = host.hostKey;
+        example = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA...";
+        description = "The host's ssh public host key, pinned by the tool; null to rely on known_hosts.";
+      };
+      modules = mkOption {
+        type = types.listOf types.deferredModule;
+        default = [ ];
+        example = literalExpression "[ ./hosts/app1.nix ]";
+        description = "The host's own NixOS modules: hardware, file systems, boot loader and so on.";
+      };
+    };
+  };
+
+  fleetServiceOptions = {
+    options = {
+      placement = {
+        hosts = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "If not empty, only these hosts may run the service.";
+        };
+        tags = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Hosts that run the service must carry all these tags.";
+        };
+        replicas = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          description = ''
+            How many of the matching hosts run the service; null for all of
+            them. The choice is deterministic (rendezvous hashing of service
+            and host names), so adding a host moves few instances.
+          '';
+        };
+      };
+      nixosModule = mkOption {
+        type = types.nullOr types.deferredModule;
+        default = null;
+        example = literalExpression ''
+          {
+            services.redis.servers.main = {
+              enable = true;
+              port = 6379;
+            };
+          }
+        '';
+        description = ''
+          A NixOS module that runs the service instead of a generated unit,
+          for services nixpkgs already has a module for. It is added to every
+          host the service is placed on; set `unit` to the systemd service it
+          creates so that ordering, environment and limits apply to it.
+        '';
+      };
+    };
+  };
+in
+{
+  options = {
+    hosts = mkOption {
+      type = types.attrsOf (types.submodule hostOptions);
+      default = { };
+      description = "The fleet's hosts, by name.";
+    };
+
+    services = mkOption {
+      type = types.attrsOf (
+        types.submodule [
+          ../service.nix
+          fleetServiceOptions
+        ]
+      );
+      default = { };
+      description = "The fleet's services, by name, and where they run.";
+    };
+
+    authorizedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "ssh public keys the fleet tool logs in with, installed for every host's `sshUser`.";
+    };
+
+    deploy = {
+      parallel = mkOption {
+        type = types.ints.positive;
+        default = deploy.parallel;
+        description = "Hosts deployed at once.";
+      };
+      canary = mkOption {
+        type = types.ints.unsigned;
+        default = deploy.canary;
+        description = "Hosts deployed and checked alone before the others.";
+      };
+      batchSize = mkOption {
+        type = types.either types.ints.positive (types.strMatching "([1-9][0-9]?|100)%");
+        default = deploy.batchSize;
+        description = "Hosts per batch after the canaries: a count or a share such as \"25%\".";
+      };
+      maxFailures = mkOption {
+        type = types.ints.unsigned;
+        default = deploy.maxFailures;
+        description = "Failed hosts tolerated before the rollout stops and rolls back.";
+      };
+      healthTimeout = mkOption {
+        type = types.numbers.positive;
+        default = deploy.healthTimeout;
+        description = "Seconds a host's checks have to pass after activation.";
+      };
+      confirmTimeout = mkOption {
+        type = types.numbers.positive;
+        default = deploy.confirmTimeout;
+        description = "Seconds after which a host that was not confirmed reactivates its previous generation by itself.";
+      };
+    };
+  };
+}

@@ -1,0 +1,310 @@
+# From a fleet declaration (the evaluated options of ./options.nix) to what
+# each host runs: placement, service discovery, the problems of the
+# declaration, and the inventory.
+{ lib, fleetLib }:
+cfg:
+let
+  inherit (lib)
+    all
+    attrNames
+    attrValues
+    concatMap
+    concatMapStringsSep
+    elem
+    filter
+    foldl'
+    genAttrs
+    groupBy
+    length
+    lessThan
+    mapAttrs
+    optional
+    optionals
+    sort
+    take
+    unique
+    ;
+
+  hostNames = attrNames cfg.hosts;
+  serviceNames = attrNames cfg.services;
+  knownTags = sort lessThan (unique (concatMap (h: cfg.hosts.${h}.tags) hostNames));
+
+  quote = s: ''"${s}"'';
+  listing = names: if names == [ ] then "none" else concatMapStringsSep ", " quote names;
+  anyOf = names: if names == [ ] then "any" else listing names;
+  validName = n: builtins.match fleetLib.namePattern n != null;
+
+  # Placement: the hosts that match a service's placement, and the replicas
+  # chosen among them by rendezvous hashing (deterministic, and adding a
+  # host moves few instances).
+  candidates =
+    service:
+    let
+      p = cfg.services.${service}.placement;
+    in
+    filter (
+      h: (p.hosts == [ ] || elem h p.hosts) && all (t: elem t cfg.hosts.${h}.tags) p.tags
+    ) hostNames;
+
+  weight = service: host: builtins.hashString "sha256" "${service}/${host}";
+
+  choose =
+    service:
+    let
+      inherit (cfg.services.${service}.placement) replicas;
+      matching = candidates service;
+      ranked = sort (a: b: weight service a < weight service b) matching;
+    in
+    if replicas == null || replicas >= length matching then
+      matching
+    else
+      sort lessThan (take replicas ranked);
+
+  placement = genAttrs serviceNames choose;
+
+  servicesOn = host: filter (s: elem host placement.${s}) serviceNames;
+
+  knownDeps = service: filter (d: cfg.services ? ${d}) cfg.services.${service}.dependsOn;
+
+  # Service discovery: where the instances of a service listen.
+  addressesOf =
+    service:
+    let
+      port = fleetLib.primaryPort cfg.services.${service};
+    in
+    map (h: fleetLib.hostPort cfg.hosts.${h}.address port) placement.${service};
+
+  # Problems, each naming the service or host concerned.
+  serviceProblems =
+    service:
+    let
+      s = cfg.services.${service};
+      p = s.placement;
+      where = "service ${quote service}";
+      unknownHosts = filter (h: !(cfg.hosts ? ${h})) p.hosts;
+      unknownTags = filter (t: !(elem t knownTags)) p.tags;
+      matching = candidates service;
+      unknownDeps = filter (d: !(cfg.services ? ${d})) s.dependsOn;
+      portlessDeps = filter (d: cfg.services.${d}.ports == [ ]) (knownDeps service);
+    in
+    optional (!validName service) "${where}: the name must match ${fleetLib.namePattern}"
+    ++ map (
+      h: "${where}: placement.hosts names unknown host ${quote h} (hosts: ${listing hostNames})"
+    ) unknownHosts
+    ++ map (
+      t: "${where}: placement.tags names unknown tag ${quote t}, which no host carries (tags: ${listing knownTags})"
+    ) unknownTags
+    ++ optionals (unknownHosts == [ ] && unknownTags == [ ]) (
+      if matching == [ ] then
+        [
+          "${where}: placement matches no host (hosts: ${anyOf p.hosts}; tags: ${anyOf p.tags})"
+        ]
+      else
+        optional (p.replicas != null && p.replicas > length matching)
+          "${where}: wants ${toString p.replicas} replicas but only ${toString (length matching)} hosts match its placement (${listing matching})"
+    )
+    ++ map (
+      d: "${where}: dependsOn names unknown service ${quote d} (services: ${listing serviceNames})"
+    ) unknownDeps
+    ++ map (
+      d: "${where}: depends on service ${quote d}, which declares no ports to be found at"
+    ) portlessDeps
+    ++ healthCheckProblems where s
+    ++ optional (
+      s.nixosModule == null && s.command == [ ]
+    ) "${where}: nothing to run: set package, command or nixosModule";
+
+  healthCheckProblems =
+    where: s:
+    let
+      check = s.healthCheck;
+      port = if check.port != null then check.port else fleetLib.primaryPort s;
+      ports = if s.ports == [ ] then "none" else concatMapStringsSep ", " toString s.ports;
+    in
+    if check == null then
+      [ ]
+    else if check.type == "command" then
+      optional (check.command == [ ]) "${where}: command health check has an empty healthCheck.command"
+    else if port == null then
+      [
+        "${where}: ${check.type} health check has no port: declare the service's ports or set healthCheck.port"
+      ]
+    else
+      optional (!(elem port s.ports))
+        "${where}: ${check.type} health check on port ${toString port}, which the service does not declare (ports: ${ports})";
+
+  hostProblems =
+    host:
+    let
+      h = cfg.hosts.${host};
+      claims = [
+        {
+          port = h.sshPort;
+          by = "sshd (sshPort)";
+        }
+      ]
+      ++ concatMap (
+        s:
+        map (port: {
+          inherit port;
+          by = "service ${quote s}";
+        }) (unique cfg.services.${s}.ports)
+      ) (servicesOn host);
+      clashes = filter (c: length c > 1) (attrValues (groupBy (c: toString c.port) claims));
+    in
+    optional (!validName host) "host ${quote host}: the name must match ${fleetLib.namePattern}"
+    ++ map (
+      c:
+      "host ${quote host}: port ${toString (builtins.head c).port} is claimed twice, by ${
+        concatMapStringsSep " and " (x: x.by) c
+      }"
+    ) clashes;
+
+  # A dependency cycle as a path that ends where it starts, or null.
+  cycle =
+    let
+      # The end of a path, from its first `service` on.
+      from =
+        service: path:
+        if path == [ ] || builtins.head path == service then
+          path
+        else
+          from service (builtins.tail path);
+      visit =
+        state: path: service:
+        if state.cycle != null || state.done ? ${service} then
+          state
+        else if elem service path then
+          state
+          // {
+            cycle = from service path ++ [ service ];
+          }
+        else
+          let
+            after = foldl' (st: dep: visit st (path ++ [ service ]) dep) state (knownDeps service);
+          in
+          after // { done = after.done // { ${service} = true; }; };
+    in
+    (foldl' (state: visit state [ ]) {
+      done = { };
+      cycle = null;
+    } serviceNames).cycle;
+
+  problems =
+    concatMap hostProblems hostNames
+    ++ concatMap serviceProblems serviceNames
+    ++ optional (cycle != null) (
+      "service ${quote (builtins.head cycle)}: dependency cycle: "
+      + concatMapStringsSep " -> " quote cycle
+    );
+
+  # Every result goes through this: a bad declaration fails evaluation with
+  # all its problems at once.
+  checked =
+    value:
+    if problems == [ ] then
+      value
+    else
+      throw (
+        "fleet: the declaration has ${toString (length problems)} problem(s):\n"
+        + concatMapStringsSep "\n" (p: "  - ${p}") problems
+      );
+
+  checksOn =
+    host: filter (c: c != null) (map (s: fleetLib.checkOf s cfg.services.${s}) (servicesOn host));
+
+  # What the host module (../host.nix) is given: `fleet.*` of one host.
+  hostPlan =
+    host:
+    let
+      h = cfg.hosts.${host};
+    in
+    {
+      enable = true;
+      hostName = host;
+      inherit (h) address sshUser sshPort;
+      inherit (cfg) authorizedKeys;
+      services = genAttrs (servicesOn host) (
+        service:
+        let
+          s = cfg.services.${service};
+        in
+        removeAttrs s [
+          "placement"
+          "nixosModule"
+        ]
+        // {
+          createUnit = s.nixosModule == null;
+          dependencies = genAttrs (knownDeps service) addressesOf;
+        }
+      );
+    };
+
+  # The NixOS modules of one host, in the order nixosSystem takes them.
+  hostModules =
+    host:
+    let
+      h = cfg.hosts.${host};
+      serviceModules = concatMap (
+        s: optional (cfg.services.${s}.nixosModule != null) cfg.services.${s}.nixosModule
+      ) (servicesOn host);
+    in
+    [
+      ../host.nix
+      {
+        _file = "fleet plan of host ${host}";
+        fleet = hostPlan host;
+        nixpkgs.hostPlatform = lib.mkDefault h.system;
+      }
+    ]
+    ++ optional (builtins.match "[A-Za-z0-9-]+" host != null) {
+      _file = "fleet plan of host ${host}";
+      networking.hostName = lib.mkDefault host;
+    }
+    ++ h.modules
+    ++ serviceModules;
+in
+{
+  inherit problems;
+
+  placement = checked placement;
+
+  inventory = checked (
+    fleetLib.produceInventory {
+      hosts = mapAttrs (
+        host: h:
+        {
+          inherit (h)
+            address
+            sshPort
+            sshUser
+            tags
+            system
+            hostKey
+            ;
+          services = servicesOn host;
+          checks = checksOn host;
+        }
+      ) cfg.hosts;
+      inherit (cfg) deploy;
+    }
+  );
+
+  hosts = checked (
+    genAttrs hostNames (host: {
+      inherit (cfg.hosts.${host}) system;
+      plan = hostPlan host;
+      modules = hostModules host;
+    })
+  );
+
+  # The per-service view: where each instance runs and what it finds.
+  services = checked (
+    genAttrs serviceNames (service: {
+      hosts = placement.${service};
+      addresses =
+        if fleetLib.primaryPort cfg.services.${service} == null then [ ] else addressesOf service;
+      dependencies = genAttrs (knownDeps service) addressesOf;
+    })
+  );
+}

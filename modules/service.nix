@@ -1,0 +1,198 @@
+# Options that describe one service, shared by the fleet declaration
+# (`services.<name>`) and by the host module (`fleet.services.<name>`), so both
+# levels agree on names, types and defaults.
+{
+  name,
+  config,
+  lib,
+  ...
+}:
+let
+  inherit (lib) literalExpression mkOption types;
+
+  fleetLib = import ./lib.nix { inherit lib; };
+  checkDefaults = fleetLib.defaults.check;
+
+  healthCheck = {
+    options = {
+      type = mkOption {
+        type = types.enum [
+          "http"
+          "tcp"
+          "command"
+        ];
+        description = ''
+          How the fleet tool probes the service after an activation: an HTTP
+          request, a TCP connection (both made from the host itself to
+          127.0.0.1, tunnelled over the tool's ssh connection), or a command
+          run on the host.
+        '';
+      };
+      port = mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        defaultText = literalExpression "the service's first port";
+        description = "Port probed by an HTTP or TCP check; it must be one of the service's `ports`.";
+      };
+      path = mkOption {
+        type = types.strMatching "/.*";
+        default = checkDefaults.path;
+        description = "Path requested by an HTTP check.";
+      };
+      expectStatus = mkOption {
+        type = types.ints.between 100 599;
+        default = checkDefaults.expectStatus;
+        description = "HTTP status an HTTP check expects.";
+      };
+      expectBody = mkOption {
+        type = types.nullOr types.str;
+        default = checkDefaults.expectBody;
+        description = "Text the body of an HTTP check's answer must contain, or null for any body.";
+      };
+      command = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [
+          "systemctl"
+          "is-active"
+          "fleet-worker.service"
+        ];
+        description = "Argument vector a command check runs on the host; exit status 0 is healthy.";
+      };
+      timeout = mkOption {
+        type = types.numbers.positive;
+        default = checkDefaults.timeout;
+        description = "Seconds one probe may take.";
+      };
+      interval = mkOption {
+        type = types.numbers.positive;
+        default = checkDefaults.interval;
+        description = "Seconds between probes.";
+      };
+      retries = mkOption {
+        type = types.ints.positive;
+        default = checkDefaults.retries;
+        description = "Probes made before the check counts as failed.";
+      };
+    };
+  };
+in
+{
+  options = {
+    description = mkOption {
+      type = types.str;
+      default = "fleet service ${name}";
+      description = "One line describing the service; the systemd unit's description.";
+    };
+
+    package = mkOption {
+      type = types.nullOr types.package;
+      default = null;
+      description = "Package that provides the service's program.";
+    };
+
+    command = mkOption {
+      type = types.listOf types.str;
+      default = lib.optional (config.package != null) (lib.getExe config.package);
+      defaultText = literalExpression "[ (lib.getExe package) ]";
+      example = literalExpression ''[ (lib.getExe pkgs.my-api) "--port" "8080" ]'';
+      description = "Argument vector the service runs; systemd's ExecStart.";
+    };
+
+    environment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      description = "Environment variables of the service, added to the discovery variables.";
+    };
+
+    ports = mkOption {
+      type = types.listOf types.port;
+      default = [ ];
+      description = ''
+        TCP ports the service listens on. The first one is where dependent
+        services find it. They are opened in the host's firewall unless
+        `openFirewall` is false, and no two services of one host may claim the
+        same port.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Whether to open `ports` in the host's firewall.";
+    };
+
+    dependsOn = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = ''
+        Services this one talks to. Their instances' addresses reach it as
+        `FLEET_<SERVICE>_ADDRS=host:port,...`; instances on the same host are
+        started first.
+      '';
+    };
+
+    unit = mkOption {
+      type = types.str;
+      default = "fleet-${name}";
+      example = "redis-main";
+      description = ''
+        The systemd service (without `.service`) that runs the service. Set
+        it to the unit a NixOS module creates when the service comes from
+        such a module (see `nixosModule`).
+      '';
+    };
+
+    healthCheck = mkOption {
+      type = types.nullOr (types.submodule healthCheck);
+      default = null;
+      description = "The check that gates a deployment of this service; null for none.";
+    };
+
+    limits = {
+      memory = mkOption {
+        type = types.nullOr (types.strMatching "[0-9]+[KMGT]?");
+        default = null;
+        example = "512M";
+        description = "Memory limit (systemd's MemoryMax), or null for none.";
+      };
+      cpu = mkOption {
+        type = types.nullOr (types.strMatching "[0-9]+%");
+        default = null;
+        example = "150%";
+        description = "CPU quota, 100% being one core (systemd's CPUQuota), or null for none.";
+      };
+    };
+
+    restart = {
+      policy = mkOption {
+        type = types.enum [
+          "no"
+          "on-success"
+          "on-failure"
+          "on-abnormal"
+          "on-watchdog"
+          "on-abort"
+          "always"
+        ];
+        default = "on-failure";
+        description = "When systemd restarts the service (systemd's Restart).";
+      };
+      delay = mkOption {
+        type = types.ints.unsigned;
+        default = 2;
+        description = "Seconds before a restart (systemd's RestartSec).";
+      };
+    };
+
+    hardening = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether the generated unit runs sandboxed: a dynamic user, a read-only
+        system, no capabilities, the `@system-service` system calls only. Each
+        setting is a default that a host module can override.
+      '';
+    };
+  };
+}

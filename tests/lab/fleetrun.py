@@ -1,0 +1,67 @@
+"""Running `fleet` against the test lab as an operator would, and the safety check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+from typing import Any
+
+from fleet import health, nix
+from fleet.hostops import HostOps
+from fleet.inventory import Inventory, parse
+from fleet.lab import flake, ops
+from fleet.lab.layout import Lab
+
+
+def fleet_argv(lab: Lab, *args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet", "--flake", str(lab.flake), "--json", *args]
+
+
+def run_fleet(lab: Lab, *args: str, timeout: float = 180) -> tuple[int, Any, str]:
+    """Exit code, the JSON report (or None) and stderr of one `fleet` run."""
+    proc = subprocess.run(fleet_argv(lab, *args), capture_output=True, text=True, timeout=timeout)
+    report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, report, proc.stderr
+
+
+def results(report: dict[str, Any]) -> dict[str, str]:
+    return {name: host["result"] for name, host in report["hosts"].items()}
+
+
+def set_release(lab: Lab, version: str, **kwargs: Any) -> None:
+    flake.set_release(lab, flake.LabRelease(version, **kwargs))
+
+
+@cache
+def inventory(lab: Lab) -> Inventory:
+    return parse(nix.eval_json(str(lab.flake), "fleet"), "lab")
+
+
+def host_states(lab: Lab) -> dict[str, Any]:
+    with ops.transport(lab) as transport:
+        return {e.name: HostOps(transport.remote(e)).state() for e in ops.endpoints(lab)}
+
+
+def running_paths(lab: Lab) -> dict[str, str | None]:
+    return {name: state.running for name, state in host_states(lab).items()}
+
+
+def assert_safe(lab: Lab) -> None:
+    """The product's invariant: every host runs its profile's current generation, that
+    generation is healthy, and no deploy lock or dead-man timer is left behind."""
+    inv = inventory(lab)
+    with ops.transport(lab) as transport:
+        for endpoint in ops.endpoints(lab):
+            hostops = HostOps(transport.remote(endpoint))
+            state = hostops.state()
+            name = endpoint.name
+            assert state.running is not None, f"{name}: runs no system"
+            assert state.running == state.current_path, (
+                f"{name}: runs {state.running}, profile's current is {state.current_path}"
+            )
+            assert state.lock is None, f"{name}: lock left behind: {state.lock}"
+            assert state.deadman == (), f"{name}: dead-man timer left behind: {state.deadman}"
+            verdict = health.check_host(hostops, inv.hosts[name].checks, 20)
+            assert verdict.ok, f"{name}: unhealthy: {verdict.message}"

@@ -1,0 +1,273 @@
+"""`fleet deploy` against real lab hosts: the happy path and every fault, each test ending
+with the safety check (running = profile's current = healthy, no lock, no timer)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from fleet.hostops import HostOps
+from fleet.lab import ops
+from tests.lab.fleetrun import (
+    assert_safe,
+    fleet_argv,
+    host_states,
+    results,
+    run_fleet,
+    running_paths,
+    set_release,
+)
+
+pytestmark = pytest.mark.lab
+
+
+def read_stderr_until(proc: subprocess.Popen[str], *markers: str, timeout: float = 60) -> None:
+    """Read a running fleet's progress lines until every marker has been seen."""
+    assert proc.stderr is not None
+    pending = set(markers)
+    deadline = time.monotonic() + timeout
+    while pending:
+        assert time.monotonic() < deadline, f"never saw {pending}"
+        line = proc.stderr.readline()
+        assert line, f"fleet ended before {pending}"
+        pending = {m for m in pending if m not in line}
+
+
+@pytest.fixture(autouse=True)
+def safe_before_and_after(lab):
+    assert_safe(lab)
+    yield
+    set_release(lab, "0")
+    assert_safe(lab)
+
+
+def test_deploy_persists_and_records(lab, lab_remotes):
+    before = host_states(lab)
+    set_release(lab, "d1")
+    code, report, err = run_fleet(lab, "deploy")
+    assert code == 0, err
+    assert report["result"] == "deployed"
+    assert results(report) == {"lab1": "deployed", "lab2": "deployed", "lab3": "deployed"}
+    for name, host in report["hosts"].items():
+        assert host["previous"]["number"] == before[name].current
+        assert host["new"]["number"] == before[name].current + 1
+        assert set(host["timings"]) >= {"copy", "lock", "arm", "activate", "health", "confirm"}
+        remote = lab_remotes[name]
+        assert remote.run(["curl", "-s", "127.0.0.1:8080/version"], check=False).stdout in (
+            "d1\n",
+            "",
+        )  # curl may be absent; the safety check proves health below
+        records = remote.run(["cat", "/var/lib/fleet/releases.jsonl"]).stdout.splitlines()
+        last = json.loads(records[-1])
+        assert last["release"] == report["release"] and last["result"] == "deployed"
+        assert last["new"]["path"] == host["new"]["path"]
+        booted = remote.run(["readlink", "-f", "/boot/lab/default"]).stdout.strip()
+        assert booted == host["new"]["path"]
+    # The same flake again changes nothing.
+    code, report, _ = run_fleet(lab, "deploy")
+    assert code == 0 and all(not h["changed"] for h in report["hosts"].values())
+
+
+def test_failed_health_check_rolls_the_canary_back(lab, lab_remotes):
+    before = running_paths(lab)
+    set_release(lab, "h1", broken="health")
+    code, report, err = run_fleet(lab, "deploy", "--health-timeout", "5")
+    assert code == 3, err
+    assert report["result"] == "rolled-back"
+    assert results(report) == {"lab1": "rolled-back", "lab2": "skipped", "lab3": "skipped"}
+    canary = report["hosts"]["lab1"]
+    assert canary["phase"] == "health" and "HTTP 503" in canary["message"]
+    assert running_paths(lab) == before
+    # No host beyond the canary was touched: not even its closure was copied there.
+    new_lab2 = lab_remotes["lab2"].run(["ls", "/nix/store"]).stdout
+    assert "lab-system-lab2-h1" not in new_lab2
+
+
+def test_unit_that_fails_to_start_rolls_back(lab):
+    before = running_paths(lab)
+    set_release(lab, "s1", broken="start")
+    code, report, err = run_fleet(lab, "deploy", "lab2")
+    assert code == 3, err
+    host = report["hosts"]["lab2"]
+    assert host["result"] == "rolled-back" and host["phase"] == "activate"
+    assert "exit 4" in host["message"]
+    assert running_paths(lab) == before
+
+
+def test_build_failure_touches_no_host(lab):
+    before = host_states(lab)
+    set_release(lab, "b1", broken="build", broken_hosts=("lab3",))
+    code, report, err = run_fleet(lab, "deploy")
+    assert code == 1 and report is None
+    [error] = [line for line in err.splitlines() if line.startswith("fleet:")]
+    assert error.startswith("fleet: nix build: error: builder for")
+    assert "broken at build time" in error
+    assert host_states(lab) == before
+
+
+def test_full_disk_during_copy_activates_nothing(lab):
+    before = running_paths(lab)
+    set_release(lab, "f1")
+    ops.fault(lab, "lab3", ops.Fault.FILL_DISK)
+    try:
+        code, report, err = run_fleet(lab, "deploy", "lab3")
+    finally:
+        ops.fault(lab, "lab3", ops.Fault.FREE_DISK)
+    assert code == 4, err
+    host = report["hosts"]["lab3"]
+    assert host["result"] == "failed" and host["phase"] == "copy"
+    assert "nothing was activated" in host["message"]
+    assert running_paths(lab) == before
+
+
+def test_unreachable_host_is_reported_and_the_rest_follow_the_policy(lab):
+    before = running_paths(lab)
+    set_release(lab, "u1")
+    ops.fault(lab, "lab2", ops.Fault.PARTITION)
+    try:
+        code, report, err = run_fleet(lab, "deploy", "--canary", "0", "--max-failures", "1")
+    finally:
+        ops.fault(lab, "lab2", ops.Fault.HEAL)
+    assert code == 4, err
+    assert results(report) == {"lab1": "deployed", "lab2": "unreachable", "lab3": "deployed"}
+    assert report["hosts"]["lab2"]["phase"] == "connect"
+    assert running_paths(lab)["lab2"] == before["lab2"]
+
+
+def test_wave_failure_rolls_back_persisted_hosts_fleet_wide(lab):
+    before = host_states(lab)
+    set_release(lab, "a1", broken="health", broken_hosts=("lab3",))
+    code, report, err = run_fleet(lab, "deploy", "--batch-size", "1", "--health-timeout", "4")
+    assert code == 3, err
+    assert results(report) == {"lab1": "rolled-back", "lab2": "rolled-back", "lab3": "rolled-back"}
+    assert "rolled back with the rest" in report["hosts"]["lab1"]["message"]
+    after = host_states(lab)
+    for name, state in after.items():
+        assert state.running == before[name].running
+        assert state.current_path == before[name].running
+
+
+def test_no_rollback_keeps_hosts_that_deployed(lab):
+    set_release(lab, "n1", broken="health", broken_hosts=("lab3",))
+    code, report, err = run_fleet(
+        lab, "deploy", "--batch-size", "1", "--health-timeout", "4", "--no-rollback"
+    )
+    assert code == 3, err
+    assert results(report) == {"lab1": "deployed", "lab2": "deployed", "lab3": "rolled-back"}
+
+
+def test_partition_during_activation_reverts_by_itself(lab):
+    before = running_paths(lab)
+    set_release(lab, "p1", start_delay=3)
+    proc = subprocess.Popen(
+        fleet_argv(lab, "deploy", "lab2", "--confirm-timeout", "6"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        read_stderr_until(proc, "lab2: activate")
+        ops.fault(lab, "lab2", ops.Fault.PARTITION)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        ops.fault(lab, "lab2", ops.Fault.HEAL)
+    assert proc.returncode == 4
+    host = json.loads(out)["hosts"]["lab2"]
+    assert host["result"] == "unreachable"
+    assert "dead-man switch" in host["message"]
+    # The host put itself back: running its recorded generation, lock and timer gone.
+    deadline = time.monotonic() + 30
+    while running_paths(lab)["lab2"] != before["lab2"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running_paths(lab) == before
+
+
+def test_sigkill_after_activation_reverts_every_host(lab):
+    before = running_paths(lab)
+    set_release(lab, "k1", broken="health")
+    proc = subprocess.Popen(
+        fleet_argv(lab, "deploy", "--canary", "0", "--confirm-timeout", "4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    read_stderr_until(proc, "lab1: health", "lab2: health", "lab3: health")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert running_paths(lab) != before  # the broken release is running, unconfirmed
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = host_states(lab)
+        if all(
+            s.running == before[n] and s.lock is None and not s.deadman for n, s in states.items()
+        ):
+            break
+        time.sleep(0.5)
+    assert running_paths(lab) == before
+
+
+def test_second_deploy_to_a_locked_host_is_refused(lab):
+    set_release(lab, "c1", start_delay=3)
+    first = subprocess.Popen(
+        fleet_argv(lab, "deploy", "lab3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    read_stderr_until(first, "lab3: activate")
+    code, report, err = run_fleet(lab, "deploy", "lab3")
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0
+    first_report = json.loads(out)
+    assert first_report["hosts"]["lab3"]["result"] == "deployed"
+    assert code == 4, err
+    refused = report["hosts"]["lab3"]
+    assert refused["result"] == "failed" and refused["phase"] == "lock"
+    assert first_report["release"] in refused["message"]
+    assert "--break-lock" in refused["message"]
+
+
+def test_lock_of_a_gone_holder_is_broken_only_on_purpose(lab, lab_remotes):
+    holder = json.dumps(
+        {"release": "ghost", "operator": "nobody@nowhere", "since": "then", "action": "deploy"}
+    )
+    HostOps(lab_remotes["lab1"]).lock(holder)
+    set_release(lab, "g1")
+    code, report, _ = run_fleet(lab, "deploy", "lab1")
+    assert code == 4 and "nobody@nowhere" in report["hosts"]["lab1"]["message"]
+    code, report, err = run_fleet(lab, "deploy", "lab1", "--break-lock")
+    assert code == 0, err
+
+
+def test_dry_run_touches_nothing(lab):
+    before = host_states(lab)
+    set_release(lab, "y1")
+    code, report, err = run_fleet(lab, "deploy", "--dry-run")
+    assert code == 0, err
+    assert report["dryRun"] is True
+    assert all(h["changed"] for h in report["hosts"].values())
+    assert host_states(lab) == before
+
+
+def test_boot_only_takes_effect_at_the_next_boot(lab, monkeypatch):
+    before = running_paths(lab)
+    set_release(lab, "o1")
+    code, report, err = run_fleet(lab, "deploy", "lab1", "--boot")
+    assert code == 0, err
+    new = report["hosts"]["lab1"]["new"]["path"]
+    state = host_states(lab)["lab1"]
+    assert state.running == before["lab1"] and state.current_path == new
+    ops.fault(lab, "lab1", ops.Fault.CRASH)
+    ops.up(lab, None, lambda _m: None)
+    assert running_paths(lab)["lab1"] == new
+
+
+def test_unknown_selector_is_an_error_before_anything(lab):
+    before = host_states(lab)
+    code, report, err = run_fleet(lab, "deploy", "lab9")
+    assert code == 2 and report is None
+    assert err.strip() == "fleet: selector 'lab9': no host 'lab9' in the inventory"
+    code, _, err = run_fleet(lab, "deploy", "--batch-size", "0")
+    assert code == 2 and "--batch-size" in err
+    assert host_states(lab) == before
