@@ -43,7 +43,7 @@ def open_session(flake: str | None) -> Session:
     user_config = config.load(None)
     ref = flake or user_config.get("flake") or "."
     cfg = config.load(ref)
-    data = nix.eval_json(ref, "fleet")
+    data = nix.eval_inventory(ref)
     return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"))
 
 
@@ -99,13 +99,7 @@ def deploy(
     """Build every selected host in one Nix call, then roll out (or only show, with dry_run)."""
     hosts = session.inventory.select(selectors)
     reporter.note(f"building {len(hosts)} host{'s' if len(hosts) != 1 else ''}")
-    paths = dict(
-        zip(
-            [h.name for h in hosts],
-            nix.build(session.flake, [nix.toplevel_attr(h.name) for h in hosts]),
-            strict=True,
-        )
-    )
+    paths = nix.build_systems(session.flake, [h.name for h in hosts])
     user = session.config.get("sshUser")
     with session.transport() as transport:
         if options.dry_run:

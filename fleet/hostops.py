@@ -235,8 +235,10 @@ class HostOps:
         input: str | None = None,
         timeout: float | None = None,
     ) -> Result:
+        # A deploy user other than root acts through sudo (the host module allows it).
+        sudo = ["sudo", "-n"] if self.remote.endpoint.user != "root" else []
         return self.remote.run(
-            ["sh", "-c", script, "fleet", *args],
+            [*sudo, "sh", "-c", script, "fleet", *args],
             check=False,
             fresh=fresh,
             input=input,

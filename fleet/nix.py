@@ -35,30 +35,65 @@ def eval_json(flake: str, attribute: str) -> Any:
     return json.loads(result.stdout)
 
 
-def toplevel_attr(host: str) -> str:
-    """The flake attribute of a host's system; names that are not Nix identifiers get quoted."""
-    quoted = host if _PLAIN_ATTR.match(host) else f'"{host}"'
-    return f"nixosConfigurations.{quoted}.config.system.build.toplevel"
+def eval_inventory(flake: str) -> Any:
+    """The flake's ``fleet`` output.
+
+    Nix looks an installable up under ``packages.<system>`` first, so a flake that also
+    ships the tool as ``packages.<system>.fleet`` hides its inventory from ``FLAKE#fleet``.
+    The inventory's own fields are missing from a package, and Nix falls through to the
+    top-level output for them.
+    """
+    data = eval_json(flake, "fleet")
+    if isinstance(data, dict):
+        return data
+    return {key: eval_json(flake, f"fleet.{key}") for key in ("schemaVersion", "hosts", "deploy")}
+
+
+def nix_string(text: str) -> str:
+    """A Nix string literal holding exactly ``text``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+    return f'"{escaped}"'
+
+
+# Maps the selected hosts' configurations to their system's derivation and output paths.
+_SYSTEMS = """configurations:
+  let wanted = builtins.fromJSON {names};
+  in builtins.mapAttrs (name: c: {{
+    drv = c.config.system.build.toplevel.drvPath;
+    out = c.config.system.build.toplevel.outPath;
+  }}) (builtins.intersectAttrs wanted configurations)
+"""
+
+
+def build_systems(
+    flake: str, hosts: Sequence[str], options: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Build the hosts' systems: one evaluation, then one build of every derivation.
+
+    Evaluating gives each host its derivation and output path by name (the order of a
+    multi-installable ``nix build`` says nothing about which result is whose), and
+    ``nix-store --realise``, in every Nix version, builds them without evaluating again.
+    """
+    names = json.dumps({h: None for h in hosts})
+    apply = _SYSTEMS.format(names=nix_string(names))
+    result = process.run(
+        [*NIX, "eval", *_options(options or {}), "--json", f"{flake}#nixosConfigurations",
+         "--apply", apply],
+        error=NixError,
+        what="nix eval of the systems",
+    )  # fmt: skip
+    systems: dict[str, dict[str, str]] = json.loads(result.stdout)
+    missing = [h for h in hosts if h not in systems]
+    if missing:
+        raise NixError(f"{flake}: no nixosConfigurations for {', '.join(missing)}")
+    realise = ["nix-store", *_options(options or {}), "--realise",
+               *sorted({s["drv"] for s in systems.values()})]  # fmt: skip
+    process.run(realise, error=NixError, what="nix build")
+    return {h: systems[h]["out"] for h in hosts}
 
 
 def _options(options: Mapping[str, str]) -> list[str]:
     return [arg for key, value in options.items() for arg in ("--option", key, value)]
-
-
-def build(
-    flake: str, attributes: Sequence[str], options: Mapping[str, str] | None = None
-) -> list[str]:
-    """Build all attributes in one invocation (Nix schedules them together); out paths in order.
-
-    Nothing is linked into the working directory and nothing is touched elsewhere.
-    """
-    installables = [f"{flake}#{a}" for a in attributes]
-    argv = [*NIX, "build", *_options(options or {}), "--no-link", "--json", *installables]
-    result = process.run(argv, error=NixError, what="nix build")
-    built = json.loads(result.stdout)
-    if len(built) != len(attributes):
-        raise NixError(f"nix build: expected {len(attributes)} results, got {len(built)}")
-    return [entry["outputs"]["out"] for entry in built]
 
 
 def copy_closure(remote: Remote, path: str) -> None:

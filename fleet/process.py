@@ -23,17 +23,20 @@ class Result:
     def last_error_line(self) -> str:
         """The most telling line of stderr, for a one-line message.
 
-        Nix and many tools start the cause with ``error:`` and print hints after it; a
-        failed Nix builder's own last words follow as ``> ...`` lines.
+        Nix and many tools start the cause with ``error:`` and print hints after it. A
+        failed Nix builder's own last words follow as ``> ...`` lines (``nix build``) or
+        come just before the error (``nix-store --realise``).
         """
         lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
         if not lines:
             return f"exit code {self.returncode}"
-        errors = [line for line in lines if line.startswith("error:")]
-        if not errors:
+        first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+        if first is None:
             return lines[-1]
-        builder_log = [line for line in lines if line.startswith("> ")]
-        return errors[0] + (f" ({builder_log[-1][2:]})" if builder_log else "")
+        builder_log = [line[2:] for line in lines if line.startswith("> ")]
+        if not builder_log and first > 0 and lines[first].startswith("error: builder for"):
+            builder_log = [lines[first - 1]]
+        return lines[first] + (f" ({builder_log[-1]})" if builder_log else "")
 
 
 def run(

@@ -37,6 +37,20 @@ OFFLINE = {"substituters": ""}
 
 Say = Callable[[str], None]
 
+# Wait for the host's boot to finish. A boot unit that failed under load (many hosts
+# booting on few cores) gets one restart; a host still degraded after it is an error.
+BOOTED = r"""
+state=$(systemctl is-system-running --wait 2>/dev/null)
+if [ "$state" != running ]; then
+  failed=$(systemctl list-units --failed --plain --no-legend | cut -d' ' -f1)
+  [ -n "$failed" ] && systemctl restart $failed
+  state=$(systemctl is-system-running)
+fi
+[ "$state" = running ] && exit 0
+echo "boot ended $state; failed units:" $(systemctl list-units --failed --plain --no-legend) >&2
+exit 1
+"""
+
 
 class Fault(StrEnum):
     PARTITION = "partition"
@@ -133,10 +147,10 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
     flake.write(lab, hosts, keys)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
-    paths = nix.build(str(lab.flake), [nix.toplevel_attr(h.name) for h in hosts], OFFLINE)
-    for host, path in zip(hosts, paths, strict=True):
-        nix.copy_to_root(lab.host_root(host), path)
-        _profile_link(lab.host_root(host), path)
+    paths = nix.build_systems(str(lab.flake), [h.name for h in hosts], OFFLINE)
+    for host in hosts:
+        nix.copy_to_root(lab.host_root(host), paths[host.name])
+        _profile_link(lab.host_root(host), paths[host.name])
 
 
 def transport(lab: Lab) -> Transport:
@@ -171,7 +185,8 @@ def _wait_for_ssh(lab: Lab, timeout: float) -> None:
                     f"{timeout:g} s; see {lab.state}/hosts/{endpoint.name}/console.log"
                 )
             time.sleep(0.05)
-        remote.remote(endpoint).run(["true"], fresh=True, timeout=timeout)
+        remaining = max(1.0, deadline - time.monotonic())
+        remote.remote(endpoint).run(["sh", "-c", BOOTED], fresh=True, timeout=remaining)
 
     with transport(lab) as remote, ThreadPoolExecutor(max_workers=32) as pool:
         for future in [pool.submit(wait, e) for e in endpoints(lab)]:

@@ -27,7 +27,7 @@ def http_get(address: str, path: str) -> tuple[int, str]:
 def build(lab, host: str, version: str, broken: str | None = None) -> str:
     flake.set_release(lab, flake.LabRelease(version, broken))
     try:
-        return nix.build(str(lab.flake), [nix.toplevel_attr(host)], ops.OFFLINE)[0]
+        return nix.build_systems(str(lab.flake), [host], ops.OFFLINE)[host]
     finally:
         flake.set_release(lab, flake.LabRelease("0"))
 
@@ -102,7 +102,8 @@ def test_dry_activate_and_boot_change_nothing_running(lab, lab_remotes):
     assert current(remote) == before
     assert remote.run(["readlink", "-f", "/boot/lab/default"]).stdout.strip() == path
     assert remote.run([f"{before}/bin/switch-to-configuration", "boot"]).returncode == 0
-    assert http_get(remote.endpoint.address, "/version") == (200, "0")
+    version = remote.run(["cat", f"{before}/nixos-version"]).stdout.strip()
+    assert http_get(remote.endpoint.address, "/version") == (200, version)
     usage = remote.run([f"{path}/bin/switch-to-configuration", "bogus"], check=False)
     assert usage.returncode == 1
 
