@@ -135,6 +135,18 @@ def deploy(
     sys.exit(outcome.exit_code)
 
 
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.pass_obj
+def status(ctx: Context, selectors: tuple[str, ...]) -> None:
+    """One row per host: running, current and booted generation, failed units, health,
+    last release, lock. Read from the hosts, in parallel."""
+    rows = flows.status(_session(ctx), selectors)
+    _emit(ctx, {r.name: r.as_json() for r in rows}, [r.row() for r in rows])
+    if not all(r.reachable and r.health and r.health.ok for r in rows):
+        sys.exit(ExitCode.ATTENTION)
+
+
 @cli.group()
 def lab() -> None:
     """A practice fleet of local hosts: Debian containers with Nix and systemd (not NixOS)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ from fleet.inventory import Inventory
 from fleet.output import Reporter
 from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
 from fleet.ssh import SshConfig, Transport
+from fleet.status import HostStatus, query
+
+# Status must not stall on a dead host: it reports it unreachable instead.
+STATUS_CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,22 @@ def parse_batch_size(text: str) -> int | str:
     if text.isdigit() and int(text) >= 1:
         return int(text)
     raise UsageError(f"--batch-size {text!r}: expected a number of hosts or a share such as 25%")
+
+
+def status(session: Session, selectors: Sequence[str]) -> list[HostStatus]:
+    """Every selected host's state and health, queried in parallel with a short timeout."""
+    hosts = session.inventory.select(selectors)
+    config = dataclasses.replace(
+        session.ssh_config(),
+        connect_timeout=min(session.ssh_config().connect_timeout, STATUS_CONNECT_TIMEOUT),
+    )
+    user = session.config.get("sshUser")
+    with Transport(config) as transport:
+        return query(
+            hosts,
+            lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
+            parallel=len(hosts),
+        )
 
 
 def deploy(

@@ -30,6 +30,8 @@ for link in "$profile"-*-link; do
     "${link#"$profile"-}" "$(stat -c %Y "$link")" "$(readlink -f "$link")"
 done
 [ -e /run/fleet/deploy.lock ] && printf 'lock=%s\n' "$(cat /run/fleet/deploy.lock)"
+records=/var/lib/fleet/releases.jsonl
+[ -s "$records" ] && printf 'release=%s\n' "$(tail -n 1 "$records")"
 systemctl list-units --plain --no-legend --full 'fleet-deadman-*.timer' | while read -r unit _; do
   printf 'deadman=%s\n' "${unit%.timer}"
 done
@@ -169,6 +171,7 @@ class HostState:
     lock: str | None
     deadman: tuple[str, ...]  # armed dead-man switches (unit names without .timer)
     failed_units: tuple[str, ...] = field(default=())
+    last_release: dict[str, Any] | None = None  # the host's newest release record
 
     def path_of(self, number: int | None) -> str | None:
         return next((g.path for g in self.generations if g.number == number), None)
@@ -213,7 +216,16 @@ def parse_state(text: str) -> HostState:
         lock=one("lock"),
         deadman=tuple(values.get("deadman", [])),
         failed_units=tuple(values.get("failed", [])),
+        last_release=_json_or_none(one("release")),
     )
+
+
+def _json_or_none(text: str | None) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 class HostOps:
