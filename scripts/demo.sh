@@ -9,6 +9,7 @@ export NIX_CONFIG="substituters ="
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+fleet lab down >/dev/null 2>&1 || true  # the demo makes its lab anew
 step "fleet lab up --hosts 4: four Debian hosts with systemd, sshd and Nix"
 fleet lab up --hosts 4
 flake=$(fleet lab flake)
@@ -21,5 +22,23 @@ done
 
 step "the inventory the fleet tool reads (nix eval $flake#fleet), first host"
 nix --extra-experimental-features 'nix-command flakes' eval --json "$flake#fleet.hosts.lab1" | python3 -m json.tool
+
+step "release 1: fleet deploy (canary first, then the rest)"
+fleet lab release --version 1
+fleet --flake "$flake" deploy
+
+step "release 2"
+fleet lab release --version 2
+fleet --flake "$flake" deploy
+
+step "release 3 is broken: its service starts but fails its health check"
+fleet lab release --version 3 --broken health
+code=0
+fleet --flake "$flake" deploy --health-timeout 5 || code=$?
+echo "fleet deploy exited $code (3: the change failed and every touched host is back on its known-good generation)"
+[ "$code" -eq 3 ]
+
+step "fleet status: every host is back on release 2, healthy, nothing locked"
+fleet --flake "$flake" status
 
 step "done: the lab stays up; tear it down with: fleet lab down"

@@ -1,0 +1,43 @@
+"""`fleet status` reads the truth from the hosts, and a dead host cannot stall it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fleet.lab import ops
+from tests.lab.fleetrun import assert_safe, run_fleet, set_release
+
+pytestmark = pytest.mark.lab
+
+
+def test_status_of_a_healthy_fleet(lab):
+    set_release(lab, "st1")
+    code, deployed, err = run_fleet(lab, "deploy", "lab1")
+    assert code == 0, err
+    code, status, err = run_fleet(lab, "status")
+    assert code == 0, err
+    assert set(status) == {"lab1", "lab2", "lab3"}
+    lab1 = status["lab1"]
+    assert lab1["reachable"] and lab1["healthy"] and lab1["failedUnits"] == []
+    assert lab1["running"] == deployed["hosts"]["lab1"]["new"]
+    assert lab1["current"] == lab1["running"] and not lab1["pendingBoot"]
+    assert lab1["lastRelease"]["release"] == deployed["release"]
+    assert lab1["lock"] is None
+    set_release(lab, "0")
+
+
+def test_status_with_a_crashed_host_returns_promptly(lab):
+    ops.fault(lab, "lab3", ops.Fault.CRASH)
+    try:
+        start = time.monotonic()
+        code, status, _ = run_fleet(lab, "status")
+        elapsed = time.monotonic() - start
+    finally:
+        ops.up(lab, None, lambda _m: None)
+    assert code == 4
+    assert status["lab3"]["reachable"] is False and "cannot connect" in status["lab3"]["message"]
+    assert status["lab1"]["reachable"] and status["lab2"]["reachable"]
+    assert elapsed < 15
+    assert_safe(lab)
