@@ -12,10 +12,12 @@ from tabulate import tabulate
 
 from fleet import flows, output
 from fleet.errors import ExitCode, FleetError
+from fleet.errors import UsageError as FleetUsageError
 from fleet.lab import flake as lab_flake_files
 from fleet.lab import ops as lab_ops
 from fleet.lab.layout import MAX_HOSTS
 from fleet.lab.layout import Lab as LabInstance
+from fleet.rollout import Report
 
 
 @dataclass
@@ -50,6 +52,16 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
 def cli(click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
     click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose)
+
+
+def _report(ctx: Context, report: Report) -> NoReturn:
+    if ctx.json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        click.echo(output.host_table(report.reports))
+        summary = f"release {report.release.id}: {report.result.value}"
+        click.echo(summary + (f" ({report.stopped})" if report.stopped else ""))
+    sys.exit(report.exit_code)
 
 
 def _session(ctx: Context) -> flows.Session:
@@ -126,13 +138,7 @@ def deploy(
             rows,
         )
         return
-    if ctx.json:
-        click.echo(json.dumps(outcome.as_json(), indent=2))
-    else:
-        click.echo(output.host_table(outcome.reports))
-        summary = f"release {outcome.release.id}: {outcome.result.value}"
-        click.echo(summary + (f" ({outcome.stopped})" if outcome.stopped else ""))
-    sys.exit(outcome.exit_code)
+    _report(ctx, outcome)
 
 
 @cli.command()
@@ -144,6 +150,81 @@ def status(ctx: Context, selectors: tuple[str, ...]) -> None:
     rows = flows.status(_session(ctx), selectors)
     _emit(ctx, {r.name: r.as_json() for r in rows}, [r.row() for r in rows])
     if not all(r.reachable and r.health and r.health.ok for r in rows):
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option(
+    "--to",
+    "to",
+    type=click.IntRange(1),
+    metavar="GENERATION",
+    help="Go to this generation (it must exist on every selected host).",
+)
+@click.option(
+    "--release",
+    "release",
+    metavar="ID",
+    help="Undo release ID: every host that took part goes back to what it ran before.",
+)
+@click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once.")
+@click.option("--canary", type=click.IntRange(0), help="Hosts rolled back first, alone.")
+@click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary.")
+@click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S")
+@click.option("--confirm-timeout", type=click.FloatRange(min=1), metavar="S")
+@click.option("--break-lock", is_flag=True, help="Take deploy locks even if held (on purpose).")
+@click.option("--yes", is_flag=True, help="Do not ask before changing hosts.")
+@click.pass_obj
+def rollback(
+    ctx: Context,
+    /,
+    selectors: tuple[str, ...],
+    to: int | None,
+    release: str | None,
+    batch_size: str | None,
+    yes: bool,
+    **overrides: Any,
+) -> None:
+    """Put hosts back on an earlier generation, through the deploy protocol.
+
+    Without options each host goes back to the generation before its current one.
+    """
+    if to is not None and release is not None:
+        raise click.UsageError("--to and --release exclude each other")
+    session = _session(ctx)
+    session.inventory.select(selectors)
+    overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None
+    options = flows.deploy_options(session, overrides)
+    with session.transport() as transport:
+        plan = flows.plan_rollback(session, selectors, transport, to, release)
+        for name, target in plan.targets.items():
+            ctx.say(
+                f"{name}: {output.short_path(plan.running[name])} -> "
+                f"{output.generation_cell(target)}"
+            )
+        for name, why in plan.unreachable.items():
+            ctx.say(f"{name}: unreachable, not rolled back: {why}")
+        if plan.targets and not yes:
+            if not sys.stdin.isatty():
+                raise FleetUsageError("rollback changes hosts: pass --yes when not on a terminal")
+            click.confirm(f"roll back {len(plan.targets)} hosts?", abort=True, err=True)
+        report = flows.rollback(session, plan, transport, options, output.reporter_for())
+    _report(ctx, report)
+
+
+@cli.command()
+@click.option("--host", "host", metavar="HOST", help="Only this host's releases.")
+@click.option("--limit", type=click.IntRange(1), help="The newest N releases.")
+@click.pass_obj
+def history(ctx: Context, host: str | None, limit: int | None) -> None:
+    """Releases, newest first, merged from the records on the hosts."""
+    entries, missing = flows.history(_session(ctx), host, limit)
+    rows = [{"release": e.id, "action": e.action, "time": e.time, "operator": e.operator,
+             "hosts": len(e.hosts), "result": e.result} for e in entries]  # fmt: skip
+    _emit(ctx, {"releases": [e.as_json() for e in entries], "unreachable": missing}, rows)
+    if missing:
+        ctx.say(f"not read (unreachable): {', '.join(missing)}; the history may be incomplete")
         sys.exit(ExitCode.ATTENTION)
 
 

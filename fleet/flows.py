@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fleet import config, inventory, nix
-from fleet.errors import NixError, UsageError
-from fleet.inventory import Inventory
+from fleet.errors import FleetError, NixError, UsageError
+from fleet.history import ReleaseEntry, merge, rollback_target
+from fleet.hostops import HostOps, HostState
+from fleet.inventory import Host, Inventory
+from fleet.models import Generation, HostReport, HostResult, Phase
 from fleet.output import Reporter
 from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
 from fleet.ssh import SshConfig, Transport
@@ -134,3 +138,102 @@ def deploy(
         reporter.note(f"release {release.id}")
         rollout = Rollout(hosts, options, release, transport, reporter, user)
         return rollout.run(paths, [h.name for h in hosts])
+
+
+T = TypeVar("T")
+
+
+def each_host(
+    hosts: Sequence[Host], work: Callable[[Host], T], parallel: int
+) -> dict[str, T | FleetError]:
+    """Run ``work`` for every host at once; a host's failure is its result, not everyone's."""
+
+    def one(host: Host) -> T | FleetError:
+        try:
+            return work(host)
+        except FleetError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
+        return dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
+
+
+def history(
+    session: Session, host: str | None, limit: int | None
+) -> tuple[list[ReleaseEntry], list[str]]:
+    """Releases newest first, and the hosts whose records could not be read."""
+    hosts = session.inventory.select([host] if host else [])
+    user = session.config.get("sshUser")
+    with session.transport() as transport:
+        read = each_host(
+            hosts,
+            lambda h: HostOps(transport.remote(endpoint(h, user))).records(),
+            parallel=len(hosts),
+        )
+    records = {n: r for n, r in read.items() if not isinstance(r, FleetError)}
+    missing = sorted(n for n, r in read.items() if isinstance(r, FleetError))
+    entries = merge(records)
+    return (entries[:limit] if limit else entries), missing
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    targets: dict[str, Generation]  # host -> generation it goes back to
+    running: dict[str, str | None]
+    unreachable: dict[str, str]  # host -> why
+
+
+def plan_rollback(
+    session: Session,
+    selectors: Sequence[str],
+    transport: Transport,
+    to: int | None,
+    release: str | None,
+) -> RollbackPlan:
+    """Every host's target, resolved before anything is touched: a bad target is exit 2."""
+    hosts = session.inventory.select(selectors)
+    user = session.config.get("sshUser")
+
+    def read(host: Host) -> tuple[HostState, list[dict[str, Any]]]:
+        ops = HostOps(transport.remote(endpoint(host, user)))
+        return ops.state(), (ops.records() if release else [])
+
+    found = each_host(hosts, read, parallel=len(hosts))
+    targets: dict[str, Generation] = {}
+    running: dict[str, str | None] = {}
+    unreachable: dict[str, str] = {}
+    for name, got in found.items():
+        if isinstance(got, FleetError):
+            unreachable[name] = str(got)
+            continue
+        state, records = got
+        target = rollback_target(name, state, records, to=to, release=release)
+        if target is not None:
+            targets[name], running[name] = target, state.running
+    if release and not targets and not unreachable:
+        raise UsageError(f"release {release!r}: no selected host has a record of deploying it")
+    return RollbackPlan(targets, running, unreachable)
+
+
+def rollback(
+    session: Session,
+    plan: RollbackPlan,
+    transport: Transport,
+    options: DeployOptions,
+    reporter: Reporter,
+) -> Report:
+    """Roll hosts back through the deploy protocol; unreachable hosts are reported as such."""
+    order = [n for n in session.inventory.hosts if n in plan.targets]
+    hosts = [session.inventory.hosts[n] for n in order]
+    release = Release.new("rollback", session.flake, None)
+    reporter.note(f"release {release.id} (rollback)")
+    rollout = Rollout(hosts, options, release, transport, reporter,
+                      session.config.get("sshUser"),
+                      generations={n: g.number for n, g in plan.targets.items()
+                                   if g.number is not None})  # fmt: skip
+    report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
+    for name, why in plan.unreachable.items():
+        missed = HostReport(name)
+        missed.fail(HostResult.UNREACHABLE, Phase.CONNECT, why)
+        report.reports.append(missed)
+    return report

@@ -117,6 +117,11 @@ APPEND_RECORD = r"""
 mkdir -p /var/lib/fleet && cat >> /var/lib/fleet/releases.jsonl
 """
 
+READ_RECORDS = r"""
+cat /var/lib/fleet/releases.jsonl 2>/dev/null
+exit 0
+"""
+
 SETTLE = r"""
 end=$(( $(date +%s) + $1 ))
 while [ -n "$(systemctl list-jobs --no-legend 2>/dev/null)" ]; do
@@ -319,6 +324,14 @@ class HostOps:
         lines = result.stdout.splitlines()
         failed = tuple(line.removeprefix("failed=") for line in lines if line.startswith("failed="))
         return "jobs=pending" not in lines, failed
+
+    def records(self) -> list[dict[str, Any]]:
+        """The host's release records, oldest first; unreadable lines are passed over."""
+        result = self._sh(READ_RECORDS)
+        if not result.ok:
+            raise FleetError(f"{self.name}: reading release records: {result.last_error_line()}")
+        parsed = (_json_or_none(line) for line in result.stdout.splitlines())
+        return [r for r in parsed if r is not None]
 
     def append_record(self, record: dict[str, Any]) -> None:
         self._sh(APPEND_RECORD, input=json.dumps(record, sort_keys=True) + "\n")

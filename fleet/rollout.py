@@ -21,7 +21,7 @@ import math
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -172,8 +172,11 @@ class Rollout:
         transport: Transport,
         reporter: Reporter,
         ssh_user: str | None = None,
+        generations: Mapping[str, int] | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
+        # Rollback targets: existing generation numbers to switch the profile back to.
+        self.generations = dict(generations or {})
         self.options = options
         self.release = release
         self.transport = transport
@@ -319,7 +322,11 @@ class Rollout:
     def _persist(self, ops: HostOps, report: HostReport, path: str, *, boot_only: bool) -> None:
         try:
             with self._phase(report, Phase.PERSIST):
-                number = ops.set_profile(path)
+                target = self.generations.get(report.name)
+                if target is not None:  # a rollback: back to that generation, not a new one
+                    number = ops.switch_generation(target)
+                else:
+                    number = ops.set_profile(path)
                 code, output = ops.activate(path, "boot")
         except (SshError, FleetError) as exc:
             report.fail(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -14,14 +16,39 @@ from fleet.inventory import Inventory, parse
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
 
+MENDS = {
+    ops.Fault.PARTITION: ops.Fault.HEAL,
+    ops.Fault.STOP_SSH: ops.Fault.START_SSH,
+    ops.Fault.FILL_DISK: ops.Fault.FREE_DISK,
+}
+
+
+@contextlib.contextmanager
+def faulted(lab: Lab, host: str, fault: ops.Fault) -> Iterator[None]:
+    """A lab fault for the duration of a block, mended afterwards whatever happened."""
+    ops.fault(lab, host, fault)
+    try:
+        yield
+    finally:
+        ops.fault(lab, host, MENDS[fault])
+
 
 def fleet_argv(lab: Lab, *args: str) -> list[str]:
     return [sys.executable, "-m", "fleet", "--flake", str(lab.flake), "--json", *args]
 
 
-def run_fleet(lab: Lab, *args: str, timeout: float = 180) -> tuple[int, Any, str]:
-    """Exit code, the JSON report (or None) and stderr of one `fleet` run."""
-    proc = subprocess.run(fleet_argv(lab, *args), capture_output=True, text=True, timeout=timeout)
+def run_fleet(
+    lab: Lab, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> tuple[int, Any, str]:
+    """Exit code, the JSON report (or None) and stderr of one `fleet` run (stdin closed)."""
+    proc = subprocess.run(
+        fleet_argv(lab, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     report = json.loads(proc.stdout) if proc.stdout.strip() else None
     return proc.returncode, report, proc.stderr
 

@@ -14,6 +14,7 @@ from fleet.hostops import HostOps
 from fleet.lab import ops
 from tests.lab.fleetrun import (
     assert_safe,
+    faulted,
     fleet_argv,
     host_states,
     results,
@@ -112,11 +113,8 @@ def test_build_failure_touches_no_host(lab):
 def test_full_disk_during_copy_activates_nothing(lab):
     before = running_paths(lab)
     set_release(lab, "f1")
-    ops.fault(lab, "lab3", ops.Fault.FILL_DISK)
-    try:
+    with faulted(lab, "lab3", ops.Fault.FILL_DISK):
         code, report, err = run_fleet(lab, "deploy", "lab3")
-    finally:
-        ops.fault(lab, "lab3", ops.Fault.FREE_DISK)
     assert code == 4, err
     host = report["hosts"]["lab3"]
     assert host["result"] == "failed" and host["phase"] == "copy"
@@ -127,11 +125,8 @@ def test_full_disk_during_copy_activates_nothing(lab):
 def test_unreachable_host_is_reported_and_the_rest_follow_the_policy(lab):
     before = running_paths(lab)
     set_release(lab, "u1")
-    ops.fault(lab, "lab2", ops.Fault.PARTITION)
-    try:
+    with faulted(lab, "lab2", ops.Fault.PARTITION):
         code, report, err = run_fleet(lab, "deploy", "--canary", "0", "--max-failures", "1")
-    finally:
-        ops.fault(lab, "lab2", ops.Fault.HEAL)
     assert code == 4, err
     assert results(report) == {"lab1": "deployed", "lab2": "unreachable", "lab3": "deployed"}
     assert report["hosts"]["lab2"]["phase"] == "connect"

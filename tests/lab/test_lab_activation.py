@@ -10,6 +10,7 @@ import pytest
 from fleet import nix
 from fleet.errors import NixError
 from fleet.lab import flake, ops
+from tests.lab.fleetrun import faulted
 
 pytestmark = pytest.mark.lab
 
@@ -111,12 +112,8 @@ def test_dry_activate_and_boot_change_nothing_running(lab, lab_remotes):
 def test_full_disk_stops_the_copy(lab, lab_remotes):
     remote = lab_remotes["lab1"]
     path = build(lab, "lab1", "t5")
-    ops.fault(lab, "lab1", ops.Fault.FILL_DISK)
-    try:
-        with pytest.raises(NixError):
-            nix.copy_closure(remote, path)
-    finally:
-        ops.fault(lab, "lab1", ops.Fault.FREE_DISK)
+    with faulted(lab, "lab1", ops.Fault.FILL_DISK), pytest.raises(NixError):
+        nix.copy_closure(remote, path)
     nix.copy_closure(remote, path)
     assert remote.run(["nix-store", "--verify-path", path]).returncode == 0
 

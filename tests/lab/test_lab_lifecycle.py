@@ -9,6 +9,7 @@ import pytest
 
 from fleet.lab import containers, network, ops
 from fleet.lab.layout import Lab
+from tests.lab.fleetrun import faulted
 
 pytestmark = pytest.mark.lab
 
@@ -74,24 +75,18 @@ def test_crashed_host_boots_its_profile_generation_again(spare_lab):
 
 def test_partition_and_heal(lab):
     host = lab.host(2)
-    ops.fault(lab, host.name, ops.Fault.PARTITION)
-    try:
+    with faulted(lab, host.name, ops.Fault.PARTITION):
         assert not ops._port_open(host.address, 22, 0.5)
         assert [s.link_up for s in ops.status(lab) if s.name == host.name] == [False]
-    finally:
-        ops.fault(lab, host.name, ops.Fault.HEAL)
     assert ops._port_open(host.address, 22, 2)
 
 
 def test_stop_and_start_ssh(lab):
     host = lab.host(3)
-    ops.fault(lab, host.name, ops.Fault.STOP_SSH)
-    try:
+    with faulted(lab, host.name, ops.Fault.STOP_SSH):
         assert not ops._port_open(host.address, 22, 0.5)
         [state] = [s for s in ops.status(lab) if s.name == host.name]
         assert state.running and not state.ssh
-    finally:
-        ops.fault(lab, host.name, ops.Fault.START_SSH)
     assert ops._port_open(host.address, 22, 2)
 
 

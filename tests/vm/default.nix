@@ -339,16 +339,18 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
         runs("v1", *TARGETS)
   '';
 
-  # (d) `fleet rollback --release ID` puts both targets back on that release.
+  # (d) `fleet rollback --release ID` undoes release ID: every host that took
+  # part in it goes back to the generation it ran before.
   release-rollback = ''
-    with subtest("a rollback to an earlier release restores it on both targets"):
+    with subtest("rolling a release back restores the one before it on both targets"):
         use("v2")
         earlier = fleet("deploy")["release"]
         use("v3")
         later = fleet("deploy")["release"]
         runs("v3", *TARGETS)
         assert {earlier, later} <= set(release_ids())
-        fleet("rollback", "--release", earlier, "--yes")
+        report = fleet("rollback", "--release", later, "--yes")
+        assert set(results(report).values()) == {"deployed"}, report
         runs("v2", *TARGETS)
   '';
 }
