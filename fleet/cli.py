@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 from tabulate import tabulate
 
-from fleet import flows, output
+from fleet import day2, flows, output
+from fleet import report as html_report
 from fleet.errors import ExitCode, FleetError
 from fleet.errors import UsageError as FleetUsageError
 from fleet.lab import flake as lab_flake_files
@@ -19,12 +22,18 @@ from fleet.lab.layout import MAX_HOSTS
 from fleet.lab.layout import Lab as LabInstance
 from fleet.rollout import Report
 
+# The command line as typed, kept for `exec` (click drops the `--` that ends selectors).
+_ARGV: list[str] = []
+
+T = TypeVar("T")
+
 
 @dataclass
 class Context:
     flake: str | None
     json: bool
     verbose: bool
+    argv: list[str]  # as typed: `exec` needs to see where `--` was
 
     def say(self, message: str) -> None:
         """Progress for people: stderr, so stdout stays a clean report."""
@@ -51,7 +60,8 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
 @click.pass_context
 def cli(click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
-    click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose)
+    argv = list(_ARGV)
+    click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose, argv=argv)
 
 
 def _report(ctx: Context, report: Report) -> NoReturn:
@@ -228,6 +238,163 @@ def history(ctx: Context, host: str | None, limit: int | None) -> None:
         sys.exit(ExitCode.ATTENTION)
 
 
+def _split(
+    found: dict[str, T | FleetError],
+) -> tuple[dict[str, T], dict[str, str]]:
+    """Answers by host, and why the other hosts gave none."""
+    good = {n: v for n, v in found.items() if not isinstance(v, FleetError)}
+    bad = {n: str(v) for n, v in found.items() if isinstance(v, FleetError)}
+    return good, bad
+
+
+def _unreachable_rows(bad: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"host": n, "error": why} for n, why in bad.items()]
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.pass_obj
+def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
+    """Each host's generations: number, date, store path; running, booted, current."""
+    good, bad = _split(day2.list_generations(_session(ctx), selectors))
+    rows = [{"host": host, "generation": g.number, "created": g.created,
+             "path": output.short_path(g.path),
+             "": " ".join(m for m, on in (("running", g.running), ("booted", g.booted),
+                                          ("current", g.current)) if on)}
+            for host, gens in good.items() for g in gens]  # fmt: skip
+    data = {h: [dataclasses.asdict(g) for g in gens] for h, gens in good.items()}
+    _emit(ctx, {"hosts": data, "unreachable": bad}, rows + _unreachable_rows(bad))
+    if bad:
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S")
+@click.pass_obj
+def health(ctx: Context, selectors: tuple[str, ...], health_timeout: float | None) -> None:
+    """Run the health checks only (failed units, then every declared check)."""
+    good, bad = _split(day2.check_health(_session(ctx), selectors, health_timeout))
+    rows = [{"host": h, "healthy": "yes" if v.ok else "no", "detail": v.message}
+            for h, v in good.items()]  # fmt: skip
+    data = {
+        h: {
+            "healthy": v.ok,
+            "failedUnits": list(v.failed_units),
+            "checks": [dataclasses.asdict(c) for c in v.checks],
+        }
+        for h, v in good.items()
+    }
+    _emit(ctx, {"hosts": data, "unreachable": bad}, rows + _unreachable_rows(bad))
+    if bad or not all(v.ok for v in good.values()):
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.pass_obj
+def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
+    """What a deploy would change on each host: packages added, removed, other versions."""
+    good, bad = _split(day2.diff(_session(ctx), selectors))
+    if ctx.json:
+        data = {
+            h: [
+                {"package": c.package, "change": c.kind, "old": list(c.old), "new": list(c.new)}
+                for c in changes
+            ]
+            for h, changes in good.items()
+        }
+        click.echo(json.dumps({"hosts": data, "unreachable": bad}, indent=2))
+    else:
+        for host, changes in good.items():
+            click.echo(
+                f"{host}: "
+                + ("no package changes" if not changes else f"{len(changes)} package changes")
+            )
+            for change in changes:
+                click.echo(f"  {change}")
+        for host, why in bad.items():
+            click.echo(f"{host}: {why}")
+    if bad:
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option(
+    "--keep",
+    type=click.IntRange(1),
+    required=True,
+    help="Newest generations to keep (running, booted, current and the rollback "
+    "target are always kept).",
+)
+@click.option("--break-lock", is_flag=True, help="Take deploy locks even if held (on purpose).")
+@click.pass_obj
+def gc(ctx: Context, selectors: tuple[str, ...], keep: int, break_lock: bool) -> None:
+    """Delete old generations and collect garbage on each host."""
+    good, bad = _split(day2.gc(_session(ctx), selectors, keep, break_lock))
+    rows = [{"host": h, "deleted": " ".join(f"#{n}" for n in v.deleted) or "-",
+             "nix": v.summary} for h, v in good.items()]  # fmt: skip
+    data = {h: {"deleted": v.deleted, "summary": v.summary} for h, v in good.items()}
+    _emit(ctx, {"hosts": data, "failed": bad}, rows + _unreachable_rows(bad))
+    if bad:
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[SELECTOR]... -- COMMAND...")
+@click.pass_obj
+def exec_(ctx: Context, words: tuple[str, ...]) -> None:
+    """Run a command on many hosts in parallel; output prefixed by host, then a summary."""
+    if "--" not in ctx.argv:
+        raise FleetUsageError(
+            "fleet exec: put the command after --, e.g. fleet exec @web -- uptime"
+        )
+    command = ctx.argv[ctx.argv.index("--") + 1 :]
+    selectors = list(words[: len(words) - len(command)])
+    if not command:
+        raise FleetUsageError("fleet exec: no command after --")
+    good, bad = _split(day2.run_everywhere(_session(ctx), selectors, command))
+    if ctx.json:
+        data = {h: {"exitCode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+                for h, r in good.items()}  # fmt: skip
+        click.echo(json.dumps({"hosts": data, "unreachable": bad}, indent=2))
+    else:
+        for host, result in good.items():
+            for stream, text in ((None, result.stdout), (True, result.stderr)):
+                for line in text.splitlines():
+                    click.echo(f"{host}: {line}", err=bool(stream))
+        rows = [{"host": h, "exit": r.returncode} for h, r in good.items()]
+        rows += [{"host": h, "exit": f"unreachable: {why}"} for h, why in bad.items()]
+        click.echo(tabulate(rows, headers="keys"), err=True)
+    if bad or any(r.returncode != 0 for r in good.values()):
+        sys.exit(ExitCode.ERROR)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True),
+    required=True,
+    help="Where to write the page.",
+)
+@click.option(
+    "--limit", type=click.IntRange(1), default=20, show_default=True, help="Releases shown."
+)
+@click.pass_obj
+def report(ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int) -> None:
+    """A self-contained HTML page: the status table and the recent releases."""
+    session = _session(ctx)
+    statuses = flows.status(session, selectors)
+    releases, unread = flows.history(session, None, limit)
+    html_report.write(
+        Path(html_file), html_report.render(session.flake, statuses, releases, unread)
+    )
+    ctx.say(f"wrote {html_file}")
+
+
 @cli.group()
 def lab() -> None:
     """A practice fleet of local hosts: Debian containers with Nix and systemd (not NixOS)."""
@@ -344,6 +511,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error is one line on stderr and a documented exit code."""
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     try:
         cli.main(args=argv, prog_name="fleet", standalone_mode=False)
     except click.exceptions.Exit as exc:

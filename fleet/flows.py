@@ -19,10 +19,12 @@ from fleet.models import Generation, HostReport, HostResult, Phase
 from fleet.output import Reporter
 from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
 from fleet.ssh import SshConfig, Transport
-from fleet.status import HostStatus, query
+from fleet.status import HostStatus, probe
 
 # Status must not stall on a dead host: it reports it unreachable instead.
 STATUS_CONNECT_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,39 @@ class Session:
             extra_options=("-J", jump) if jump else (),
         )
 
-    def transport(self) -> Transport:
-        return Transport(self.ssh_config())
+    def transport(self, connect_timeout: float | None = None) -> Transport:
+        config = self.ssh_config()
+        if connect_timeout is not None:
+            config = dataclasses.replace(
+                config, connect_timeout=min(config.connect_timeout, connect_timeout)
+            )
+        return Transport(config)
+
+    def ops(self, transport: Transport, host: Host) -> HostOps:
+        return HostOps(transport.remote(endpoint(host, self.config.get("sshUser"))))
+
+    def each(
+        self,
+        selectors: Sequence[str],
+        work: Callable[[Host, HostOps], T],
+        transport: Transport | None = None,
+        connect_timeout: float | None = None,
+    ) -> dict[str, T | FleetError]:
+        """Run ``work`` on every selected host at once, in inventory order; a host's failure
+        (unreachable, say) is its result, not everyone's."""
+        hosts = self.inventory.select(selectors)
+        if transport is None:
+            with self.transport(connect_timeout) as own:
+                return self.each(selectors, work, own)
+
+        def one(host: Host) -> T | FleetError:
+            try:
+                return work(host, self.ops(transport, host))
+            except FleetError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            return dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
 
 
 def open_session(flake: str | None) -> Session:
@@ -104,18 +137,9 @@ def parse_batch_size(text: str) -> int | str:
 
 def status(session: Session, selectors: Sequence[str]) -> list[HostStatus]:
     """Every selected host's state and health, queried in parallel with a short timeout."""
-    hosts = session.inventory.select(selectors)
-    config = dataclasses.replace(
-        session.ssh_config(),
-        connect_timeout=min(session.ssh_config().connect_timeout, STATUS_CONNECT_TIMEOUT),
-    )
-    user = session.config.get("sshUser")
-    with Transport(config) as transport:
-        return query(
-            hosts,
-            lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
-            parallel=len(hosts),
-        )
+    found = session.each(selectors, probe, connect_timeout=STATUS_CONNECT_TIMEOUT)
+    return [got if not isinstance(got, FleetError) else HostStatus(name, False, str(got))
+            for name, got in found.items()]  # fmt: skip
 
 
 def deploy(
@@ -140,36 +164,11 @@ def deploy(
         return rollout.run(paths, [h.name for h in hosts])
 
 
-T = TypeVar("T")
-
-
-def each_host(
-    hosts: Sequence[Host], work: Callable[[Host], T], parallel: int
-) -> dict[str, T | FleetError]:
-    """Run ``work`` for every host at once; a host's failure is its result, not everyone's."""
-
-    def one(host: Host) -> T | FleetError:
-        try:
-            return work(host)
-        except FleetError as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
-        return dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
-
-
 def history(
     session: Session, host: str | None, limit: int | None
 ) -> tuple[list[ReleaseEntry], list[str]]:
     """Releases newest first, and the hosts whose records could not be read."""
-    hosts = session.inventory.select([host] if host else [])
-    user = session.config.get("sshUser")
-    with session.transport() as transport:
-        read = each_host(
-            hosts,
-            lambda h: HostOps(transport.remote(endpoint(h, user))).records(),
-            parallel=len(hosts),
-        )
+    read = session.each([host] if host else [], lambda _h, ops: ops.records())
     records = {n: r for n, r in read.items() if not isinstance(r, FleetError)}
     missing = sorted(n for n, r in read.items() if isinstance(r, FleetError))
     entries = merge(records)
@@ -191,14 +190,11 @@ def plan_rollback(
     release: str | None,
 ) -> RollbackPlan:
     """Every host's target, resolved before anything is touched: a bad target is exit 2."""
-    hosts = session.inventory.select(selectors)
-    user = session.config.get("sshUser")
 
-    def read(host: Host) -> tuple[HostState, list[dict[str, Any]]]:
-        ops = HostOps(transport.remote(endpoint(host, user)))
+    def read(_host: Host, ops: HostOps) -> tuple[HostState, list[dict[str, Any]]]:
         return ops.state(), (ops.records() if release else [])
 
-    found = each_host(hosts, read, parallel=len(hosts))
+    found = session.each(selectors, read, transport)
     targets: dict[str, Generation] = {}
     running: dict[str, str | None] = {}
     unreachable: dict[str, str] = {}

@@ -122,6 +122,18 @@ cat /var/lib/fleet/releases.jsonl 2>/dev/null
 exit 0
 """
 
+# Delete generations "$@" of the system profile, then collect garbage.
+COLLECT = r"""
+if [ "$#" -gt 0 ]; then
+  nix-env -p /nix/var/nix/profiles/system --delete-generations "$@" >&2 || exit $?
+fi
+nix-store --gc 2>&1 | tail -n 1
+"""
+
+CLOSURE = r"""
+nix-store -qR "$(readlink -f /run/current-system)"
+"""
+
 SETTLE = r"""
 end=$(( $(date +%s) + $1 ))
 while [ -n "$(systemctl list-jobs --no-legend 2>/dev/null)" ]; do
@@ -324,6 +336,19 @@ class HostOps:
         lines = result.stdout.splitlines()
         failed = tuple(line.removeprefix("failed=") for line in lines if line.startswith("failed="))
         return "jobs=pending" not in lines, failed
+
+    def collect_garbage(self, generations: list[int]) -> str:
+        """Delete those generations and collect garbage; Nix's summary line."""
+        result = self._sh(COLLECT, *map(str, generations))
+        if not result.ok:
+            raise FleetError(f"{self.name}: garbage collection: {result.last_error_line()}")
+        return result.stdout.strip()
+
+    def running_closure(self) -> list[str]:
+        result = self._sh(CLOSURE)
+        if not result.ok:
+            raise FleetError(f"{self.name}: nix-store -qR: {result.last_error_line()}")
+        return result.stdout.split()
 
     def records(self) -> list[dict[str, Any]]:
         """The host's release records, oldest first; unreadable lines are passed over."""

@@ -125,3 +125,9 @@ def flake_metadata(flake: str) -> dict[str, Any]:
     )
     loaded: dict[str, Any] = json.loads(result.stdout)
     return loaded
+
+
+def closure(path: str) -> list[str]:
+    """Every store path ``path`` depends on, itself included (``nix-store -qR``)."""
+    result = process.run(["nix-store", "-qR", path], error=NixError, what=f"nix-store -qR {path}")
+    return result.stdout.split()

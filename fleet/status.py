@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from fleet import health
-from fleet.errors import FleetError
 from fleet.hostops import HostOps, HostState, describe_lock
 from fleet.inventory import Host
 from fleet.models import Generation
 from fleet.output import generation_cell, short_path
-from fleet.ssh import Remote
 
 
 @dataclass(frozen=True)
@@ -70,17 +66,8 @@ def one_attempt(host: Host) -> Host:
     return dataclasses.replace(host, checks=checks)
 
 
-def query(
-    hosts: Sequence[Host], remote: Callable[[str], Remote], parallel: int
-) -> list[HostStatus]:
-    def one(host: Host) -> HostStatus:
-        ops = HostOps(remote(host.name))
-        try:
-            state = ops.state()
-            verdict = health.check_host(ops, one_attempt(host).checks, timeout=10)
-        except FleetError as exc:
-            return HostStatus(host.name, False, str(exc))
-        return HostStatus(host.name, True, state=state, health=verdict)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
-        return list(pool.map(one, hosts))
+def probe(host: Host, ops: HostOps) -> HostStatus:
+    """One host's status: one round trip for its state, then each check once."""
+    state = ops.state()
+    verdict = health.check_host(ops, one_attempt(host).checks, timeout=10)
+    return HostStatus(host.name, True, state=state, health=verdict)

@@ -1,0 +1,79 @@
+"""Day-2 operations over the selected hosts: generations, health, diff, gc, exec.
+
+Each reads or changes every host at once through ``Session.each``; a host that cannot be
+reached is a result of its own, never a reason to stop the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fleet import closure, generations, health, nix
+from fleet.errors import FleetError
+from fleet.flows import Session
+from fleet.hostops import HostOps
+from fleet.inventory import Host
+from fleet.process import Result
+from fleet.rollout import Release
+
+
+def list_generations(
+    session: Session, selectors: Sequence[str]
+) -> dict[str, list[generations.GenerationRow] | FleetError]:
+    return session.each(selectors, lambda _h, ops: generations.rows(ops.state()))
+
+
+def check_health(
+    session: Session, selectors: Sequence[str], timeout: float | None = None
+) -> dict[str, health.Health | FleetError]:
+    """Every declared check, with its retries, as after a deploy."""
+    limit = timeout or session.inventory.deploy.health_timeout
+    return session.each(selectors, lambda h, ops: health.check_host(ops, h.checks, limit))
+
+
+def diff(
+    session: Session, selectors: Sequence[str]
+) -> dict[str, list[closure.Change] | FleetError]:
+    """Packages that a deploy would add, remove or change, per host (builds, copies nothing)."""
+    hosts = session.inventory.select(selectors)
+    desired = nix.build_systems(session.flake, [h.name for h in hosts])
+
+    def one(host: Host, ops: HostOps) -> list[closure.Change]:
+        return closure.diff(ops.running_closure(), nix.closure(desired[host.name]))
+
+    return session.each(selectors, one)
+
+
+@dataclass(frozen=True)
+class Collected:
+    deleted: list[int]
+    summary: str
+
+
+def gc(
+    session: Session, selectors: Sequence[str], keep: int, break_lock: bool = False
+) -> dict[str, Collected | FleetError]:
+    """Delete old generations and collect garbage, under each host's deploy lock.
+
+    The running, booted and current generations and the rollback target always stay.
+    """
+    release = Release.new("gc", session.flake, None)
+    info = release.lock_info()
+
+    def one(_host: Host, ops: HostOps) -> Collected:
+        ops.lock(info, force=break_lock)
+        try:
+            victims = generations.gc_victims(ops.state(), keep)
+            return Collected(victims, ops.collect_garbage(victims))
+        finally:
+            ops.unlock(info)
+
+    return session.each(selectors, one)
+
+
+def run_everywhere(
+    session: Session, selectors: Sequence[str], argv: Sequence[str]
+) -> dict[str, Result | FleetError]:
+    """One command on every selected host, its argument list quoted, never pasted."""
+    return session.each(selectors, lambda _h, ops: ops.remote.run(argv, check=False))

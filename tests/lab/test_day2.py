@@ -1,0 +1,130 @@
+"""generations, health, diff, gc, exec, report and operator configuration, on the lab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.lab.fleetrun import assert_safe, host_states, run_fleet, set_release
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(autouse=True)
+def safe_after(lab):
+    yield
+    set_release(lab, "0")
+    assert_safe(lab)
+
+
+def test_generations_mark_running_booted_current(lab):
+    code, data, err = run_fleet(lab, "generations", "lab1")
+    assert code == 0, err
+    rows = data["hosts"]["lab1"]
+    state = host_states(lab)["lab1"]
+    [current] = [r for r in rows if r["current"]]
+    assert current["number"] == state.current and current["running"]
+    assert any(r["booted"] for r in rows)
+
+
+def test_health_and_exec(lab):
+    code, data, err = run_fleet(lab, "health")
+    assert code == 0 and all(h["healthy"] for h in data["hosts"].values()), err
+    code, data, err = run_fleet(lab, "exec", "lab2", "--", "systemctl", "stop", "lab-web")
+    assert code == 0, err
+    try:
+        code, data, _ = run_fleet(lab, "health", "--health-timeout", "2")
+        assert code == 4
+        assert not data["hosts"]["lab2"]["healthy"] and data["hosts"]["lab1"]["healthy"]
+    finally:
+        run_fleet(lab, "exec", "lab2", "--", "systemctl", "start", "lab-web")
+    tricky = 'it\'s; $(not run) `x` "q"'
+    code, data, err = run_fleet(lab, "exec", "@odd", "--", "printf", "%s", tricky)
+    assert code == 0, err
+    assert {h: r["stdout"] for h, r in data["hosts"].items()} == {"lab1": tricky, "lab3": tricky}
+    code, data, _ = run_fleet(lab, "exec", "--", "sh", "-c", 'test "$(hostname)" != lab2')
+    assert code == 1
+    assert {h: r["exitCode"] for h, r in data["hosts"].items()} == {"lab1": 0, "lab2": 1, "lab3": 0}
+
+
+def test_diff_shows_the_package_that_changes(lab):
+    set_release(lab, "7.1")
+    code, data, err = run_fleet(lab, "diff", "lab3")
+    assert code == 0, err
+    [change] = data["hosts"]["lab3"]
+    assert change["package"] == "lab-system-lab3" and change["new"] == ["7.1"]
+    assert change["change"] == "changed"
+
+
+def test_gc_keeps_the_rollback_target(lab):
+    for version in ("gc1", "gc2", "gc3"):
+        set_release(lab, version)
+        code, _, err = run_fleet(lab, "deploy", "lab2", "--canary", "0")
+        assert code == 0, err
+    before = host_states(lab)["lab2"]
+    code, data, err = run_fleet(lab, "gc", "lab2", "--keep", "1")
+    assert code == 0, err
+    after = host_states(lab)["lab2"]
+    kept = {g.number for g in after.generations}
+    assert kept == {before.current, before.current - 1} | {
+        g.number for g in before.generations if g.path == before.booted
+    }
+    assert data["hosts"]["lab2"]["deleted"]
+    code, report, err = run_fleet(lab, "rollback", "lab2", "--yes")
+    assert code == 0, err
+    assert report["hosts"]["lab2"]["new"]["number"] == before.current - 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (Debian package)")
+def test_html_report_shows_hosts_and_releases_in_a_browser(lab, tmp_path):
+    page = tmp_path / "report.html"
+    code, _, err = run_fleet(lab, "report", "--html", str(page))
+    assert code == 0, err
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "3 of 3 hosts reachable and healthy" in dom
+    for host in ("lab1", "lab2", "lab3"):
+        assert f'data-host="{host}"' in dom
+    assert "Recent releases" in dom and "<script" not in page.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour: red\n", "unknown key 'colour'"),
+        ("parallel: many\n", "key 'parallel': expected a whole number of hosts"),
+        ("- a list\n", "expected a mapping"),
+        ("parallel: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_operator_config_is_refused_by_name(lab, tmp_path, text, message):
+    (tmp_path / "fleet").mkdir()
+    config = tmp_path / "fleet" / "config.yaml"
+    config.write_text(text)
+    before = host_states(lab)
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path))
+    code, _, err = run_fleet(lab, "deploy", env=env)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert str(config) in line and message in line
+    assert host_states(lab) == before
