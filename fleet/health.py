@@ -113,6 +113,15 @@ def run_check(remote: Remote, check: Check, deadline: float) -> CheckResult:
     return CheckResult(check.name, False, check.retries, message)
 
 
+def run_checks(remote: Remote, checks: Sequence[Check], deadline: float) -> Health:
+    """Every declared check at once, without looking at systemd first."""
+    if not checks:
+        return Health(True, (), ())
+    with ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        results = tuple(pool.map(lambda c: run_check(remote, c, deadline), checks))
+    return Health(all(r.ok for r in results), (), results)
+
+
 def check_host(ops: HostOps, checks: Sequence[Check], timeout: float) -> Health:
     """Settle, then look for failed units, then run every check concurrently."""
     deadline = time.monotonic() + timeout
@@ -121,8 +130,4 @@ def check_host(ops: HostOps, checks: Sequence[Check], timeout: float) -> Health:
         return Health(False, failed, ())
     if not settled:
         return Health(False, ("(systemd jobs still running)",), ())
-    if not checks:
-        return Health(True, (), ())
-    with ThreadPoolExecutor(max_workers=len(checks)) as pool:
-        results = tuple(pool.map(lambda c: run_check(ops.remote, c, deadline), checks))
-    return Health(all(r.ok for r in results), (), results)
+    return run_checks(ops.remote, checks, deadline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,5 +70,8 @@ def one_attempt(host: Host) -> Host:
 def probe(host: Host, ops: HostOps) -> HostStatus:
     """One host's status: one round trip for its state, then each check once."""
     state = ops.state()
-    verdict = health.check_host(ops, one_attempt(host).checks, timeout=10)
+    if state.failed_units:
+        verdict = health.Health(False, state.failed_units, ())
+    else:
+        verdict = health.run_checks(ops.remote, one_attempt(host).checks, time.monotonic() + 10)
     return HostStatus(host.name, True, state=state, health=verdict)
