@@ -55,7 +55,8 @@ def test_deploy_persists_and_records(lab, lab_remotes):
     assert results(report) == {"lab1": "deployed", "lab2": "deployed", "lab3": "deployed"}
     for name, host in report["hosts"].items():
         assert host["previous"]["number"] == before[name].current
-        assert host["new"]["number"] == before[name].current + 1
+        newest = max(g.number for g in before[name].generations)
+        assert host["new"]["number"] == newest + 1  # after a rollback, current is not newest
         assert set(host["timings"]) >= {"copy", "lock", "arm", "activate", "health", "confirm"}
         remote = lab_remotes[name]
         assert remote.run(["curl", "-s", "127.0.0.1:8080/version"], check=False).stdout in (
