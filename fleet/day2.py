@@ -62,9 +62,9 @@ def gc(
     info = release.lock_info()
 
     def one(_host: Host, ops: HostOps) -> Collected:
-        ops.lock(info, force=break_lock)
+        state = ops.lock(info, force=break_lock)
         try:
-            victims = generations.gc_victims(ops.state(), keep)
+            victims = generations.gc_victims(state, keep)
             return Collected(victims, ops.collect_garbage(victims))
         finally:
             ops.unlock(info)

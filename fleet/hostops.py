@@ -41,20 +41,25 @@ done
 exit 0
 """
 
-# Take the lock atomically (a hard link either appears or does not); print the holder if held.
-LOCK = r"""
+# Take the lock atomically (a hard link either appears or does not), then report the state
+# it was taken in, in the same round trip; exit 3 naming the holder if it is held.
+LOCK = (
+    r"""
 mkdir -p /run/fleet
 tmp=/run/fleet/deploy.lock.$$
 printf '%s\n' "$1" > "$tmp"
 if [ "$2" = break ]; then
   mv -f "$tmp" /run/fleet/deploy.lock
-  exit 0
+elif ln "$tmp" /run/fleet/deploy.lock 2>/dev/null; then
+  rm -f "$tmp"
+else
+  rm -f "$tmp"
+  printf 'holder=%s\n' "$(cat /run/fleet/deploy.lock)"
+  exit 3
 fi
-if ln "$tmp" /run/fleet/deploy.lock 2>/dev/null; then rm -f "$tmp"; exit 0; fi
-rm -f "$tmp"
-cat /run/fleet/deploy.lock
-exit 3
 """
+    + STATE
+)
 
 UNLOCK = r"""
 [ "$(cat /run/fleet/deploy.lock 2>/dev/null)" = "$1" ] && rm -f /run/fleet/deploy.lock
@@ -107,15 +112,26 @@ rm -f "$log"
 exit $rc
 """
 
-# Make PATH (or generation NUMBER, with --switch-generation) the profile's current one.
-SET_PROFILE = r"""
-nix-env -p /nix/var/nix/profiles/system "$@" >&2 || exit $?
-readlink /nix/var/nix/profiles/system
-"""
-
-APPEND_RECORD = r"""
+# Append the release record on stdin, then release lock $1 if it is still ours.
+RECORD_AND_UNLOCK = (
+    r"""
 mkdir -p /var/lib/fleet && cat >> /var/lib/fleet/releases.jsonl
 """
+    + UNLOCK
+)
+
+# Persist: make $1 the profile's current generation (nix-env arguments after the first two),
+# then install its boot entry under systemd-run as unit $2, as ACTIVATE does.
+PERSIST = (
+    r"""
+path=$1 unit=$2
+shift 2
+nix-env -p /nix/var/nix/profiles/system "$@" >&2 || exit 1
+printf 'profile=%s\n' "$(readlink /nix/var/nix/profiles/system)"
+set -- "$path" boot "$unit"
+"""
+    + ACTIVATE
+)
 
 READ_RECORDS = r"""
 cat /var/lib/fleet/releases.jsonl 2>/dev/null
@@ -164,6 +180,11 @@ def describe_lock(raw: str) -> str:
         )
     except (ValueError, KeyError, TypeError):
         return repr(raw)
+
+
+def _switch_unit() -> str:
+    # Fresh each time: a finished transient unit may not be collected yet.
+    return f"fleet-switch-{secrets.token_hex(4)}"
 
 
 def generation_number(link_name: str) -> int | None:
@@ -280,14 +301,16 @@ class HostOps:
             raise FleetError(f"{self.name}: reading its state failed: {result.last_error_line()}")
         return parse_state(result.stdout)
 
-    def lock(self, info: str, *, force: bool = False) -> None:
+    def lock(self, info: str, *, force: bool = False) -> HostState:
+        """Take the deploy lock; the host's state as it was once the lock was held."""
         result = self._sh(LOCK, info, "break" if force else "take")
         if result.returncode == 3:
-            raise LockHeld(self.name, result.stdout.strip())
+            raise LockHeld(self.name, result.stdout.strip().removeprefix("holder="))
         if not result.ok:
             raise FleetError(
                 f"{self.name}: taking the deploy lock failed: {result.last_error_line()}"
             )
+        return parse_state(result.stdout)
 
     def unlock(self, info: str) -> None:
         self._sh(UNLOCK, info)
@@ -314,21 +337,21 @@ class HostOps:
 
     def activate(self, path: str, action: str) -> tuple[int, str]:
         """Run PATH/bin/switch-to-configuration ACTION; its exit code and what it printed."""
-        result = self._sh(ACTIVATE, path, action, f"fleet-switch-{secrets.token_hex(4)}")
+        result = self._sh(ACTIVATE, path, action, _switch_unit())
         return result.returncode, result.stderr
 
-    def set_profile(self, path: str) -> int | None:
-        """Make PATH a new generation of the system profile; its number."""
-        return self._set_profile("--set", path)
-
-    def switch_generation(self, number: int) -> int | None:
-        return self._set_profile("--switch-generation", str(number))
-
-    def _set_profile(self, *args: str) -> int | None:
-        result = self._sh(SET_PROFILE, *args)
-        if not result.ok:
+    def persist(self, path: str, generation: int | None = None) -> tuple[int | None, int, str]:
+        """Make PATH the profile's current generation (a new one, or the existing number
+        ``generation``) and its boot entry, in one round trip: (number, exit code, output)."""
+        args = (
+            ["--switch-generation", str(generation)] if generation is not None else ["--set", path]
+        )
+        result = self._sh(PERSIST, path, _switch_unit(), *args)
+        profile = next((line.removeprefix("profile=") for line in result.stdout.splitlines()
+                        if line.startswith("profile=")), None)  # fmt: skip
+        if profile is None:
             raise FleetError(f"{self.name}: nix-env {' '.join(args)}: {result.last_error_line()}")
-        return generation_number(result.stdout.strip())
+        return generation_number(profile), result.returncode, result.stderr
 
     def settle(self, seconds: float) -> tuple[bool, tuple[str, ...]]:
         """Wait for systemd's job queue to drain; (settled, failed units)."""
@@ -358,5 +381,6 @@ class HostOps:
         parsed = (_json_or_none(line) for line in result.stdout.splitlines())
         return [r for r in parsed if r is not None]
 
-    def append_record(self, record: dict[str, Any]) -> None:
-        self._sh(APPEND_RECORD, input=json.dumps(record, sort_keys=True) + "\n")
+    def finish(self, record: dict[str, Any], info: str) -> None:
+        """Append the release record and release our lock, in one round trip."""
+        self._sh(RECORD_AND_UNLOCK, info, input=json.dumps(record, sort_keys=True) + "\n")

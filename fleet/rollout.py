@@ -222,31 +222,27 @@ class Rollout:
         info = self.release.lock_info()
         try:
             with self._phase(report, Phase.LOCK):
-                ops.lock(info, force=self.options.break_lock)
+                locked = ops.lock(info, force=self.options.break_lock)
         except (LockHeld, SshError, FleetError) as exc:
             result = HostResult.UNREACHABLE if isinstance(exc, SshError) else HostResult.FAILED
             report.fail(result, Phase.LOCK, str(exc))
             return self._done(report)
         try:
-            self._locked_protocol(ops, report, path)
+            self._locked_protocol(ops, report, path, locked)
         finally:
             self._finish_host(ops, report, info)
         return self._done(report)
 
-    def _locked_protocol(self, ops: HostOps, report: HostReport, path: str) -> None:
-        try:
-            with self._phase(report, Phase.RECORD):
-                state = ops.state()
-                recorded = state.running_generation()
-            if recorded is None:
-                raise _Failed(Phase.RECORD, "the host runs no system (/run/current-system)")
-            report.previous = recorded
-        except SshError as exc:
-            report.fail(HostResult.UNREACHABLE, Phase.RECORD, str(exc))
+    def _locked_protocol(
+        self, ops: HostOps, report: HostReport, path: str, locked: HostState
+    ) -> None:
+        # The rollback target: what ran when the lock was taken (read in the same round trip).
+        recorded = locked.running_generation()
+        if recorded is None:
+            report.fail(HostResult.FAILED, Phase.RECORD,
+                        "the host runs no system (/run/current-system)")  # fmt: skip
             return
-        except _Failed as failure:
-            report.fail(HostResult.FAILED, failure.phase, str(failure))
-            return
+        report.previous = recorded
         if self.options.boot:
             self._persist(ops, report, path, boot_only=True)
             return
@@ -322,12 +318,8 @@ class Rollout:
     def _persist(self, ops: HostOps, report: HostReport, path: str, *, boot_only: bool) -> None:
         try:
             with self._phase(report, Phase.PERSIST):
-                target = self.generations.get(report.name)
-                if target is not None:  # a rollback: back to that generation, not a new one
-                    number = ops.switch_generation(target)
-                else:
-                    number = ops.set_profile(path)
-                code, output = ops.activate(path, "boot")
+                # A rollback goes back to its existing generation rather than adding one.
+                number, code, output = ops.persist(path, self.generations.get(report.name))
         except (SshError, FleetError) as exc:
             report.fail(
                 HostResult.FAILED,
@@ -349,9 +341,7 @@ class Rollout:
     def _finish_host(self, ops: HostOps, report: HostReport, info: str) -> None:
         """Release record and unlock, best effort: the host may be gone."""
         with contextlib.suppress(SshError, FleetError):
-            ops.append_record(self.record(report))
-        with contextlib.suppress(SshError, FleetError):
-            ops.unlock(info)
+            ops.finish(self.record(report), info)
 
     def record(self, report: HostReport) -> dict[str, Any]:
         return {
@@ -391,11 +381,9 @@ class Rollout:
             return
         try:
             with self._phase(report, Phase.ROLLBACK):
-                if target.number is not None:
-                    ops.switch_generation(target.number)
-                else:
-                    ops.set_profile(target.path)
-                code, output = ops.activate(target.path, "switch")
+                _, code, output = ops.persist(target.path, target.number)
+                if code == 0:
+                    code, output = ops.activate(target.path, "test")
                 verdict = health.check_host(
                     ops, self.hosts[report.name].checks, self.options.health_timeout
                 )
