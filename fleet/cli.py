@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -26,6 +27,7 @@ from fleet.rollout import Report
 _ARGV: list[str] = []
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -78,27 +80,33 @@ def _session(ctx: Context) -> flows.Session:
     return flows.open_session(ctx.flake)
 
 
+def rollout_options(command: F) -> F:
+    """The wave, timeout and lock options that deploy and rollback share."""
+    options = [
+        click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once."),
+        click.option("--canary", type=click.IntRange(0),
+                     help="Hosts done first, alone (default 1)."),
+        click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary."),
+        click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S",
+                     help="Seconds a host's checks may take to pass."),
+        click.option("--confirm-timeout", type=click.FloatRange(min=1), metavar="S",
+                     help="Seconds before an unconfirmed host re-activates its recorded "
+                     "generation."),
+        click.option("--break-lock", is_flag=True,
+                     help="Take deploy locks even if held (on purpose)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
-@click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once.")
-@click.option("--canary", type=click.IntRange(0), help="Hosts deployed first, alone (default 1).")
-@click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary.")
+@rollout_options
 @click.option(
     "--max-failures",
     type=click.IntRange(0),
     help="Failed hosts tolerated before the rollout stops (default 0).",
-)
-@click.option(
-    "--health-timeout",
-    type=click.FloatRange(min=1),
-    metavar="S",
-    help="Seconds a host's checks may take to pass.",
-)
-@click.option(
-    "--confirm-timeout",
-    type=click.FloatRange(min=1),
-    metavar="S",
-    help="Seconds before an unconfirmed host re-activates its recorded generation.",
 )
 @click.option(
     "--no-rollback",
@@ -108,7 +116,6 @@ def _session(ctx: Context) -> flows.Session:
 )
 @click.option("--dry-run", is_flag=True, help="Build and show what would change; touch nothing.")
 @click.option("--boot", is_flag=True, help="Make it the next boot generation only.")
-@click.option("--break-lock", is_flag=True, help="Take deploy locks even if held (on purpose).")
 @click.pass_obj
 def deploy(
     ctx: Context, /, selectors: tuple[str, ...], batch_size: str | None, **overrides: Any
@@ -178,12 +185,7 @@ def status(ctx: Context, selectors: tuple[str, ...]) -> None:
     metavar="ID",
     help="Undo release ID: every host that took part goes back to what it ran before.",
 )
-@click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once.")
-@click.option("--canary", type=click.IntRange(0), help="Hosts rolled back first, alone.")
-@click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary.")
-@click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S")
-@click.option("--confirm-timeout", type=click.FloatRange(min=1), metavar="S")
-@click.option("--break-lock", is_flag=True, help="Take deploy locks even if held (on purpose).")
+@rollout_options
 @click.option("--yes", is_flag=True, help="Do not ask before changing hosts.")
 @click.pass_obj
 def rollback(

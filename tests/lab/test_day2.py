@@ -8,16 +8,9 @@ import subprocess
 
 import pytest
 
-from tests.lab.fleetrun import assert_safe, host_states, run_fleet, set_release
+from tests.lab.fleetrun import host_states, run_fleet, set_release
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(autouse=True)
-def safe_after(lab):
-    yield
-    set_release(lab, "0")
-    assert_safe(lab)
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 
 
 def test_generations_mark_running_booted_current(lab):

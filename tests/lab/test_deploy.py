@@ -13,7 +13,6 @@ import pytest
 from fleet.hostops import HostOps
 from fleet.lab import ops
 from tests.lab.fleetrun import (
-    assert_safe,
     faulted,
     fleet_argv,
     host_states,
@@ -23,7 +22,7 @@ from tests.lab.fleetrun import (
     set_release,
 )
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 
 
 def read_stderr_until(proc: subprocess.Popen[str], *markers: str, timeout: float = 60) -> None:
@@ -36,14 +35,6 @@ def read_stderr_until(proc: subprocess.Popen[str], *markers: str, timeout: float
         line = proc.stderr.readline()
         assert line, f"fleet ended before {pending}"
         pending = {m for m in pending if m not in line}
-
-
-@pytest.fixture(autouse=True)
-def safe_before_and_after(lab):
-    assert_safe(lab)
-    yield
-    set_release(lab, "0")
-    assert_safe(lab)
 
 
 def test_deploy_persists_and_records(lab, lab_remotes):

@@ -17,14 +17,7 @@ from tests.lab.fleetrun import (
     set_release,
 )
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(autouse=True)
-def safe_after(lab):
-    yield
-    set_release(lab, "0")
-    assert_safe(lab)
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 
 
 def deploy(lab, version: str, *args: str, user: str = "alice") -> dict:
