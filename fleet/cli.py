@@ -160,11 +160,16 @@ def deploy(
 
 @cli.command()
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option(
+    "--desired",
+    is_flag=True,
+    help="Also show drift: whether each host runs what the flake builds now.",
+)
 @click.pass_obj
-def status(ctx: Context, selectors: tuple[str, ...]) -> None:
+def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
     """One row per host: running, current and booted generation, failed units, health,
     last release, lock. Read from the hosts, in parallel."""
-    rows = flows.status(_session(ctx), selectors)
+    rows = flows.status(_session(ctx), selectors, desired)
     _emit(ctx, {r.name: r.as_json() for r in rows}, [r.row() for r in rows])
     if not all(r.reachable and r.health and r.health.ok for r in rows):
         sys.exit(ExitCode.ATTENTION)

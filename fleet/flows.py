@@ -135,10 +135,16 @@ def parse_batch_size(text: str) -> int | str:
     raise UsageError(f"--batch-size {text!r}: expected a number of hosts or a share such as 25%")
 
 
-def status(session: Session, selectors: Sequence[str]) -> list[HostStatus]:
-    """Every selected host's state and health, queried in parallel with a short timeout."""
+def status(session: Session, selectors: Sequence[str], desired: bool = False) -> list[HostStatus]:
+    """Every selected host's state and health, queried in parallel with a short timeout;
+    with ``desired``, also whether it runs what the flake builds now (that needs a build)."""
+    wanted: dict[str, str] = {}
+    if desired:
+        names = [h.name for h in session.inventory.select(selectors)]
+        wanted = nix.build_systems(session.flake, names)
     found = session.each(selectors, probe, connect_timeout=STATUS_CONNECT_TIMEOUT)
-    return [got if not isinstance(got, FleetError) else HostStatus(name, False, str(got))
+    return [dataclasses.replace(got, desired=wanted.get(name))
+            if not isinstance(got, FleetError) else HostStatus(name, False, str(got))
             for name, got in found.items()]  # fmt: skip
 
 

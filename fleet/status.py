@@ -21,6 +21,13 @@ class HostStatus:
     message: str = ""
     state: HostState | None = None
     health: health.Health | None = None
+    desired: str | None = None  # what the flake builds now, when asked (it needs a build)
+
+    @property
+    def drift(self) -> bool | None:
+        if self.desired is None or self.state is None:
+            return None
+        return self.state.running != self.desired
 
     def as_json(self) -> dict[str, Any]:
         s = self.state
@@ -39,6 +46,8 @@ class HostStatus:
             "health": self.health.message if self.health else None,
             "lastRelease": s.last_release,
             "lock": s.lock,
+            "desired": self.desired,
+            "drift": self.drift,
         }
 
     def row(self) -> dict[str, str]:
@@ -58,7 +67,7 @@ class HostStatus:
             "last release": (f"{last.get('release')} {last.get('result')} by "
                              f"{str(last.get('operator', '?')).split('@')[0]}") if last else "-",
             "lock": describe_lock(s.lock) if s.lock else "-",
-        }  # fmt: skip
+        } | ({} if self.drift is None else {"drift": "yes" if self.drift else "no"})  # fmt: skip
 
 
 def one_attempt(host: Host) -> Host:

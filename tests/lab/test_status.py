@@ -25,6 +25,12 @@ def test_status_of_a_healthy_fleet(lab):
     assert lab1["current"] == lab1["running"] and not lab1["pendingBoot"]
     assert lab1["lastRelease"]["release"] == deployed["release"]
     assert lab1["lock"] is None
+    assert lab1["drift"] is None  # not asked: it would need a build
+    set_release(lab, "st2")
+    code, status, err = run_fleet(lab, "status", "--desired")
+    assert code == 0, err
+    assert all(h["drift"] is True for h in status.values())
+    assert status["lab1"]["desired"].endswith("-lab-system-lab1-st2")
     set_release(lab, "0")
 
 
