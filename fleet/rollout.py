@@ -244,17 +244,20 @@ class Rollout:
             return
         report.previous = recorded
         if self.options.boot:
-            self._persist(ops, report, path, boot_only=True)
+            self._persist(ops, report, path)
             return
         try:
             self._switch_and_prove(ops, report, recorded, path)
         except _Failed as failure:
             self._restore(ops, report, recorded, failure)
             return
-        except SshError as exc:
+        except FleetError as exc:  # lost connection, or a step that could not run
             self._restore(ops, report, recorded, _Failed(self._last_phase(report), str(exc)))
             return
-        self._persist(ops, report, path, boot_only=False)
+        if not self._persist(ops, report, path):
+            # The profile still names the recorded generation: run that again, so that the
+            # running system is the profile's current one.
+            self._restore(ops, report, recorded, _Failed(Phase.PERSIST, report.message or ""))
 
     def _last_phase(self, report: HostReport) -> Phase:
         return Phase(list(report.timings)[-1]) if report.timings else Phase.CONNECT
@@ -266,8 +269,6 @@ class Rollout:
             ops.arm(recorded.path, self.options.confirm_timeout)
         with self._phase(report, Phase.ACTIVATE):
             code, output = ops.activate(path, "test")
-        if code == 255:
-            raise SshError(f"connection lost during activation: {output.strip()[-200:]}")
         if code != 0:
             why = SWITCH_MESSAGES.get(code, f"switch-to-configuration exited {code}")
             raise _Failed(Phase.ACTIVATE, f"{why} (exit {code})" + _tail(output))
@@ -298,12 +299,14 @@ class Rollout:
                     ops, self.hosts[report.name].checks, self.options.health_timeout
                 )
                 ops.disarm()
-        except SshError as exc:
+        except FleetError as exc:
+            lost = isinstance(exc, SshError)
             report.fail(
-                HostResult.UNREACHABLE,
+                HostResult.UNREACHABLE if lost else HostResult.FAILED,
                 failure.phase,
-                f"{failure}; then unreachable ({exc}): its dead-man switch re-activates "
-                f"the recorded generation within {self.options.confirm_timeout:g} s",
+                f"{failure}; then {'unreachable' if lost else 'the rollback failed'} ({exc}): "
+                f"its dead-man switch re-activates the recorded generation within "
+                f"{self.options.confirm_timeout:g} s",
             )
             return
         if code == 0 and verdict.ok:
@@ -315,28 +318,24 @@ class Rollout:
                 f"{verdict.message if code == 0 else f'exit {code}'}{_tail(output)}"
             )
 
-    def _persist(self, ops: HostOps, report: HostReport, path: str, *, boot_only: bool) -> None:
+    def _persist(self, ops: HostOps, report: HostReport, path: str) -> bool:
+        """Profile and boot entry; False when the profile was left as it was."""
         try:
             with self._phase(report, Phase.PERSIST):
                 # A rollback goes back to its existing generation rather than adding one.
                 number, code, output = ops.persist(path, self.generations.get(report.name))
-        except (SshError, FleetError) as exc:
-            report.fail(
-                HostResult.FAILED,
-                Phase.PERSIST,
-                f"running and healthy, but not made the boot default: {exc}",
-            )
-            report.new = Generation(None, path)
-            return
+        except FleetError as exc:
+            report.fail(HostResult.FAILED, Phase.PERSIST, f"not made the profile's current "
+                        f"generation: {exc}")  # fmt: skip
+            return False
         report.new = Generation(number, path)
         if code != 0:
-            report.fail(
-                HostResult.FAILED,
-                Phase.PERSIST,
-                f"boot entry not installed (exit {code}){_tail(output)}",
-            )
-            return
+            # Running and current agree; only the boot loader lags: an operator must look.
+            report.fail(HostResult.FAILED, Phase.PERSIST,
+                        f"boot entry not installed (exit {code}){_tail(output)}")  # fmt: skip
+            return True
         report.result = HostResult.DEPLOYED
+        return True
 
     def _finish_host(self, ops: HostOps, report: HostReport, info: str) -> None:
         """Release record and unlock, best effort: the host may be gone."""
@@ -405,6 +404,17 @@ class Rollout:
 
     # -- the fleet ---------------------------------------------------------------------
 
+    def _guarded(self, name: str, path: str) -> HostReport:
+        """One host's protocol; an error nobody foresaw fails that host, not the rollout
+        (an armed dead-man switch still reverts it)."""
+        try:
+            return self.deploy_host(name, path)
+        except Exception as exc:
+            report = HostReport(name, changed=True)
+            report.fail(HostResult.FAILED, Phase.DONE, f"unexpected error: {exc!r}; if a "
+                        "dead-man switch was armed it reverts the host by itself")  # fmt: skip
+            return self._done(report)
+
     def run(self, paths: dict[str, str], order: Sequence[str]) -> Report:
         start = time.monotonic()
         reports = {n: HostReport(n) for n in order}
@@ -414,7 +424,7 @@ class Rollout:
         failures = 0
         with ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool:
             for number, wave in enumerate(waves, 1):
-                done = list(pool.map(lambda n: self.deploy_host(n, paths[n]), wave))
+                done = list(pool.map(lambda n: self._guarded(n, paths[n]), wave))
                 for r in done:
                     reports[r.name] = r
                 failures += sum(r.result is not HostResult.DEPLOYED for r in done)
