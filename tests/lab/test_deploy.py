@@ -258,3 +258,24 @@ def test_unknown_selector_is_an_error_before_anything(lab):
     code, _, err = run_fleet(lab, "deploy", "--batch-size", "0")
     assert code == 2 and "--batch-size" in err
     assert host_states(lab) == before
+
+
+def test_failed_persist_puts_the_recorded_generation_back(lab):
+    """The profile cannot be written after a confirmed activation: the host must not stay
+    on a system its profile does not name."""
+    before = running_paths(lab)
+    set_release(lab, "w1", start_delay=3)
+    root = str(lab.host_root(lab.host(2)))
+    proc = subprocess.Popen(
+        fleet_argv(lab, "deploy", "lab2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        read_stderr_until(proc, "lab2: activate")
+        subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+    assert proc.returncode == 3, out
+    host = json.loads(out)["hosts"]["lab2"]
+    assert host["result"] == "rolled-back" and host["phase"] == "persist"
+    assert running_paths(lab) == before
