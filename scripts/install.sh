@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin systemd-container debootstrap debian-archive-keyring iproute2 util-linux
+# nix-setup-systemd makes the nixbld build users; it is only a Recommends of nix-bin.
+packages=(nix-bin nix-setup-systemd systemd-container debootstrap debian-archive-keyring iproute2 util-linux
           openssh-client curl python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do

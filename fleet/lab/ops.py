@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from fleet import nix, process
-from fleet.errors import FleetError, UsageError
+from fleet.errors import FleetError, NixError, UsageError
 from fleet.lab import containers, flake, network, rootfs
 from fleet.lab.layout import MAX_HOSTS, TMPFS_SIZE, Lab, LabHost
 from fleet.ssh import Endpoint, SshConfig, Transport
@@ -147,7 +147,15 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
     flake.write(lab, hosts, keys)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
-    paths = nix.build_systems(str(lab.flake), [h.name for h in hosts], OFFLINE)
+    try:
+        paths = nix.build_systems(str(lab.flake), [h.name for h in hosts], OFFLINE)
+    except NixError as exc:
+        if "/bin/sh" in str(exc):
+            raise FleetError(
+                "the lab's systems are built with /bin/sh, which Nix's build sandbox hides: "
+                "set `sandbox = false` in /etc/nix/nix.conf (Debian's nix-setup-systemd does)"
+            ) from exc
+        raise
     for host in hosts:
         nix.copy_to_root(lab.host_root(host), paths[host.name])
         _profile_link(lab.host_root(host), paths[host.name])
