@@ -8,6 +8,7 @@ known_hosts file of this run, other hosts are looked up in the operator's known_
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -63,7 +64,8 @@ class Transport:
 
     def __init__(self, config: SshConfig) -> None:
         self.config = config
-        self.dir = Path(tempfile.mkdtemp(prefix="fleet-ssh-"))
+        _sweep_stale_dirs()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.pinned_file = self.dir / "known_hosts"
         self.pinned_file.touch()
         self._remotes: dict[str, Remote] = {}
@@ -100,6 +102,17 @@ class Transport:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_DIR_PREFIX = "fleet-ssh-"
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove control directories of runs that were killed before they could clean up."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = stale.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _key_type_and_blob(key: str) -> str:

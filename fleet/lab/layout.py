@@ -92,7 +92,8 @@ class Lab:
 
     @property
     def lock(self) -> Path:
-        return self.state.parent / f".{self.state.name}.lock"
+        """Serialises lab commands; in /run, so nothing of it outlives the machine's boot."""
+        return Path("/run/fleet-lab") / f"lab{self.instance}.lock"
 
     def host_dir(self, host: LabHost) -> Path:
         return self.state / "hosts" / host.name

@@ -1,0 +1,17 @@
+"""The transport's own files on the operator's machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fleet.ssh import SshConfig, Transport
+
+
+def test_a_killed_runs_control_directory_is_swept_by_the_next():
+    stale = Path(tempfile.mkdtemp(prefix="fleet-ssh-999999999-"))
+    with Transport(SshConfig()) as transport:
+        assert not stale.exists()
+        assert transport.dir.name.startswith(f"fleet-ssh-{os.getpid()}-")
+    assert not transport.dir.exists()
