@@ -92,3 +92,15 @@ def test_stop_and_start_ssh(lab):
 
 def test_lab_files_are_not_world_readable(lab):
     assert oct(os.stat(lab.identity).st_mode & 0o777) == "0o600"
+
+
+def test_a_degraded_host_is_named_then_booted_again(spare_lab):
+    ops.up(spare_lab, 2, lambda _m: None)
+    with ops.transport(spare_lab) as transport:
+        lab1 = transport.remote(ops.endpoints(spare_lab)[0])
+        lab1.run(["systemd-run", "--unit=fleet-test-broken", "--", "/bin/false"])
+        degraded = ops._wait_for_ssh(spare_lab, 30)
+        assert len(degraded) == 1 and degraded[0].startswith("lab1: fleet-test-broken.service")
+        states = ops.up(spare_lab, None, lambda _m: None)  # boots lab1 once more
+        assert all(s.running and s.ssh for s in states)
+        assert lab1.run(["systemctl", "is-system-running"], check=False).stdout.strip() == "running"
