@@ -87,18 +87,18 @@ def _read(path: Path) -> dict[str, Any]:
     return values
 
 
-def load(flake: str | None) -> Config:
-    """Read the flake's fleet.yaml (when the flake is local) and the user's config."""
-    candidates = []
-    root = flake_root(flake) if flake is not None else None
-    if root is not None:
-        candidates.append(root / "fleet.yaml")
-    candidates.append(user_config_path())
-    values: dict[str, Any] = {}
-    sources = []
-    for path in candidates:
-        if path.is_file():
-            sources.append(path)
-            for key, value in _read(path).items():
-                values.setdefault(key, value)
-    return Config(values, tuple(sources))
+def _config_of(path: Path) -> Config:
+    return Config(_read(path), (path,)) if path.is_file() else Config({}, ())
+
+
+def load_user() -> Config:
+    """The operator's own ~/.config/fleet/config.yaml."""
+    return _config_of(user_config_path())
+
+
+def load(flake: str, user: Config | None = None) -> Config:
+    """The flake's fleet.yaml (when the flake is local) over the user's config."""
+    user = load_user() if user is None else user
+    root = flake_root(flake)
+    local = _config_of(root / "fleet.yaml") if root is not None else Config({}, ())
+    return Config({**user.values, **local.values}, local.sources + user.sources)

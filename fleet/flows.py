@@ -82,9 +82,9 @@ class Session:
 
 
 def open_session(flake: str | None) -> Session:
-    user_config = config.load(None)
+    user_config = config.load_user()
     ref = flake or user_config.get("flake") or "."
-    cfg = config.load(ref)
+    cfg = config.load(ref, user_config)
     data = nix.eval_inventory(ref)
     return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"))
 

@@ -16,9 +16,6 @@ from fleet.models import Generation
 from fleet.process import Result
 from fleet.ssh import Remote
 
-PROFILE = "/nix/var/nix/profiles/system"
-RELEASES = "/var/lib/fleet/releases.jsonl"
-
 STATE = r"""
 profile=/nix/var/nix/profiles/system
 printf 'current=%s\n' "$(readlink "$profile" 2>/dev/null)"

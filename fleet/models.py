@@ -11,7 +11,6 @@ class Phase(StrEnum):
     """Steps of the one-host protocol, in order; a failure names the phase it happened in."""
 
     CONNECT = "connect"
-    BUILD = "build"
     COPY = "copy"
     LOCK = "lock"
     RECORD = "record"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,6 @@ from typing import Any
 from fleet import process
 from fleet.errors import NixError
 from fleet.ssh import Remote
-
-_PLAIN_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 # Flakes are enabled per call: the operator's nix.conf is theirs, not ours.
 NIX = ("nix", "--extra-experimental-features", "nix-command flakes")

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -82,9 +82,6 @@ class Transport:
             remote = Remote(endpoint, self)
             self._remotes[endpoint.name] = remote
             return remote
-
-    def remotes(self, endpoints: Iterable[Endpoint]) -> list[Remote]:
-        return [self.remote(e) for e in endpoints]
 
     def close(self) -> None:
         """Stop every master connection this run opened and remove its sockets."""
