@@ -7,6 +7,7 @@
 """
 
 import argparse
+import errno
 import os
 import socket
 import socketserver
@@ -68,7 +69,14 @@ def main() -> int:
             socketserver.TCPServer.server_bind(self)
             self.server_name, self.server_port = "lab-web", args.port
 
-    server = Server(("0.0.0.0", args.port), Handler)
+    for attempt in range(50):  # the previous release's socket may linger an instant
+        try:
+            server = Server(("0.0.0.0", args.port), Handler)
+            break
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == 49:
+                raise
+            time.sleep(0.1)
     notify(f"READY=1\nSTATUS=serving release {args.release}")
     server.serve_forever()
     return 0

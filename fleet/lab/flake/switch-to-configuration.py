@@ -119,6 +119,8 @@ def main():
     failed = failed_units()
     if failed:
         print(f"warning: the following units failed: {', '.join(failed)}", file=sys.stderr)
+        for unit in failed:  # as NixOS does: why, in the unit's own words
+            systemctl("status", "--no-pager", "--lines=5", "--", unit)
         result = 4
     return result
 
