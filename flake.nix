@@ -143,6 +143,9 @@
       packages = forAllSystems (pkgs: {
         fleet = fleetPackage pkgs;
         default = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+        # The host's half of the protocol, with nixpkgs' systemd and Nix; hosts
+        # get it from the host module, built with their own (fleet.hostHelper).
+        fleet-host = pkgs.callPackage ./modules/fleet-host-package.nix { };
         example-api = pkgs.callPackage ./examples/api { };
       });
 

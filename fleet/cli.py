@@ -115,12 +115,30 @@ def rollout_options(command: F) -> F:
     "on it (failing hosts still revert).",
 )
 @click.option("--dry-run", is_flag=True, help="Build and show what would change; touch nothing.")
-@click.option("--boot", is_flag=True, help="Make it the next boot generation only.")
+@click.option(
+    "--boot",
+    is_flag=True,
+    help="Make it the next boot generation only (reported pending-reboot).",
+)
+@click.option(
+    "--reboot",
+    is_flag=True,
+    help="Boot the new generation once, prove it healthy, then make it the default; "
+    "a host that does not come back healthy boots its old generation.",
+)
+@click.option(
+    "--boot-timeout",
+    type=click.FloatRange(min=10, max=3600),
+    metavar="S",
+    help="With --reboot: seconds a host may take to come back (default 300).",
+)
 @click.pass_obj
 def deploy(
     ctx: Context, /, selectors: tuple[str, ...], batch_size: str | None, **overrides: Any
 ) -> None:
     """Build, copy, activate behind a dead-man switch, prove healthy, persist: in waves."""
+    if overrides.get("boot") and overrides.get("reboot"):
+        raise click.UsageError("--boot and --reboot exclude each other")
     session = _session(ctx)
     session.inventory.select(selectors)  # an unknown selector fails before any build
     overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None
@@ -171,7 +189,46 @@ def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
     last release, lock. Read from the hosts, in parallel."""
     rows = flows.status(_session(ctx), selectors, desired)
     _emit(ctx, {r.name: r.as_json() for r in rows}, [r.row() for r in rows])
-    if not all(r.reachable and r.health and r.health.ok for r in rows):
+    if not ctx.json:
+        for r in rows:
+            for breach in r.breaches:
+                ctx.say(f"{r.name}: {breach.message}; repair: {breach.repair}")
+    if not all(r.ok for r in rows):
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also end transactions whose holder may still be alive (undo them now).",
+)
+@click.pass_obj
+def recover(ctx: Context, selectors: tuple[str, ...], force: bool) -> None:
+    """Finish or undo what an interrupted deploy, rollback or gc left on each host, as
+    the host's transaction record says; then check the invariant."""
+    good, bad = _split(flows.recover(_session(ctx), selectors, force))
+    rows = []
+    data: dict[str, Any] = {}
+    attention = bool(bad)
+    for name, done in good.items():
+        breaches = done.state.breaches(name)
+        attention = attention or bool(breaches)
+        rows.append(
+            {
+                "host": name,
+                "recovered": done.action,
+                "invariant": "; ".join(b.message for b in breaches) or "ok",
+            }
+        )
+        data[name] = {
+            "recovered": done.action,
+            "detail": done.detail,
+            "breaches": [b.as_json() for b in breaches],
+        }
+    _emit(ctx, {"hosts": data, "failed": bad}, rows + _unreachable_rows(bad))
+    if attention:
         sys.exit(ExitCode.ATTENTION)
 
 

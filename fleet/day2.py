@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleet import closure, generations, health, nix
+from fleet import closure, generations, health, nix, testhook
 from fleet.errors import FleetError
 from fleet.flows import Session
-from fleet.hostops import HostOps
+from fleet.hostops import HostOps, new_token
 from fleet.inventory import Host
 from fleet.process import Result
 from fleet.rollout import Release
@@ -54,20 +54,18 @@ class Collected:
 def gc(
     session: Session, selectors: Sequence[str], keep: int, break_lock: bool = False
 ) -> dict[str, Collected | FleetError]:
-    """Delete old generations and collect garbage, under each host's deploy lock.
+    """Delete old generations and collect garbage, each host under its deploy lock.
 
-    The running, booted and current generations and the rollback target always stay.
+    The running, booted, current and boot-default generations stay whatever ``keep``
+    says (the host enforces it), and so does the rollback target (chosen here).
     """
     release = Release.new("gc", session.flake, None)
-    info = release.lock_info()
 
     def one(_host: Host, ops: HostOps) -> Collected:
-        state = ops.lock(info, force=break_lock)
-        try:
-            victims = generations.gc_victims(state, keep)
-            return Collected(victims, ops.collect_garbage(victims))
-        finally:
-            ops.unlock(info)
+        victims = generations.gc_victims(ops.state(), keep)
+        testhook.pause("gc", ops.name)
+        answer = ops.gc(new_token(), release.holder(), victims, take_over=break_lock)
+        return Collected(list(answer.get("deleted", [])), str(answer.get("summary", "")))
 
     return session.each(selectors, one)
 

@@ -123,8 +123,34 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         rollback=not overrides.get("no_rollback", False),
         dry_run=bool(overrides.get("dry_run", False)),
         boot=bool(overrides.get("boot", False)),
+        reboot=bool(overrides.get("reboot", False)),
+        boot_timeout=float(overrides.get("boot_timeout") or 300),
         break_lock=bool(overrides.get("break_lock", False)),
     )
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What ``fleet recover`` did on one host, and how the host stands after it."""
+
+    action: str  # "none", "undone", "finished"
+    detail: dict[str, Any]
+    state: HostState
+
+
+def recover(
+    session: Session, selectors: Sequence[str], force: bool = False
+) -> dict[str, Recovered | FleetError]:
+    """Resolve every abandoned transaction as its record says (undo before the commit
+    point, finish after it); with ``force``, live ones too."""
+
+    def one(_host: Host, ops: HostOps) -> Recovered:
+        answer = ops.recover(force=force, why="fleet recover" + (" --force" if force else ""))
+        done = answer.get("recovered")
+        action = str(done.get("action", "resolved")) if isinstance(done, dict) else "none"
+        return Recovered(action, done if isinstance(done, dict) else {}, ops.state())
+
+    return session.each(selectors, one)
 
 
 def parse_batch_size(text: str) -> int | str:

@@ -1,187 +1,78 @@
-"""One host's operations: state, lock, dead-man switch, activation, profile, release records.
+"""One host's operations: each is one call of the host's own program, ``fleet-host``.
 
-Each operation is one ssh round trip: a constant POSIX shell script run as
-``sh -c SCRIPT fleet ARG...``, so values only ever travel as quoted arguments.
+The host owns every change as a transaction (docs/transaction.md): its record, its
+deadline and its undo live there, so this side only starts, drives and commits it. Each
+call is one ssh round trip with a quoted argument list; the answer is one JSON document.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from fleet.errors import FleetError
 from fleet.models import Generation
-from fleet.process import Result
 from fleet.ssh import Remote
 
-STATE = r"""
-profile=/nix/var/nix/profiles/system
-printf 'current=%s\n' "$(readlink "$profile" 2>/dev/null)"
-printf 'running=%s\n' "$(readlink -f /run/current-system 2>/dev/null)"
-printf 'booted=%s\n' "$(readlink -f /run/booted-system 2>/dev/null)"
-for link in "$profile"-*-link; do
-  [ -L "$link" ] || continue
-  printf 'generation=%s %s %s\n' \
-    "${link#"$profile"-}" "$(stat -c %Y "$link")" "$(readlink -f "$link")"
-done
-[ -e /run/fleet/deploy.lock ] && printf 'lock=%s\n' "$(cat /run/fleet/deploy.lock)"
-records=/var/lib/fleet/releases.jsonl
-[ -s "$records" ] && printf 'release=%s\n' "$(tail -n 1 "$records")"
-systemctl list-units --plain --no-legend --full 'fleet-deadman-*.timer' | while read -r unit _; do
-  printf 'deadman=%s\n' "${unit%.timer}"
-done
-systemctl list-units --failed --plain --no-legend --full | while read -r unit _; do
-  printf 'failed=%s\n' "$unit"
-done
-exit 0
-"""
-
-# Take the lock atomically (a hard link either appears or does not), then report the state
-# it was taken in, in the same round trip; exit 3 naming the holder if it is held.
-LOCK = (
-    r"""
-mkdir -p /run/fleet
-tmp=/run/fleet/deploy.lock.$$
-printf '%s\n' "$1" > "$tmp"
-if [ "$2" = break ]; then
-  mv -f "$tmp" /run/fleet/deploy.lock
-elif ln "$tmp" /run/fleet/deploy.lock 2>/dev/null; then
-  rm -f "$tmp"
-else
-  rm -f "$tmp"
-  printf 'holder=%s\n' "$(cat /run/fleet/deploy.lock)"
-  exit 3
-fi
-"""
-    + STATE
-)
-
-UNLOCK = r"""
-[ "$(cat /run/fleet/deploy.lock 2>/dev/null)" = "$1" ] && rm -f /run/fleet/deploy.lock
-exit 0
-"""
-
-# The dead-man switch ($3, a fresh unit name): a transient timer whose service re-activates
-# the recorded generation $1 after $2 with nothing but that generation's own files, marks
-# that it fired, and drops the lock. Switches left by a holder whose lock was broken go first.
-ARM = r"""
-systemctl stop 'fleet-deadman-*.timer' 2>/dev/null
-mkdir -p /run/fleet
-exec systemd-run --quiet --unit="$3" \
-  --description="fleet dead-man switch: re-activate $1" \
-  --on-active="$2" --timer-property=AccuracySec=100ms --timer-property=RemainAfterElapse=no \
-  -p CollectMode=inactive-or-failed \
-  -p ExecStartPre="$1/sw/bin/touch /run/fleet/$3.fired" \
-  -p ExecStopPost="$1/sw/bin/rm -f /run/fleet/deploy.lock" \
-  "$1/bin/switch-to-configuration" test
-"""
-
-# Disarm switch $1; exit 3 (after waiting for it to finish) if it had fired already.
-DISARM = r"""
-systemctl stop "$1.timer" 2>/dev/null
-state=$(systemctl is-active "$1.service" 2>/dev/null)
-if [ -e "/run/fleet/$1.fired" ] || [ "$state" = active ] || [ "$state" = activating ]; then
-  while :; do
-    case $(systemctl is-active "$1.service" 2>/dev/null) in
-      active|activating|deactivating|reloading) sleep 0.2 ;;
-      *) break ;;
-    esac
-  done
-  rm -f "/run/fleet/$1.fired"
-  exit 3
-fi
-exit 0
-"""
-
-# switch-to-configuration $1 $2 under systemd-run as unit $3: a dropped ssh session cannot
-# kill it midway. Unit names are fresh each time: a finished one may not be collected yet.
-ACTIVATE = r"""
-mkdir -p /run/fleet
-log="/run/fleet/$3.log"
-systemd-run --quiet --unit="$3" --wait --collect --service-type=exec \
-  -p StandardOutput="append:$log" -p StandardError="append:$log" \
-  "$1/bin/switch-to-configuration" "$2"
-rc=$?
-cat "$log" >&2 2>/dev/null
-rm -f "$log"
-exit $rc
-"""
-
-# Append the release record on stdin, then release lock $1 if it is still ours.
-RECORD_AND_UNLOCK = (
-    r"""
-mkdir -p /var/lib/fleet && cat >> /var/lib/fleet/releases.jsonl
-"""
-    + UNLOCK
-)
-
-# Persist: make $1 the profile's current generation (nix-env arguments after the first two),
-# then install its boot entry under systemd-run as unit $2, as ACTIVATE does.
-PERSIST = (
-    r"""
-path=$1 unit=$2
-shift 2
-nix-env -p /nix/var/nix/profiles/system "$@" >&2 || exit 1
-printf 'profile=%s\n' "$(readlink /nix/var/nix/profiles/system)"
-set -- "$path" boot "$unit"
-"""
-    + ACTIVATE
-)
-
-READ_RECORDS = r"""
-cat /var/lib/fleet/releases.jsonl 2>/dev/null
-exit 0
-"""
-
-# Delete generations "$@" of the system profile, then collect garbage.
-COLLECT = r"""
-if [ "$#" -gt 0 ]; then
-  nix-env -p /nix/var/nix/profiles/system --delete-generations "$@" >&2 || exit $?
-fi
-nix-store --gc 2>&1 | tail -n 1
-"""
-
-CLOSURE = r"""
-nix-store -qR "$(readlink -f /run/current-system)"
-"""
-
-SETTLE = r"""
-end=$(( $(date +%s) + $1 ))
-while [ -n "$(systemctl list-jobs --no-legend 2>/dev/null)" ]; do
-  [ "$(date +%s)" -ge "$end" ] && { echo "jobs=pending"; break; }
-  sleep 0.2
-done
-systemctl list-units --failed --plain --no-legend --full | while read -r unit _; do
-  printf 'failed=%s\n' "$unit"
-done
-"""
+# The running system's helper; a transaction uses its target's, which was just copied.
+RUNNING_HELPER = "/run/current-system/sw/bin/fleet-host"
+PROTOCOL = 1
 
 
-class LockHeld(FleetError):
-    def __init__(self, host: str, holder: str) -> None:
-        self.holder = holder
-        super().__init__(
-            f"{host}: deploy lock held by {describe_lock(holder)}; "
-            "if its holder is gone, break it with --break-lock"
-        )
+def helper_of(system: str) -> str:
+    return f"{system}/sw/bin/fleet-host"
 
 
-def describe_lock(raw: str) -> str:
-    try:
-        info = json.loads(raw)
-        return (
-            f"{info['operator']} since {info['since']} "
-            f"({info['action']} of release {info['release']})"
-        )
-    except (ValueError, KeyError, TypeError):
-        return repr(raw)
+def new_token() -> str:
+    return secrets.token_hex(16)
 
 
-def _switch_unit() -> str:
-    # Fresh each time: a finished transient unit may not be collected yet.
-    return f"fleet-switch-{secrets.token_hex(4)}"
+class HelperError(FleetError):
+    """fleet-host answered with a failure; ``data`` is its JSON answer."""
+
+    def __init__(self, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.data = data or {}
+
+
+class LockHeld(HelperError):
+    pass
+
+
+class Fenced(HelperError):
+    """The transaction is no longer ours: taken over, or already ended."""
+
+
+class Expired(HelperError):
+    """The deadline passed and the host undid the change itself."""
+
+
+_ERRORS: dict[int, type[HelperError]] = {3: LockHeld, 4: Fenced, 5: Expired}
+
+
+def describe_holder(holder: Any) -> str:
+    """A lock holder in one line, whatever the host sent (never trusted as text)."""
+    if isinstance(holder, str):
+        try:
+            holder = json.loads(holder)
+        except ValueError:
+            return _printable(repr(holder))
+    if not isinstance(holder, dict):
+        return _printable(repr(holder))
+    return _printable(
+        f"{holder.get('operator', '?')} since {holder.get('since', '?')} "
+        f"({holder.get('action', '?')} of release {holder.get('release', '?')})"
+    )
+
+
+def _printable(text: str) -> str:
+    """No terminal escapes from another operator's strings."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
 def generation_number(link_name: str) -> int | None:
@@ -198,15 +89,57 @@ class GenerationInfo:
 
 
 @dataclass(frozen=True)
+class Txn:
+    """The host's transaction, as the host reports it."""
+
+    token: str
+    holder: dict[str, Any]
+    mode: str
+    state: str
+    deadline: float
+    recorded: Generation | None
+    target: Generation | None
+    abandoned: bool
+
+    @property
+    def release(self) -> str:
+        return str(self.holder.get("release", "?"))
+
+
+class BreachKind(StrEnum):
+    ABANDONED = "abandoned-transaction"
+    NO_SYSTEM = "no-system"
+    NOT_CURRENT = "running-not-current"
+    BOOT_ENTRY = "boot-entry"
+    ORPHAN_SWITCH = "orphan-switch"
+    FAILED_UNITS = "failed-units"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A way a host breaks the safety invariant, and the command that repairs it."""
+
+    kind: BreachKind
+    message: str
+    repair: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "message": self.message, "repair": self.repair}
+
+
+@dataclass(frozen=True)
 class HostState:
     current: int | None  # the profile's current generation number
     running: str | None
     booted: str | None
     generations: tuple[GenerationInfo, ...]
-    lock: str | None
-    deadman: tuple[str, ...]  # armed dead-man switches (unit names without .timer)
+    txn: Txn | None = None
+    watchers: tuple[str, ...] = ()  # dead-man switches running on the host
     failed_units: tuple[str, ...] = field(default=())
     last_release: dict[str, Any] | None = None  # the host's newest release record
+    boot_entry: str | None = None  # the boot loader's default, where it can be read
+    host_time: float | None = field(default=None, compare=False)
 
     def path_of(self, number: int | None) -> str | None:
         return next((g.path for g in self.generations if g.number == number), None)
@@ -214,6 +147,10 @@ class HostState:
     @property
     def current_path(self) -> str | None:
         return self.path_of(self.current)
+
+    @property
+    def lock(self) -> str | None:
+        return describe_holder(self.txn.holder) if self.txn else None
 
     def running_generation(self) -> Generation | None:
         """The generation the host runs: the current one when paths agree, else the newest match."""
@@ -224,160 +161,306 @@ class HostState:
         numbers = [g.number for g in self.generations if g.path == self.running]
         return Generation(max(numbers) if numbers else None, self.running)
 
+    @property
+    def pending_reboot(self) -> bool:
+        """A ``--boot`` deploy waits for the next boot: its record says so, no change runs."""
+        last = self.last_release or {}
+        new = last.get("new") or {}
+        return (
+            self.txn is None
+            and last.get("result") == "pending-reboot"
+            and isinstance(new, dict)
+            and new.get("path") == self.current_path
+            and self.running != self.current_path
+        )
 
-def parse_state(text: str) -> HostState:
-    values: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values.setdefault(key, []).append(value)
+    def breaches(self, name: str) -> list[Breach]:
+        """Every way this host breaks the invariant; a live transaction is not one."""
+        found: list[Breach] = []
+        txn = self.txn
+        if txn is not None and txn.abandoned:
+            found.append(
+                Breach(
+                    BreachKind.ABANDONED,
+                    f"abandoned {txn.mode} transaction of release {txn.release} "
+                    f"({describe_holder(txn.holder)}), state {txn.state}",
+                    f"fleet recover {name}",
+                )
+            )
+        if txn is not None:
+            return found  # the transaction's own resolution decides the rest
+        if self.running is None:
+            found.append(Breach(BreachKind.NO_SYSTEM, "runs no system", f"fleet deploy {name}"))
+            return found
+        if self.running != self.current_path and not self.pending_reboot:
+            where = self.running_generation()
+            what = (
+                f"generation #{where.number}"
+                if where and where.number is not None
+                else "a system in no generation"
+            )
+            found.append(
+                Breach(
+                    BreachKind.NOT_CURRENT,
+                    f"runs {what}, but the profile's current is #{self.current}",
+                    f"fleet deploy {name} (or fleet rollback {name})",
+                )
+            )
+        if (
+            self.boot_entry is not None
+            and self.current_path is not None
+            and self.boot_entry != self.current_path
+        ):
+            found.append(
+                Breach(
+                    BreachKind.BOOT_ENTRY,
+                    "the boot loader's default is not the profile's current generation",
+                    f"fleet deploy {name}",
+                )
+            )
+        if self.watchers:
+            found.append(
+                Breach(
+                    BreachKind.ORPHAN_SWITCH,
+                    f"dead-man switch armed with no transaction: {', '.join(self.watchers)}",
+                    f"fleet recover {name}",
+                )
+            )
+        if self.failed_units:
+            found.append(
+                Breach(
+                    BreachKind.FAILED_UNITS,
+                    f"failed units: {', '.join(self.failed_units)}",
+                    f"fleet rollback {name}, or repair the units",
+                )
+            )
+        return found
 
-    def one(key: str) -> str | None:
-        found = values.get(key, [""])[0]
-        return found or None
 
-    generations = []
-    for entry in values.get("generation", []):
-        link, created, path = entry.split(" ", 2)
-        number = generation_number(link)
-        if number is not None:
-            generations.append(GenerationInfo(number, int(created), path))
-    current = one("current")
+def _generation(data: Any) -> Generation | None:
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+        return None
+    number = data.get("number")
+    return Generation(number if isinstance(number, int) else None, data["path"])
+
+
+def parse_state(data: dict[str, Any]) -> HostState:
+    txn_data = data.get("txn")
+    txn = None
+    if isinstance(txn_data, dict):
+        holder = txn_data.get("holder")
+        txn = Txn(
+            token=str(txn_data.get("token", "")),
+            holder=holder if isinstance(holder, dict) else {},
+            mode=str(txn_data.get("mode", "?")),
+            state=str(txn_data.get("state", "?")),
+            deadline=float(txn_data.get("deadline") or 0),
+            recorded=_generation(txn_data.get("recorded")),
+            target=_generation(txn_data.get("target")),
+            abandoned=bool(data.get("abandoned")),
+        )
+    own = f"fleet-watch-{txn.token[:16]}" if txn else None
+    last = data.get("lastRecord")
     return HostState(
-        current=generation_number(current) if current else None,
-        running=one("running"),
-        booted=one("booted"),
-        generations=tuple(sorted(generations, key=lambda g: g.number)),
-        lock=one("lock"),
-        deadman=tuple(values.get("deadman", [])),
-        failed_units=tuple(values.get("failed", [])),
-        last_release=_json_or_none(one("release")),
+        current=data.get("current"),
+        running=data.get("running"),
+        booted=data.get("booted"),
+        generations=tuple(
+            GenerationInfo(int(n), int(c), str(p)) for n, c, p in data.get("generations", [])
+        ),
+        txn=txn,
+        watchers=tuple(w for w in data.get("watchers", []) if w != own),
+        failed_units=tuple(data.get("failedUnits", [])),
+        last_release=last if isinstance(last, dict) else None,
+        boot_entry=data.get("bootEntry"),
+        host_time=data.get("now"),
     )
 
 
-def _json_or_none(text: str | None) -> dict[str, Any] | None:
-    try:
-        loaded = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return loaded if isinstance(loaded, dict) else None
+def clock(epoch: float | None) -> str:
+    if epoch is None:
+        return "?"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
+
+
+@dataclass(frozen=True)
+class Activation:
+    switch_exit: int
+    output: str
+    settled: bool
+    failed_units: tuple[str, ...]
+    deadline: float
 
 
 class HostOps:
-    """The remote side of the protocol for one host."""
+    """The host's program, called over one host's ssh connection."""
 
     def __init__(self, remote: Remote) -> None:
         self.remote = remote
-        self.deadman: str | None = None  # the switch this object armed
 
     @property
     def name(self) -> str:
         return self.remote.name
 
-    def _sh(
+    def call(
         self,
-        script: str,
+        command: str,
         *args: str,
-        fresh: bool = False,
+        helper: str = RUNNING_HELPER,
         input: str | None = None,
+        fresh: bool = False,
         timeout: float | None = None,
-    ) -> Result:
+    ) -> dict[str, Any]:
+        """Run ``fleet-host COMMAND ARGS`` as root; its JSON answer, or the matching error."""
         # A deploy user other than root acts through sudo (the host module allows it).
         sudo = ["sudo", "-n"] if self.remote.endpoint.user != "root" else []
-        return self.remote.run(
-            [*sudo, "sh", "-c", script, "fleet", *args],
+        result = self.remote.run(
+            [*sudo, helper, command, *args],
             check=False,
             fresh=fresh,
             input=input,
             timeout=timeout,
         )
-
-    def state(self, *, fresh: bool = False) -> HostState:
-        result = self._sh(STATE, fresh=fresh)
-        if not result.ok:
-            raise FleetError(f"{self.name}: reading its state failed: {result.last_error_line()}")
-        return parse_state(result.stdout)
-
-    def lock(self, info: str, *, force: bool = False) -> HostState:
-        """Take the deploy lock; the host's state as it was once the lock was held."""
-        result = self._sh(LOCK, info, "break" if force else "take")
-        if result.returncode == 3:
-            raise LockHeld(self.name, result.stdout.strip().removeprefix("holder="))
-        if not result.ok:
-            raise FleetError(
-                f"{self.name}: taking the deploy lock failed: {result.last_error_line()}"
+        lines = result.stdout.strip().splitlines()
+        try:
+            data = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            if result.returncode == 127:
+                raise HelperError(f"{self.name}: {helper} is missing: the host has no fleet-host")
+            raise HelperError(
+                f"{self.name}: fleet-host {command} failed (exit {result.returncode}): "
+                f"{result.last_error_line()}"
             )
-        return parse_state(result.stdout)
+        if result.returncode != 0 or not data.get("ok"):
+            error = _ERRORS.get(result.returncode, HelperError)
+            raise error(f"{self.name}: {_printable(str(data.get('error', 'failed')))}", data)
+        return data
 
-    def unlock(self, info: str) -> None:
-        self._sh(UNLOCK, info)
+    def state(self, *, fresh: bool = False, timeout: float | None = None) -> HostState:
+        return parse_state(self.call("state", fresh=fresh, timeout=timeout))
 
-    def arm(self, recorded: str, seconds: float) -> None:
-        unit = f"fleet-deadman-{secrets.token_hex(4)}"
-        result = self._sh(ARM, recorded, f"{max(1.0, seconds):g}s", unit)
-        if not result.ok:
-            raise FleetError(
-                f"{self.name}: arming the dead-man switch failed: {result.last_error_line()}"
-            )
-        self.deadman = unit
+    def begin(
+        self,
+        token: str,
+        holder: dict[str, Any],
+        base: dict[str, Any],
+        mode: str,
+        target: Generation,
+        deadline: float,
+        confirm: float,
+        take_over: bool = False,
+    ) -> dict[str, Any]:
+        """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``."""
+        args = [
+            "--token",
+            token,
+            "--holder",
+            json.dumps(holder, sort_keys=True),
+            "--base",
+            json.dumps(base, sort_keys=True),
+            "--mode",
+            mode,
+            "--target",
+            target.path,
+            "--deadline",
+            f"{deadline:g}",
+            "--confirm",
+            f"{confirm:g}",
+        ]
+        if target.number is not None:
+            args += ["--generation", str(target.number)]
+        if take_over:
+            args.append("--take-over")
+        try:
+            return self.call("begin", *args, helper=helper_of(target.path))
+        except LockHeld as exc:
+            holder_text = describe_holder(exc.data.get("holder"))
+            raise LockHeld(
+                f"{self.name}: deploy lock held by {holder_text}, whose dead-man switch "
+                f"resolves it by {clock(exc.data.get('deadline'))}; to take its transaction "
+                "over now, use --break-lock",
+                exc.data,
+            ) from None
 
-    def disarm(self, *, fresh: bool = False) -> bool:
-        """Stop the dead-man switch; False when it had fired already (the host reverted)."""
-        if self.deadman is None:
-            return True
-        result = self._sh(DISARM, self.deadman, fresh=fresh)
-        if result.returncode not in (0, 3):
-            raise FleetError(
-                f"{self.name}: disarming the dead-man switch failed: {result.last_error_line()}"
-            )
-        return result.returncode == 0
-
-    def activate(self, path: str, action: str) -> tuple[int, str]:
-        """Run PATH/bin/switch-to-configuration ACTION; its exit code and what it printed."""
-        result = self._sh(ACTIVATE, path, action, _switch_unit())
-        return result.returncode, result.stderr
-
-    def persist(self, path: str, generation: int | None = None) -> tuple[int | None, int, str]:
-        """Make PATH the profile's current generation (a new one, or the existing number
-        ``generation``) and its boot entry, in one round trip: (number, exit code, output)."""
-        args = (
-            ["--switch-generation", str(generation)] if generation is not None else ["--set", path]
+    def activate(self, helper: str, token: str, health: float, confirm: float) -> Activation:
+        data = self.call(
+            "activate",
+            "--token",
+            token,
+            "--health",
+            f"{health:g}",
+            "--confirm",
+            f"{confirm:g}",
+            helper=helper,
         )
-        result = self._sh(PERSIST, path, _switch_unit(), *args)
-        profile = next((line.removeprefix("profile=") for line in result.stdout.splitlines()
-                        if line.startswith("profile=")), None)  # fmt: skip
-        if profile is None:
-            raise FleetError(f"{self.name}: nix-env {' '.join(args)}: {result.last_error_line()}")
-        return generation_number(profile), result.returncode, result.stderr
+        return Activation(
+            switch_exit=int(data["switchExit"]),
+            output=str(data.get("output", "")),
+            settled=bool(data.get("settled")),
+            failed_units=tuple(data.get("failedUnits", [])),
+            deadline=float(data["deadline"]),
+        )
+
+    def commit(self, helper: str, token: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Over a new connection: a new system that locks out new sessions is not committed."""
+        return self.call(
+            "commit",
+            "--token",
+            token,
+            helper=helper,
+            fresh=True,
+            input=json.dumps(record, sort_keys=True),
+        )
+
+    def undo(
+        self, helper: str, token: str, record: dict[str, Any], settle: float
+    ) -> dict[str, Any]:
+        return self.call(
+            "undo",
+            "--token",
+            token,
+            "--settle",
+            f"{settle:g}",
+            helper=helper,
+            input=json.dumps(record, sort_keys=True),
+        )
+
+    def reboot(self, helper: str, token: str, boot_timeout: float) -> dict[str, Any]:
+        return self.call(
+            "reboot", "--token", token, "--boot-timeout", f"{boot_timeout:g}", helper=helper
+        )
+
+    def recover(self, force: bool = False, why: str = "") -> dict[str, Any]:
+        return self.call("recover", *(["--force"] if force else []), "--why", why)
 
     def settle(self, seconds: float) -> tuple[bool, tuple[str, ...]]:
         """Wait for systemd's job queue to drain; (settled, failed units)."""
-        result = self._sh(SETTLE, str(max(1, int(seconds))))
-        lines = result.stdout.splitlines()
-        failed = tuple(line.removeprefix("failed=") for line in lines if line.startswith("failed="))
-        return "jobs=pending" not in lines, failed
+        data = self.call("settle", "--seconds", f"{max(1.0, seconds):g}")
+        return bool(data.get("settled")), tuple(data.get("failedUnits", []))
 
-    def collect_garbage(self, generations: list[int]) -> str:
-        """Delete those generations and collect garbage; Nix's summary line."""
-        result = self._sh(COLLECT, *map(str, generations))
-        if not result.ok:
-            raise FleetError(f"{self.name}: garbage collection: {result.last_error_line()}")
-        return result.stdout.strip()
-
-    def running_closure(self) -> list[str]:
-        result = self._sh(CLOSURE)
-        if not result.ok:
-            raise FleetError(f"{self.name}: nix-store -qR: {result.last_error_line()}")
-        return result.stdout.split()
+    def gc(
+        self, token: str, holder: dict[str, Any], delete: Sequence[int], take_over: bool
+    ) -> dict[str, Any]:
+        args = ["--token", token, "--holder", json.dumps(holder, sort_keys=True)]
+        if take_over:
+            args.append("--take-over")
+        return self.call("gc", *args, *map(str, delete))
 
     def records(self) -> list[dict[str, Any]]:
         """The host's release records, oldest first; unreadable lines are passed over."""
-        result = self._sh(READ_RECORDS)
-        if not result.ok:
-            raise FleetError(f"{self.name}: reading release records: {result.last_error_line()}")
-        parsed = (_json_or_none(line) for line in result.stdout.splitlines())
-        return [r for r in parsed if r is not None]
+        found = self.call("records").get("records", [])
+        return [r for r in found if isinstance(r, dict)]
 
-    def finish(self, record: dict[str, Any], info: str) -> None:
-        """Append the release record and release our lock, in one round trip."""
-        self._sh(RECORD_AND_UNLOCK, info, input=json.dumps(record, sort_keys=True) + "\n")
+    def append_record(self, record: dict[str, Any]) -> str | None:
+        """Add a record (a correction); the error if it could not be written."""
+        data = self.call("record", input=json.dumps(record, sort_keys=True))
+        error = data.get("recordError")
+        return str(error) if error else None
+
+    def running_closure(self) -> list[str]:
+        result = self.remote.run(["nix-store", "-qR", "/run/current-system"], check=False)
+        if not result.ok:
+            raise FleetError(f"{self.name}: nix-store -qR: {result.last_error_line()}")
+        return result.stdout.split()

@@ -12,12 +12,11 @@ class Phase(StrEnum):
 
     CONNECT = "connect"
     COPY = "copy"
-    LOCK = "lock"
-    RECORD = "record"
-    ARM = "arm"
+    LOCK = "lock"  # begin: lock, record the running generation, arm the dead-man switch
     ACTIVATE = "activate"
+    REBOOT = "reboot"
     HEALTH = "health"
-    CONFIRM = "confirm"
+    CONFIRM = "confirm"  # commit, over a new connection: profile, boot entry, record, unlock
     PERSIST = "persist"
     ROLLBACK = "rollback"
     DONE = "done"
@@ -25,6 +24,7 @@ class Phase(StrEnum):
 
 class HostResult(StrEnum):
     DEPLOYED = "deployed"  # running, healthy, persisted
+    PENDING_REBOOT = "pending-reboot"  # persisted for the next boot (--boot); not activated
     ROLLED_BACK = "rolled-back"  # back on its recorded generation, verified healthy
     FAILED = "failed"  # not known to be on a good generation: needs an operator
     UNREACHABLE = "unreachable"  # could not be reached; a dead-man switch may still act
@@ -33,6 +33,10 @@ class HostResult(StrEnum):
     @property
     def needs_attention(self) -> bool:
         return self in (HostResult.FAILED, HostResult.UNREACHABLE)
+
+    @property
+    def succeeded(self) -> bool:
+        return self in (HostResult.DEPLOYED, HostResult.PENDING_REBOOT)
 
 
 class RolloutResult(StrEnum):
@@ -62,6 +66,7 @@ class HostReport:
     phase: Phase | None = None  # the failing phase, when one failed
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    record_error: str | None = None  # the host could not write its release record
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message
@@ -75,4 +80,5 @@ class HostReport:
             "phase": self.phase.value if self.phase else None,
             "message": self.message,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "recordError": self.record_error,
         }

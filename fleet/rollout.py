@@ -1,22 +1,22 @@
-"""The rollout: waves of hosts, each through the one-host protocol, and fleet-wide rollback.
+"""The rollout: waves of hosts, each through one host-owned transaction, and fleet-wide
+rollback.
 
-One host (every failure after arming ends with the host re-activating its recorded
-generation, by the tool at once or by the dead-man switch on its own):
-
-  connect, copy, lock, record the running generation, arm the dead-man switch,
-  switch-to-configuration test, health, confirm (disarm over a new connection),
-  persist (profile + boot entry), release record, unlock.
+One host (docs/transaction.md): connect (read its state), copy the closure, begin (lock,
+record the running generation, arm the dead-man switch: one step on the host), activate
+and settle, health, commit over a new connection (profile, boot entry, commit point,
+record, unlock: one step on the host). Every failure after begin ends with the host's own
+undo, run by the tool at once or by the host's switch when the tool cannot.
 
 The fleet: canary hosts first, then batches; a wave that takes failures past
 --max-failures stops the rollout, and hosts this release already persisted go back to
-their recorded generations too, unless --no-rollback.
+their recorded generations too (each through a transaction of its own), unless
+--no-rollback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import math
 import secrets
 import socket
@@ -27,9 +27,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet import health, nix
+from fleet import health, nix, testhook
 from fleet.errors import ExitCode, FleetError, NixError, SshError
-from fleet.hostops import HostOps, HostState, LockHeld
+from fleet.hostops import (
+    Expired,
+    Fenced,
+    HelperError,
+    HostOps,
+    HostState,
+    LockHeld,
+    clock,
+    helper_of,
+    new_token,
+)
 from fleet.inventory import Host
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
 from fleet.output import Reporter
@@ -56,7 +66,13 @@ class DeployOptions:
     rollback: bool = True
     dry_run: bool = False
     boot: bool = False
+    reboot: bool = False
+    boot_timeout: float = 300.0  # --reboot: how long a host may take to come back
     break_lock: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "reboot" if self.reboot else "boot" if self.boot else "switch"
 
 
 @dataclass(frozen=True)
@@ -81,16 +97,25 @@ class Release:
             started=now.isoformat(timespec="seconds"),
         )
 
-    def lock_info(self) -> str:
-        return json.dumps(
-            {
-                "release": self.id,
-                "operator": self.operator,
-                "since": datetime.now(UTC).isoformat(timespec="seconds"),
-                "action": self.action,
-            },
-            sort_keys=True,
-        )
+    def holder(self) -> dict[str, Any]:
+        """Who holds a host's lock, as other operators will read it."""
+        return {
+            "release": self.id,
+            "operator": self.operator,
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": self.action,
+        }
+
+    def base(self, host: str) -> dict[str, Any]:
+        """The fields every release record of this release has on ``host``."""
+        return {
+            "release": self.id,
+            "action": self.action,
+            "host": host,
+            "operator": self.operator,
+            "flake": self.flake,
+            "revision": self.revision,
+        }
 
 
 @dataclass
@@ -104,9 +129,9 @@ class Report:
     @property
     def result(self) -> RolloutResult:
         touched = [r for r in self.reports if r.result is not HostResult.SKIPPED]
-        if any(r.result.needs_attention for r in self.reports):
+        if any(r.result.needs_attention or r.record_error for r in self.reports):
             return RolloutResult.ATTENTION
-        if self.stopped is None and all(r.result is HostResult.DEPLOYED for r in touched):
+        if self.stopped is None and all(r.result.succeeded for r in touched):
             return RolloutResult.DEPLOYED
         return RolloutResult.ROLLED_BACK
 
@@ -152,7 +177,7 @@ def plan_waves(names: Sequence[str], canary: int, batch_size: int | str) -> list
 
 
 class _Failed(Exception):
-    """A protocol step failed; the host still runs (or will run) a known system."""
+    """A protocol step failed; the host's transaction is still ours to undo."""
 
     def __init__(self, phase: Phase, message: str) -> None:
         super().__init__(message)
@@ -161,6 +186,18 @@ class _Failed(Exception):
 
 def endpoint(host: Host, user: str | None = None) -> Endpoint:
     return Endpoint(host.name, host.address, host.ssh_port, user or host.ssh_user, host.host_key)
+
+
+@dataclass
+class _Txn:
+    """This side's view of one host's transaction: enough to drive it and to tell the
+    truth about it when the host cannot be asked."""
+
+    token: str
+    helper: str
+    target: Generation
+    recorded: Generation | None = None
+    deadline: float | None = None  # the host's own undo deadline, as it last told us
 
 
 class Rollout:
@@ -198,159 +235,322 @@ class Rollout:
             report.timings[phase.value] = report.timings.get(phase.value, 0.0) + (
                 time.monotonic() - start
             )
+        testhook.pause(phase.value, report.name)
 
     def deploy_host(self, name: str, path: str) -> HostReport:
         report = HostReport(name)
         ops = HostOps(self.remote(name))
+        target = Generation(self.generations.get(name), path)
+        state: HostState | None = None
         try:
             with self._phase(report, Phase.CONNECT):
                 state = ops.state()
         except SshError as exc:
             report.fail(HostResult.UNREACHABLE, Phase.CONNECT, str(exc))
             return self._done(report)
-        report.previous = state.running_generation()
-        if state.running == path and state.current_path == path:
-            report.result, report.new = HostResult.DEPLOYED, report.previous
-            return self._done(report)
+        except HelperError:
+            pass  # no fleet-host on the running system yet: the target brings one
+        if state is not None:
+            report.previous = state.running_generation()
+            if (
+                self.options.mode == "switch"
+                and state.txn is None
+                and state.running == path
+                and state.current_path == path
+            ):
+                self._unchanged(ops, report)
+                return self._done(report)
         report.changed = True
         try:
             with self._phase(report, Phase.COPY):
                 nix.copy_closure(ops.remote, path)
         except (NixError, SshError) as exc:
-            report.fail(HostResult.FAILED, Phase.COPY, f"nothing was activated: {exc}")
+            report.fail(HostResult.FAILED, Phase.COPY, f"nothing was changed: {exc}")
             return self._done(report)
-        info = self.release.lock_info()
-        try:
-            with self._phase(report, Phase.LOCK):
-                locked = ops.lock(info, force=self.options.break_lock)
-        except (LockHeld, SshError, FleetError) as exc:
-            result = HostResult.UNREACHABLE if isinstance(exc, SshError) else HostResult.FAILED
-            report.fail(result, Phase.LOCK, str(exc))
-            return self._done(report)
-        try:
-            self._locked_protocol(ops, report, path, locked)
-        finally:
-            self._finish_host(ops, report, info)
+        self._transaction(ops, report, target)
         return self._done(report)
 
-    def _locked_protocol(
-        self, ops: HostOps, report: HostReport, path: str, locked: HostState
-    ) -> None:
-        # The rollback target: what ran when the lock was taken (read in the same round trip).
-        recorded = locked.running_generation()
-        if recorded is None:
-            report.fail(HostResult.FAILED, Phase.RECORD,
-                        "the host runs no system (/run/current-system)")  # fmt: skip
-            return
-        report.previous = recorded
-        if self.options.boot:
-            self._persist(ops, report, path)
-            return
-        try:
-            self._switch_and_prove(ops, report, recorded, path)
-        except _Failed as failure:
-            self._restore(ops, report, recorded, failure)
-            return
-        except FleetError as exc:  # lost connection, or a step that could not run
-            self._restore(ops, report, recorded, _Failed(self._last_phase(report), str(exc)))
-            return
-        if not self._persist(ops, report, path):
-            # The profile still names the recorded generation: run that again, so that the
-            # running system is the profile's current one.
-            self._restore(ops, report, recorded, _Failed(Phase.PERSIST, report.message or ""))
-
-    def _last_phase(self, report: HostReport) -> Phase:
-        return Phase(list(report.timings)[-1]) if report.timings else Phase.CONNECT
-
-    def _switch_and_prove(
-        self, ops: HostOps, report: HostReport, recorded: Generation, path: str
-    ) -> None:
-        with self._phase(report, Phase.ARM):
-            ops.arm(recorded.path, self.options.confirm_timeout)
-        with self._phase(report, Phase.ACTIVATE):
-            code, output = ops.activate(path, "test")
-        if code != 0:
-            why = SWITCH_MESSAGES.get(code, f"switch-to-configuration exited {code}")
-            raise _Failed(Phase.ACTIVATE, f"{why} (exit {code})" + _tail(output))
+    def _unchanged(self, ops: HostOps, report: HostReport) -> None:
+        """Nothing to change; the host still has to prove itself healthy."""
+        report.new = report.previous
         with self._phase(report, Phase.HEALTH):
             verdict = health.check_host(
                 ops, self.hosts[report.name].checks, self.options.health_timeout
             )
-        if not verdict.ok:
-            raise _Failed(Phase.HEALTH, verdict.message)
-        with self._phase(report, Phase.CONFIRM):
-            confirmed = ops.disarm(fresh=True)
-        if not confirmed:
-            raise _Failed(
-                Phase.CONFIRM,
-                "the dead-man switch fired before confirmation; "
-                "the host re-activated its recorded generation",
+        if verdict.ok:
+            report.result = HostResult.DEPLOYED
+        else:
+            report.fail(
+                HostResult.FAILED,
+                Phase.HEALTH,
+                f"already runs this system, but it is unhealthy: {verdict.message}",
             )
 
-    def _restore(
-        self, ops: HostOps, report: HostReport, recorded: Generation, failure: _Failed
-    ) -> None:
-        """Re-activate the recorded generation now, prove it healthy, then disarm."""
-        report.fail(HostResult.FAILED, failure.phase, str(failure))
+    def _transaction(self, ops: HostOps, report: HostReport, target: Generation) -> None:
+        """One transaction on the host: begin, then the mode's steps, then commit; any
+        failure after begin (foreseen or not) is undone by the host."""
+        txn = _Txn(new_token(), helper_of(target.path), target)
+        mode = self.options.mode
+        try:
+            with self._phase(report, Phase.LOCK):
+                answer = ops.begin(
+                    txn.token,
+                    self.release.holder(),
+                    self.release.base(report.name),
+                    mode,
+                    target,
+                    self.options.confirm_timeout,
+                    self._after_boot(),
+                    take_over=self.options.break_lock,
+                )
+        except LockHeld as exc:
+            report.fail(HostResult.FAILED, Phase.LOCK, str(exc))
+            return
+        except SshError as exc:
+            report.fail(
+                HostResult.UNREACHABLE,
+                Phase.LOCK,
+                f"{exc}; if the lock was taken, the host releases it by itself "
+                f"within {self.options.confirm_timeout:g} s",
+            )
+            return
+        except FleetError as exc:
+            report.fail(HostResult.FAILED, Phase.LOCK, f"nothing was changed: {exc}")
+            return
+        if answer.get("noop"):
+            self._unchanged(ops, report)
+            return
+        recorded = answer.get("recorded") or {}
+        txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
+        txn.deadline = time.time() + self.options.confirm_timeout
+        report.previous = txn.recorded
+        try:
+            if mode == "boot":
+                self._commit(ops, report, txn)
+            elif mode == "reboot":
+                self._reboot(ops, report, txn)
+            else:
+                self._switch(ops, report, txn)
+        except _Failed as failure:
+            self._undo(ops, report, txn, failure.phase, str(failure))
+        except Expired as exc:
+            self._expired(ops, report, txn, exc)
+        except Fenced as exc:
+            self._fenced(ops, report, txn, str(exc))
+        except Exception as exc:  # lost link, or anything unforeseen: the host undoes
+            phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
+            why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
+            self._undo(ops, report, txn, phase, why)
+
+    def _after_boot(self) -> float:
+        """How long a host that booted its new generation waits for proof."""
+        return self.options.health_timeout + self.options.confirm_timeout
+
+    def _switch(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
+        started = time.monotonic()
+        with self._phase(report, Phase.ACTIVATE):
+            activation = ops.activate(
+                txn.helper, txn.token, self.options.health_timeout, self.options.confirm_timeout
+            )
+        txn.deadline = activation.deadline
+        if activation.switch_exit != 0:
+            code = activation.switch_exit
+            why = SWITCH_MESSAGES.get(code, f"switch-to-configuration exited {code}")
+            raise _Failed(Phase.ACTIVATE, f"{why} (exit {code})" + _tail(activation.output))
+        if activation.failed_units:
+            raise _Failed(Phase.HEALTH, f"failed units: {', '.join(activation.failed_units)}")
+        if not activation.settled:
+            raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
+        self._prove(ops, report, started + self.options.health_timeout)
+        self._commit(ops, report, txn)
+
+    def _prove(self, ops: HostOps, report: HostReport, deadline: float) -> None:
+        with self._phase(report, Phase.HEALTH):
+            verdict = health.run_checks(ops.remote, self.hosts[report.name].checks, deadline)
+        if not verdict.ok:
+            raise _Failed(Phase.HEALTH, verdict.message)
+
+    def _reboot(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
+        """Boot the new generation once; prove it after the reboot, then make it default."""
+        with self._phase(report, Phase.REBOOT):
+            ops.reboot(txn.helper, txn.token, self.options.boot_timeout)
+            state = self._wait_for_boot(ops, txn)
+        if state is None:
+            report.fail(
+                HostResult.UNREACHABLE,
+                Phase.REBOOT,
+                f"did not come back within {self.options.boot_timeout:g} s; its "
+                "default boot entry is still the recorded generation, and a boot "
+                "of the new one reverts by itself unless confirmed",
+            )
+            return
+        if state.txn is None or state.txn.token != txn.token:
+            self._resolved_by_host(ops, report, txn, "the host did not boot the new generation")
+            return
+        txn.deadline = state.txn.deadline
+        self._prove(ops, report, time.monotonic() + self.options.health_timeout)
+        self._commit(ops, report, txn)
+
+    def _wait_for_boot(self, ops: HostOps, txn: _Txn) -> HostState | None:
+        """The host's state once it is back from its reboot (its transaction past
+        ``rebooting``), or None if it is not back in time."""
+        end = time.monotonic() + self.options.boot_timeout
+        time.sleep(1.0)
+        while time.monotonic() < end:
+            try:
+                state = ops.state(fresh=True, timeout=10)
+            except FleetError:
+                time.sleep(1.0)
+                continue
+            if state.txn is None or state.txn.token != txn.token or state.txn.state != "rebooting":
+                return state
+            time.sleep(1.0)
+        return None
+
+    def _commit(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
+        record = self.record(report) | {"phase": None, "message": None}
+        try:
+            with self._phase(report, Phase.CONFIRM):
+                answer = ops.commit(txn.helper, txn.token, record)
+        except Fenced:
+            # Gone: committed by us with the answer lost, or taken over. The host knows.
+            self._resolved_by_host(ops, report, txn, "the commit's answer was lost")
+            return
+        except SshError as exc:
+            # A new connection fails: the new system may lock new sessions out. Undo over
+            # the session that still works, if one does.
+            raise _Failed(Phase.CONFIRM, f"no new ssh connection after activation: {exc}") from exc
+        except Expired:
+            raise
+        except HelperError as exc:  # not persisted: the host has undone it already
+            report.fail(HostResult.FAILED, Phase.PERSIST, str(exc))
+            self._verify_restored(ops, report, txn, exc.data)
+            return
+        new = answer.get("new") or {}
+        report.new = Generation(new.get("number"), str(new.get("path", txn.target.path)))
+        report.result = (
+            HostResult.PENDING_REBOOT if self.options.mode == "boot" else HostResult.DEPLOYED
+        )
+        report.record_error = answer.get("record_error")
+
+    def _undo(self, ops: HostOps, report: HostReport, txn: _Txn, phase: Phase, why: str) -> None:
+        """Ask the host to undo now; if it cannot be asked, say what the host will do."""
+        report.fail(HostResult.FAILED, phase, why)
+        record = self.record(report)
         try:
             with self._phase(report, Phase.ROLLBACK):
-                code, output = ops.activate(recorded.path, "test")
-                verdict = health.check_host(
-                    ops, self.hosts[report.name].checks, self.options.health_timeout
-                )
-                ops.disarm()
+                data = ops.undo(txn.helper, txn.token, record, self.options.health_timeout)
+        except Fenced:
+            self._resolved_by_host(ops, report, txn, why)
+            return
         except FleetError as exc:
             lost = isinstance(exc, SshError)
             report.fail(
                 HostResult.UNREACHABLE if lost else HostResult.FAILED,
-                failure.phase,
-                f"{failure}; then {'unreachable' if lost else 'the rollback failed'} ({exc}): "
-                f"its dead-man switch re-activates the recorded generation within "
-                f"{self.options.confirm_timeout:g} s",
+                phase,
+                f"{why}; then the undo could not run ({exc}): the host's dead-man switch "
+                f"undoes the change at {clock(txn.deadline)}",
             )
             return
-        if code == 0 and verdict.ok:
+        self._verify_restored(ops, report, txn, data)
+
+    def _verify_restored(
+        self, ops: HostOps, report: HostReport, txn: _Txn, data: dict[str, Any]
+    ) -> None:
+        """The host undid the change; it counts as rolled back once proven healthy."""
+        report.new = txn.recorded
+        problems = []
+        code = data.get("switch_exit")
+        if code:
+            problems.append(f"re-activation exited {code}{_tail(str(data.get('output', '')))}")
+        failed = data.get("failed_units") or []
+        if failed:
+            problems.append(f"failed units: {', '.join(failed)}")
+        for key in ("profile_error", "boot_error"):
+            if data.get(key):
+                problems.append(str(data[key]))
+        if not problems:
+            try:
+                verdict = health.run_checks(
+                    ops.remote,
+                    self.hosts[report.name].checks,
+                    time.monotonic() + self.options.health_timeout,
+                )
+            except FleetError as exc:
+                problems.append(f"its health could not be checked: {exc}")
+            else:
+                if not verdict.ok:
+                    problems.append(verdict.message)
+        if not problems:
             report.result = HostResult.ROLLED_BACK
-            report.new = recorded
-        else:
-            report.message = (
-                f"{failure}; the rollback did not come back healthy either: "
-                f"{verdict.message if code == 0 else f'exit {code}'}{_tail(output)}"
-            )
+            report.record_error = data.get("record_error")
+            return
+        report.result = HostResult.FAILED
+        report.message = (
+            f"{report.message}; restored to its recorded generation, which is not healthy "
+            f"either: {'; '.join(problems)}"
+        )
+        with contextlib.suppress(FleetError):
+            report.record_error = ops.append_record(self.record(report))
 
-    def _persist(self, ops: HostOps, report: HostReport, path: str) -> bool:
-        """Profile and boot entry; False when the profile was left as it was."""
+    def _expired(self, ops: HostOps, report: HostReport, txn: _Txn, exc: Expired) -> None:
+        report.fail(
+            HostResult.FAILED,
+            Phase.CONFIRM,
+            "not confirmed before the host's deadline; the host undid the change",
+        )
+        self._verify_restored(ops, report, txn, exc.data)
+
+    def _fenced(self, ops: HostOps, report: HostReport, txn: _Txn, why: str) -> None:
+        self._resolved_by_host(ops, report, txn, why)
+
+    def _resolved_by_host(self, ops: HostOps, report: HostReport, txn: _Txn, why: str) -> None:
+        """Our transaction ended without us: read what the host did, claim nothing else."""
         try:
-            with self._phase(report, Phase.PERSIST):
-                # A rollback goes back to its existing generation rather than adding one.
-                number, code, output = ops.persist(path, self.generations.get(report.name))
+            state = ops.state()
         except FleetError as exc:
-            report.fail(HostResult.FAILED, Phase.PERSIST, f"not made the profile's current "
-                        f"generation: {exc}")  # fmt: skip
-            return False
-        report.new = Generation(number, path)
-        if code != 0:
-            # Running and current agree; only the boot loader lags: an operator must look.
-            report.fail(HostResult.FAILED, Phase.PERSIST,
-                        f"boot entry not installed (exit {code}){_tail(output)}")  # fmt: skip
-            return True
-        report.result = HostResult.DEPLOYED
-        return True
-
-    def _finish_host(self, ops: HostOps, report: HostReport, info: str) -> None:
-        """Release record and unlock, best effort: the host may be gone."""
-        with contextlib.suppress(SshError, FleetError):
-            ops.finish(self.record(report), info)
+            report.fail(
+                HostResult.UNREACHABLE,
+                report.phase or Phase.CONFIRM,
+                f"{why}; the host cannot be asked what became of the change: {exc}",
+            )
+            return
+        if state.txn is not None and state.txn.token != txn.token:
+            report.fail(
+                HostResult.FAILED,
+                report.phase or Phase.CONFIRM,
+                f"{why}; the host's lock was taken over by {state.lock}, whose "
+                "transaction now decides this host's system",
+            )
+            return
+        last = state.last_release or {}
+        if last.get("release") == self.release.id and last.get("host") in (None, report.name):
+            new = last.get("new") or {}
+            result = str(last.get("result"))
+            if result in ("deployed", "pending-reboot") and new.get("path") == txn.target.path:
+                report.result = HostResult(result)
+                report.new = Generation(new.get("number"), str(new.get("path")))
+                report.phase = None
+                report.message = None
+                return
+            if result == "rolled-back":
+                report.fail(
+                    HostResult.FAILED,
+                    report.phase or Phase.CONFIRM,
+                    f"{why}; the host undid the change: {last.get('message')}",
+                )
+                self._verify_restored(ops, report, txn, {})
+                return
+        report.fail(
+            HostResult.FAILED,
+            report.phase or Phase.CONFIRM,
+            f"{why}; the host holds no record of this release's outcome: see "
+            f"`fleet status {report.name}`",
+        )
 
     def record(self, report: HostReport) -> dict[str, Any]:
-        return {
-            "release": self.release.id,
-            "action": self.release.action,
-            "host": report.name,
-            "operator": self.release.operator,
+        return self.release.base(report.name) | {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "flake": self.release.flake,
-            "revision": self.release.revision,
             "previous": report.previous.as_json() if report.previous else None,
             "new": report.new.as_json() if report.new else None,
             "result": report.result.value,
@@ -366,53 +566,44 @@ class Rollout:
     # -- fleet-wide rollback of persisted hosts ------------------------------------------
 
     def revert_host(self, report: HostReport) -> None:
-        """Put a host this release persisted back on its recorded generation, as a switch."""
+        """Put a host this release persisted back on its recorded generation, through a
+        transaction of its own (switch, health, commit to the existing generation)."""
         assert report.previous is not None
+        back = HostReport(report.name, changed=True, previous=report.new)
         ops = HostOps(self.remote(report.name))
-        info = self.release.lock_info()
         target = report.previous
         try:
-            with self._phase(report, Phase.ROLLBACK):
-                ops.lock(info, force=self.options.break_lock)
-        except (SshError, FleetError) as exc:
-            result = HostResult.UNREACHABLE if isinstance(exc, SshError) else HostResult.FAILED
-            report.fail(result, Phase.ROLLBACK, f"fleet rollback failed: {exc}")
-            return
-        try:
-            with self._phase(report, Phase.ROLLBACK):
-                _, code, output = ops.persist(target.path, target.number)
-                if code == 0:
-                    code, output = ops.activate(target.path, "test")
-                verdict = health.check_host(
-                    ops, self.hosts[report.name].checks, self.options.health_timeout
-                )
-            if code == 0 and verdict.ok:
-                report.result, report.new = HostResult.ROLLED_BACK, target
-                report.message = "rolled back with the rest of the release"
-            else:
-                report.fail(
-                    HostResult.FAILED,
-                    Phase.ROLLBACK,
-                    f"fleet rollback unhealthy: "
-                    f"{verdict.message if code == 0 else f'exit {code}'}{_tail(output)}",
-                )
-        except (SshError, FleetError) as exc:
-            result = HostResult.UNREACHABLE if isinstance(exc, SshError) else HostResult.FAILED
-            report.fail(result, Phase.ROLLBACK, f"fleet rollback failed: {exc}")
-        finally:
-            self._finish_host(ops, report, info)
+            with self._phase(back, Phase.COPY):
+                pass  # the recorded generation is on the host: it ran it
+            self._transaction(ops, back, target)
+        except Exception as exc:
+            back.fail(HostResult.FAILED, Phase.ROLLBACK, f"unexpected error: {exc!r}")
+        for phase, seconds in back.timings.items():
+            key = f"revert-{phase}"
+            report.timings[key] = report.timings.get(key, 0.0) + seconds
+        if back.result is HostResult.DEPLOYED:
+            report.result, report.new = HostResult.ROLLED_BACK, back.new
+            report.message = "rolled back with the rest of the release"
+        else:
+            report.result = back.result
+            report.phase = Phase.ROLLBACK
+            report.message = f"fleet rollback failed: {back.message}"
+            report.new = back.new
 
     # -- the fleet ---------------------------------------------------------------------
 
     def _guarded(self, name: str, path: str) -> HostReport:
-        """One host's protocol; an error nobody foresaw fails that host, not the rollout
-        (an armed dead-man switch still reverts it)."""
+        """One host's protocol; an error nobody foresaw fails that host, not the rollout.
+        (After begin, the transaction catches everything and has the host undo.)"""
         try:
             return self.deploy_host(name, path)
         except Exception as exc:
             report = HostReport(name, changed=True)
-            report.fail(HostResult.FAILED, Phase.DONE, f"unexpected error: {exc!r}; if a "
-                        "dead-man switch was armed it reverts the host by itself")  # fmt: skip
+            report.fail(
+                HostResult.FAILED,
+                Phase.DONE,
+                f"unexpected error: {exc!r}; see `fleet status {name}`",
+            )
             return self._done(report)
 
     def run(self, paths: dict[str, str], order: Sequence[str]) -> Report:
@@ -427,7 +618,7 @@ class Rollout:
                 done = list(pool.map(lambda n: self._guarded(n, paths[n]), wave))
                 for r in done:
                     reports[r.name] = r
-                failures += sum(r.result is not HostResult.DEPLOYED for r in done)
+                failures += sum(not r.result.succeeded for r in done)
                 if failures > self.options.max_failures:
                     report.stopped = (
                         f"wave {number} of {len(waves)} brought failures to "
@@ -437,9 +628,7 @@ class Rollout:
                     break
             report.reports = [reports[n] for n in order]
             if report.stopped and self.options.rollback:
-                persisted = [
-                    r for r in report.reports if r.result is HostResult.DEPLOYED and r.changed
-                ]
+                persisted = [r for r in report.reports if r.result.succeeded and r.changed]
                 list(pool.map(self.revert_host, persisted))
         self.reporter.finish()
         report.duration = time.monotonic() - start

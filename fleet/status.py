@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import health
-from fleet.hostops import HostOps, HostState, describe_lock
+from fleet.hostops import Breach, BreachKind, HostOps, HostState, clock
 from fleet.inventory import Host
 from fleet.models import Generation
 from fleet.output import generation_cell, short_path
@@ -22,6 +22,26 @@ class HostStatus:
     state: HostState | None = None
     health: health.Health | None = None
     desired: str | None = None  # what the flake builds now, when asked (it needs a build)
+
+    @property
+    def breaches(self) -> list[Breach]:
+        """How this host breaks the safety invariant (nothing when unreachable: unknown)."""
+        if self.state is None:
+            return []
+        found = self.state.breaches(self.name)
+        if self.health is not None and not self.health.ok and not self.state.failed_units:
+            found.append(
+                Breach(
+                    BreachKind.UNHEALTHY,
+                    self.health.message,
+                    f"fleet rollback {self.name}, or repair the service",
+                )
+            )
+        return found
+
+    @property
+    def ok(self) -> bool:
+        return self.reachable and not self.breaches
 
     @property
     def drift(self) -> bool | None:
@@ -40,7 +60,21 @@ class HostStatus:
             "running": running.as_json() if running else None,
             "booted": s.booted,
             "current": current.as_json() if current else None,
-            "pendingBoot": s.current_path is not None and s.current_path != s.running,
+            "pendingReboot": s.pending_reboot,
+            "bootEntry": s.boot_entry,
+            "transaction": (
+                {
+                    "release": s.txn.release,
+                    "holder": s.txn.holder,
+                    "mode": s.txn.mode,
+                    "state": s.txn.state,
+                    "deadline": s.txn.deadline,
+                    "abandoned": s.txn.abandoned,
+                }
+                if s.txn
+                else None
+            ),
+            "breaches": [b.as_json() for b in self.breaches],
             "failedUnits": list(s.failed_units),
             "healthy": self.health.ok if self.health else None,
             "health": self.health.message if self.health else None,
@@ -59,14 +93,17 @@ class HostStatus:
             "host": self.name,
             "reachable": "yes",
             "running": generation_cell(s.running_generation()),
-            "current": f"#{s.current}" + ("" if s.current_path == s.running else " (pending)"),
+            "current": f"#{s.current}" + (" (pending reboot)" if s.pending_reboot else ""),
             "booted": short_path(s.booted) if s.booted != s.running else "= running",
             "failed units": " ".join(s.failed_units) or "-",
             "health": ("ok" if self.health.ok else self.health.message[:40])
             if self.health else "-",
             "last release": (f"{last.get('release')} {last.get('result')} by "
                              f"{str(last.get('operator', '?')).split('@')[0]}") if last else "-",
-            "lock": describe_lock(s.lock) if s.lock else "-",
+            "lock": (f"{s.lock}, {'ABANDONED' if s.txn.abandoned else 'until'} "
+                     f"{clock(s.txn.deadline)}") if s.txn and s.lock else "-",
+            "invariant": "; ".join(f"{b.message} (repair: {b.repair})"
+                                   for b in self.breaches)[:120] or "ok",
         } | ({} if self.drift is None else {"drift": "yes" if self.drift else "no"})  # fmt: skip
 
 

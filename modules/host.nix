@@ -2,8 +2,14 @@
 #
 # The fleet-level module (./fleet) sets `fleet.*` for each host; the module
 # turns it into systemd units, firewall rules, a manifest under /etc/fleet and
-# the ssh access the fleet tool needs.
-{ config, lib, ... }:
+# the ssh access the fleet tool needs, and installs the host's half of the
+# deploy protocol, `fleet-host`, with the unit that runs its boot recovery.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 let
   inherit (lib)
     any
@@ -12,6 +18,7 @@ let
     concatStringsSep
     elem
     filter
+    literalMD
     mapAttrs
     mapAttrs'
     mapAttrsToList
@@ -138,6 +145,11 @@ let
   duplicatePorts = lib.unique (filter (p: lib.count (q: q == p) claimedPorts > 1) claimedPorts);
 
   forwarding = config.services.openssh.settings.AllowTcpForwarding or true;
+
+  # The unit that resolves, at every boot, a transaction a crash left behind
+  # (docs/transaction.md). Its name is reserved among the services' units.
+  bootUnit = "fleet-host-boot";
+  clashing = filter (name: cfg.services.${name}.unit == bootUnit) (lib.attrNames cfg.services);
 in
 {
   options.fleet = {
@@ -198,6 +210,28 @@ in
       readOnly = true;
       description = "What /etc/fleet/manifest.json says: the host's services and checks.";
     };
+
+    hostHelper = mkOption {
+      type = types.package;
+      readOnly = true;
+      default = import ./fleet-host-package.nix {
+        inherit lib;
+        inherit (pkgs) runCommand python3;
+        systemd = config.systemd.package;
+        nix = config.nix.package;
+      };
+      defaultText = literalMD ''
+        `fleet-host` from fleet/hostside/fleet_host.py, run by `pkgs.python3`,
+        with the programs of `config.systemd.package` and `config.nix.package`
+      '';
+      description = ''
+        The host's half of the deploy protocol (docs/transaction.md): one
+        Python program, `fleet-host`, whose systemctl, systemd-run, bootctl,
+        nix-env and nix-store are this host's. With `fleet.enable` it is in
+        `environment.systemPackages`, so that every generation has it at
+        `$toplevel/sw/bin/fleet-host`.
+      '';
+    };
   };
 
   config = mkIf cfg.enable {
@@ -215,7 +249,39 @@ in
 
     environment.etc."fleet/manifest.json".text = builtins.toJSON cfg.manifest;
 
-    systemd.services = mkMerge (concatMap (x: x) (mapAttrsToList unitsOf cfg.services));
+    environment.systemPackages = [ cfg.hostHelper ];
+
+    systemd.services = mkMerge (
+      [
+        {
+          ${bootUnit} = {
+            description = "Resolve a fleet transaction left unfinished by a crash";
+            # After the system is up: the recovery may run
+            # switch-to-configuration, which starts multi-user.target and would
+            # wait for this very unit if it were ordered before it.
+            wantedBy = [ "multi-user.target" ];
+            after = [ "multi-user.target" ];
+            # It runs once per boot; a deploy that changes it must not run it
+            # again in the middle of its own transaction. (stopIfChanged only
+            # matters for units that switch-to-configuration restarts.)
+            restartIfChanged = false;
+            serviceConfig = {
+              Type = "oneshot";
+              RemainAfterExit = true;
+              ExecStart = "${lib.getExe cfg.hostHelper} boot";
+              Restart = "no";
+            };
+          };
+        }
+      ]
+      ++ concatMap (x: x) (mapAttrsToList unitsOf cfg.services)
+    );
+
+    # The transaction record and the release records; the host's lock.
+    systemd.tmpfiles.rules = [
+      "d /var/lib/fleet 0700 root root - -"
+      "d /run/fleet 0700 root root - -"
+    ];
 
     networking.firewall.allowedTCPPorts = concatMap (
       service: optionals service.openFirewall service.ports
@@ -272,6 +338,10 @@ in
           "local"
         ];
         message = "fleet: services.openssh.settings.AllowTcpForwarding must stay on: the fleet tool tunnels HTTP and TCP health checks over ssh.";
+      }
+      {
+        assertion = clashing == [ ];
+        message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${bootUnit}, which the fleet host module reserves for its boot recovery: rename the service or set its `unit`.";
       }
       {
         assertion = duplicatePorts == [ ];

@@ -7,6 +7,7 @@ import platform
 import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fleet.errors import UsageError
@@ -19,6 +20,9 @@ TEMPLATE = (
     "switch-to-configuration.py",
     "lab-web.py",
 )
+# The host's half of fleet's transactions, from the package, installed by every lab system
+# at sw/bin/fleet-host (see build-system.sh).
+HOST_HELPER = "fleet-host.py"
 BROKEN_KINDS = ("health", "start", "build")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$")
 
@@ -40,13 +44,32 @@ def nix_system() -> str:
     return f"{machine}-linux"
 
 
-def write(lab: Lab, hosts: list[LabHost], host_keys: dict[str, str]) -> None:
+def write_template(lab: Lab) -> None:
+    """The package's files of the flake: its Nix, its builder, and the programs it installs."""
     lab.flake.mkdir(parents=True, exist_ok=True)
     template = resources.files("fleet.lab").joinpath("flake")
     for name in TEMPLATE:
-        (lab.flake / name).write_text(template.joinpath(name).read_text())
+        _write_if_changed(lab.flake / name, template.joinpath(name).read_text())
+    helper = resources.files("fleet.hostside").joinpath("fleet_host.py").read_text()
+    _write_if_changed(lab.flake / HOST_HELPER, helper)
     inventory_nix = resources.files("fleet").joinpath("nix/inventory.nix").read_text()
-    (lab.flake / "inventory.nix").write_text(inventory_nix)
+    _write_if_changed(lab.flake / "inventory.nix", inventory_nix)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Whole or not at all, so that a build reading the flake meanwhile sees one version."""
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write(lab: Lab, hosts: list[LabHost], host_keys: dict[str, str]) -> None:
+    write_template(lab)
     spec = {
         "system": nix_system(),
         "webPort": WEB_PORT,

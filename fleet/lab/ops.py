@@ -8,14 +8,14 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from fleet import nix, process
-from fleet.errors import FleetError, NixError, UsageError
+from fleet.errors import FleetError, HostKeyError, NixError, SshError, UsageError
 from fleet.lab import containers, flake, network, rootfs
 from fleet.lab.layout import MAX_HOSTS, TMPFS_SIZE, Lab, LabHost
 from fleet.ssh import Endpoint, SshConfig, Transport
@@ -37,10 +37,13 @@ OFFLINE = {"substituters": ""}
 
 Say = Callable[[str], None]
 
-# Wait for the host's boot to finish. A boot unit that failed (seen rarely, under load)
-# gets a few restarts; a host still degraded after them says which units and why.
-BOOTED = r"""
+# Wait for the host's boot to finish. A host that is shutting down (for a reboot) says so
+# with GOING_DOWN, and is waited for again. A boot unit that failed (seen rarely, under
+# load) gets a few restarts; a host still degraded after them says which units and why.
+GOING_DOWN = 75
+BOOTED = rf"""
 state=$(systemctl is-system-running --wait 2>/dev/null)
+[ "$state" = stopping ] && exit {GOING_DOWN}
 for attempt in 1 2 3; do
   [ "$state" = running ] && exit 0
   failed=$(systemctl list-units --failed --plain --no-legend | cut -d' ' -f1)
@@ -62,6 +65,7 @@ class Fault(StrEnum):
     STOP_SSH = "stop-ssh"
     START_SSH = "start-ssh"
     CRASH = "crash"
+    REBOOT = "reboot"
     FILL_DISK = "fill-disk"
     FREE_DISK = "free-disk"
 
@@ -121,6 +125,18 @@ def _profile_link(root: Path, path: str) -> None:
     (profiles / "system").symlink_to("system-1-link")
     (root / "boot/lab").mkdir(parents=True, exist_ok=True)
     (root / "boot/lab/default").symlink_to(path)
+    # As on NixOS: garbage collection never takes the running or the booted system, nor a
+    # generation (the copy into the root left a link to the profiles as this machine sees
+    # them, which names nothing inside the host).
+    gcroots = root / "nix/var/nix/gcroots"
+    gcroots.mkdir(parents=True, exist_ok=True)
+    for name, target in (
+        ("current-system", "/run/current-system"),
+        ("booted-system", "/run/booted-system"),
+        ("profiles", "/nix/var/nix/profiles"),
+    ):
+        (gcroots / name).unlink(missing_ok=True)
+        (gcroots / name).symlink_to(target)
 
 
 def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
@@ -186,27 +202,90 @@ def _port_open(address: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _wait_for_ssh(lab: Lab, timeout: float) -> list[str]:
-    """Wait until every host answers ssh and has booted; the hosts that booted degraded."""
+def _wait_booted(
+    lab: Lab, wanted: Sequence[Endpoint], timeout: float, after: Mapping[str, int | None]
+) -> list[str]:
+    """Wait until every wanted host answers ssh and has booted (for a host in ``after``: a
+    boot other than that one); the hosts that booted degraded."""
     deadline = time.monotonic() + timeout
+    hosts = {h.name: h for h in flake.hosts(lab) or []}
+
+    def old_boot(name: str) -> bool:
+        return name in after and _boot_id(lab, hosts[name]) in (None, after[name])
 
     def wait(endpoint: Endpoint) -> str | None:
-        while not _port_open(endpoint.address, endpoint.port, 0.5):
+        console = lab.host_dir(hosts[endpoint.name]) / "console.log"
+        while True:
+            if containers.nspawn_pid(lab, hosts[endpoint.name]) is None:
+                raise FleetError(
+                    f"lab host {endpoint.name} is down (its container ended; `fleet lab up` "
+                    f"boots it again); see {console}"
+                )
             if time.monotonic() > deadline:
                 raise FleetError(
-                    f"lab host {endpoint.name} did not answer ssh within "
-                    f"{timeout:g} s; see {lab.state}/hosts/{endpoint.name}/console.log"
+                    f"lab host {endpoint.name} did not boot and answer ssh within "
+                    f"{timeout:g} s; see {console}"
                 )
-            time.sleep(0.05)
-        remaining = max(1.0, deadline - time.monotonic())
-        booted = remote.remote(endpoint).run(
-            ["sh", "-c", BOOTED], fresh=True, timeout=remaining, check=False
-        )
-        return None if booted.ok else f"{endpoint.name}: {booted.last_error_line()}"
+            if old_boot(endpoint.name) or not _port_open(endpoint.address, endpoint.port, 0.5):
+                time.sleep(0.05)
+                continue
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                booted = remote.remote(endpoint).run(
+                    ["sh", "-c", BOOTED], fresh=True, timeout=remaining, check=False
+                )
+            except HostKeyError:
+                raise
+            except SshError:  # going down, or not yet up
+                time.sleep(0.1)
+                continue
+            if booted.returncode == GOING_DOWN:
+                time.sleep(0.1)
+                continue
+            return None if booted.ok else f"{endpoint.name}: {booted.last_error_line()}"
 
     with transport(lab) as remote, ThreadPoolExecutor(max_workers=32) as pool:
-        futures = [pool.submit(wait, e) for e in endpoints(lab)]
+        futures = [pool.submit(wait, e) for e in wanted]
         return [why for why in (f.result() for f in futures) if why is not None]
+
+
+def _wait_for_ssh(lab: Lab, timeout: float) -> list[str]:
+    """Wait until every host answers ssh and has booted; the hosts that booted degraded."""
+    return _wait_booted(lab, endpoints(lab), timeout, {})
+
+
+def _boot_id(lab: Lab, host: LabHost) -> int | None:
+    pid = containers.nspawn_pid(lab, host)
+    return None if pid is None else containers.leader_pid(pid)
+
+
+def boot_ids(lab: Lab) -> dict[str, int | None]:
+    """Each host's current boot, to tell a later one from it (the machine's pid of the
+    host's PID 1); None for a host that is down or between two boots."""
+    return {h.name: _boot_id(lab, h) for h in flake.hosts(lab) or []}
+
+
+def wait_booted(
+    lab: Lab,
+    names: Sequence[str],
+    timeout: float = SSH_WAIT,
+    *,
+    after: Mapping[str, int | None] | None = None,
+) -> None:
+    """Wait until the named hosts answer ssh with their pinned keys and have booted, as
+    ``lab up`` does, but without starting any: for hosts that reboot by themselves.
+
+    A host that is shutting down is waited for until its next boot; ``after`` (from
+    ``boot_ids`` before the reboot was asked for) waits for a boot other than the one named
+    there, for a reboot that may not have begun yet. Raises FleetError naming the hosts
+    that booted degraded, did not answer within ``timeout``, or are down (a crash or a
+    power-off ends the container; only ``lab up`` boots it again).
+    """
+    wanted = {_host(lab, name).name for name in names}
+    chosen = [e for e in endpoints(lab) if e.name in wanted]
+    degraded = _wait_booted(lab, chosen, timeout, after or {})
+    if degraded:
+        raise FleetError("lab hosts booted degraded: " + "; ".join(degraded))
 
 
 def _boot(lab: Lab, hosts: list[LabHost], image: Path) -> None:
@@ -254,6 +333,8 @@ def up(lab: Lab, count: int | None, say: Say) -> list[HostState]:
         try:
             if existing is None:
                 _create(lab, hosts, say)
+            else:
+                flake.write_template(lab)  # the next systems carry this package's programs
             network.ensure_bridge(lab)
             present = network.namespaces(lab.netns_prefix)
             for host in hosts:
@@ -321,6 +402,10 @@ def fault(lab: Lab, name: str, action: Fault) -> None:
         if pid is None:
             raise FleetError(f"lab host {name} is not running")
         containers.kill([pid])
+    elif action is Fault.REBOOT:
+        # As `systemctl reboot`: the shutdown is queued when this returns, the new boot
+        # comes by itself (see `wait_booted`).
+        containers.run_inside(lab, host, ["systemctl", "reboot"])
     elif action is Fault.FILL_DISK:
         stat = os.statvfs(lab.host_root(host))
         with _fill_file(lab, host).open("ab") as fill:

@@ -18,7 +18,7 @@ PACKAGES = (
     "nix-bin", "libdbi-perl",  # debootstrap does not resolve nix-bin's virtual perl-dbdabi dep
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "2"
+LAYOUT_VERSION = "3"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
 MASKED = ("console-getty.service", "systemd-remount-fs.service")
 READY = ".fleet-lab-ready"
@@ -42,15 +42,39 @@ substituters =
 
 BOOT_SCRIPT = """\
 #!/bin/sh
-# Activate the lab boot loader's entry, as NixOS's stage 2 activates the booted system.
-set -e
-entry=/boot/lab/default
-[ -e "$entry" ] || exit 0
-system=$(readlink -f "$entry")
+# The lab's boot loader and stage 2: activate the one-shot entry if there is one, else the
+# default entry, as NixOS activates the generation its boot loader chose; then let that
+# system's fleet-host resolve whatever transaction a crash or a reboot left.
+oneshot=/boot/lab/oneshot
+system=
+if [ -L "$oneshot" ] || [ -e "$oneshot" ]; then
+  system=$(readlink -f "$oneshot")
+  # Removed before it is used, so that a boot that fails does not use it again.
+  rm -f "$oneshot"
+  if [ ! -x "$system/bin/switch-to-configuration" ]; then
+    echo "the one-shot entry $system is no system; booting the default entry" >&2
+    system=
+  fi
+fi
+if [ -z "$system" ]; then
+  [ -e /boot/lab/default ] || exit 0
+  system=$(readlink -f /boot/lab/default)
+fi
+echo "booting $system"
 ln -sfn "$system" /run/booted-system
-exec "$system/bin/switch-to-configuration" test
+status=0
+"$system/bin/switch-to-configuration" test || status=$?
+if [ -x "$system/sw/bin/fleet-host" ]; then
+  "$system/sw/bin/fleet-host" boot || echo "fleet-host boot failed with exit code $?" >&2
+fi
+exit "$status"
 """
 
+# Type=oneshot: the boot (multi-user.target, `systemctl is-system-running --wait`) is done
+# when activation and fleet-host's recovery are. Neither may wait for systemd's whole job
+# queue to drain: this unit's own start job, and the targets after it, leave it only when
+# this unit ends. Units they start (the system's own, transient ones) are ordered after
+# basic.target only, which is reached before this unit starts.
 BOOT_UNIT = """\
 [Unit]
 Description=Activate the lab host's boot generation
@@ -59,7 +83,8 @@ After=local-fs.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-# A broken boot generation shows as its own failed units, not as this one.
+# A broken boot generation shows as its own failed units, not as this one; so does a
+# transaction fleet-host could not resolve, in its own words in this unit's journal.
 ExecStart=-/usr/local/sbin/fleet-lab-boot
 
 [Install]

@@ -6,6 +6,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -75,20 +76,41 @@ def running_paths(lab: Lab) -> dict[str, str | None]:
     return {name: state.running for name, state in host_states(lab).items()}
 
 
-def assert_safe(lab: Lab) -> None:
-    """The product's invariant: every host runs its profile's current generation, that
-    generation is healthy, and no deploy lock or dead-man timer is left behind."""
+def assert_safe(lab: Lab, hosts: list[str] | None = None) -> None:
+    """The product's invariant: every host runs its profile's current generation, which its
+    boot entry names too and which is healthy; no transaction (lock), no dead-man switch,
+    nothing abandoned."""
     inv = inventory(lab)
     with ops.transport(lab) as transport:
         for endpoint in ops.endpoints(lab):
+            name = endpoint.name
+            if hosts is not None and name not in hosts:
+                continue
             hostops = HostOps(transport.remote(endpoint))
             state = hostops.state()
-            name = endpoint.name
             assert state.running is not None, f"{name}: runs no system"
-            assert state.running == state.current_path, (
+            # A --boot deploy's documented state: the new generation waits for the next boot.
+            assert state.running == state.current_path or state.pending_reboot, (
                 f"{name}: runs {state.running}, profile's current is {state.current_path}"
             )
-            assert state.lock is None, f"{name}: lock left behind: {state.lock}"
-            assert state.deadman == (), f"{name}: dead-man timer left behind: {state.deadman}"
+            assert state.boot_entry == state.current_path, (
+                f"{name}: boot entry {state.boot_entry}, profile's current {state.current_path}"
+            )
+            assert state.txn is None, f"{name}: transaction left behind: {state.txn}"
+            assert state.watchers == (), f"{name}: dead-man switch left behind: {state.watchers}"
+            assert state.breaches(name) == [], f"{name}: {state.breaches(name)}"
             verdict = health.check_host(hostops, inv.hosts[name].checks, 20)
             assert verdict.ok, f"{name}: unhealthy: {verdict.message}"
+
+
+def wait_until_safe(lab: Lab, timeout: float = 60, hosts: list[str] | None = None) -> None:
+    """The invariant, once the host-side recovery the design promises has had its time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert_safe(lab, hosts)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

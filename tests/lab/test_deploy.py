@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from fleet.hostops import HostOps
-from fleet.lab import ops
+from fleet.hostops import HostOps, new_token
+from fleet.lab import containers, ops
+from fleet.models import Generation
 from tests.lab.fleetrun import (
     faulted,
     fleet_argv,
@@ -20,6 +21,7 @@ from tests.lab.fleetrun import (
     run_fleet,
     running_paths,
     set_release,
+    wait_until_safe,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
@@ -48,7 +50,7 @@ def test_deploy_persists_and_records(lab, lab_remotes):
         assert host["previous"]["number"] == before[name].current
         newest = max(g.number for g in before[name].generations)
         assert host["new"]["number"] == newest + 1  # after a rollback, current is not newest
-        assert set(host["timings"]) >= {"copy", "lock", "arm", "activate", "health", "confirm"}
+        assert set(host["timings"]) >= {"copy", "lock", "activate", "health", "confirm"}
         remote = lab_remotes[name]
         assert remote.run(["curl", "-s", "127.0.0.1:8080/version"], check=False).stdout in (
             "d1\n",
@@ -110,7 +112,7 @@ def test_full_disk_during_copy_activates_nothing(lab):
     assert code == 4, err
     host = report["hosts"]["lab3"]
     assert host["result"] == "failed" and host["phase"] == "copy"
-    assert "nothing was activated" in host["message"]
+    assert "nothing was changed" in host["message"]
     assert running_paths(lab) == before
 
 
@@ -165,11 +167,9 @@ def test_partition_during_activation_reverts_by_itself(lab):
     assert proc.returncode == 4
     host = json.loads(out)["hosts"]["lab2"]
     assert host["result"] == "unreachable"
-    assert "dead-man switch" in host["message"]
-    # The host put itself back: running its recorded generation, lock and timer gone.
-    deadline = time.monotonic() + 30
-    while running_paths(lab)["lab2"] != before["lab2"] and time.monotonic() < deadline:
-        time.sleep(0.5)
+    assert "dead-man switch undoes the change at" in host["message"]
+    # The host put itself back: running its recorded generation, lock and switch gone.
+    wait_until_safe(lab, 30)
     assert running_paths(lab) == before
 
 
@@ -186,14 +186,8 @@ def test_sigkill_after_activation_reverts_every_host(lab):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert running_paths(lab) != before  # the broken release is running, unconfirmed
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = host_states(lab)
-        if all(
-            s.running == before[n] and s.lock is None and not s.deadman for n, s in states.items()
-        ):
-            break
-        time.sleep(0.5)
+    # With the health timeout of the lab (30 s) the switch fires 34 s after activation.
+    wait_until_safe(lab, 60)
     assert running_paths(lab) == before
 
 
@@ -215,15 +209,41 @@ def test_second_deploy_to_a_locked_host_is_refused(lab):
     assert "--break-lock" in refused["message"]
 
 
-def test_lock_of_a_gone_holder_is_broken_only_on_purpose(lab, lab_remotes):
-    holder = json.dumps(
-        {"release": "ghost", "operator": "nobody@nowhere", "since": "then", "action": "deploy"}
+def test_lock_of_a_gone_holder_is_taken_over_only_on_purpose(lab, lab_remotes):
+    """A holder that is gone while its switch is still armed: refused, then taken over;
+    its recorded generation stays the rollback target and its record says so."""
+    recorded = host_states(lab)["lab1"].running
+    ghost = {"release": "ghost", "operator": "nobody@nowhere", "since": "then", "action": "x"}
+    HostOps(lab_remotes["lab1"]).begin(
+        new_token(), ghost, {"release": "ghost"}, "boot", Generation(None, recorded), 300, 20
     )
-    HostOps(lab_remotes["lab1"]).lock(holder)
     set_release(lab, "g1")
     code, report, _ = run_fleet(lab, "deploy", "lab1")
     assert code == 4 and "nobody@nowhere" in report["hosts"]["lab1"]["message"]
     code, report, err = run_fleet(lab, "deploy", "lab1", "--break-lock")
+    assert code == 0, err
+    assert report["hosts"]["lab1"]["previous"]["path"] == recorded
+    records = HostOps(lab_remotes["lab1"]).records()
+    assert [r["result"] for r in records if r.get("release") == "ghost"] == ["taken-over"]
+
+
+def test_abandoned_transaction_is_reported_and_recovered(lab, lab_remotes):
+    """A transaction whose switch is gone: status names it (exit 4), recover undoes it."""
+    state = host_states(lab)["lab2"]
+    remote = lab_remotes["lab2"]
+    ops_ = HostOps(remote)
+    ops_.begin(new_token(), {"release": "lost"}, {"release": "lost"}, "boot",
+               Generation(None, state.running), 300, 20)  # fmt: skip
+    remote.run(["sh", "-c", "systemctl kill -s KILL 'fleet-watch-*'; systemctl reset-failed"])
+    remote.run(["systemctl", "stop", "fleet-watch-*"], check=False)
+    code, report, err = run_fleet(lab, "status", "lab2")
+    assert code == 4, err
+    assert report["lab2"]["breaches"][0]["kind"] == "abandoned-transaction"
+    assert report["lab2"]["breaches"][0]["repair"] == "fleet recover lab2"
+    code, report, err = run_fleet(lab, "recover", "lab2")
+    assert code == 0, err
+    assert report["hosts"]["lab2"]["recovered"] == "undone"
+    code, _, err = run_fleet(lab, "status", "lab2")
     assert code == 0, err
 
 
@@ -265,17 +285,19 @@ def test_failed_persist_puts_the_recorded_generation_back(lab):
     on a system its profile does not name."""
     before = running_paths(lab)
     set_release(lab, "w1", start_delay=3)
-    root = str(lab.host_root(lab.host(2)))
+    host = lab.host(2)
+    profiles = "/nix/var/nix/profiles"
     proc = subprocess.Popen(
         fleet_argv(lab, "deploy", "lab2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         read_stderr_until(proc, "lab2: activate")
-        subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+        containers.run_inside(lab, host, ["mount", "--bind", profiles, profiles])
+        containers.run_inside(lab, host, ["mount", "-o", "remount,bind,ro", profiles])
         out, _ = proc.communicate(timeout=120)
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", root], check=True)
+        containers.run_inside(lab, host, ["umount", profiles])
     assert proc.returncode == 3, out
-    host = json.loads(out)["hosts"]["lab2"]
-    assert host["result"] == "rolled-back" and host["phase"] == "persist"
+    report = json.loads(out)["hosts"]["lab2"]
+    assert report["result"] == "rolled-back" and report["phase"] == "persist"
     assert running_paths(lab) == before

@@ -118,6 +118,41 @@ def test_full_disk_stops_the_copy(lab, lab_remotes):
     assert remote.run(["nix-store", "--verify-path", path]).returncode == 0
 
 
+def test_systems_carry_fleet_host(lab, lab_remotes):
+    remote = lab_remotes["lab1"]
+    helper = "/run/current-system/sw/bin/fleet-host"
+    assert remote.run(["test", "-x", helper], check=False).returncode == 0
+    installed = remote.run(["cat", helper]).stdout
+    source = (lab.flake / flake.HOST_HELPER).read_text().splitlines(keepends=True)
+    body = source[1:] if source and source[0].startswith("#!") else source
+    assert installed == "#!/usr/bin/python3\n" + "".join(body)
+
+
+def test_gc_keeps_the_running_and_booted_systems(lab, lab_remotes):
+    """As on NixOS, /run/current-system and /run/booted-system are garbage collector roots:
+    a system activated with `test` and in no generation survives `nix-store --gc`."""
+    remote = lab_remotes["lab3"]
+    before = current(remote)
+    booted = remote.run(["readlink", "-f", "/run/booted-system"]).stdout.strip()
+    path = build(lab, "lab3", "t6")
+    nix.copy_closure(remote, path)
+    add_garbage = "echo garbage > /tmp/garbage && nix-store --add /tmp/garbage"
+    garbage = remote.run(["sh", "-c", add_garbage]).stdout.strip()
+    try:
+        switched = remote.run([f"{path}/bin/switch-to-configuration", "test"], check=False)
+        assert switched.returncode == 0, switched.stderr
+        links = remote.run(["sh", "-c", f"readlink -f {PROFILE}-*-link"]).stdout.split()
+        assert path not in links
+        remote.run(["nix-store", "--gc"])
+        assert remote.run(["test", "-e", garbage], check=False).returncode == 1  # it collected
+        for kept in {path, booted, *links}:
+            assert remote.run(["nix-store", "--verify-path", kept], check=False).returncode == 0
+    finally:
+        remote.run([f"{before}/bin/switch-to-configuration", "test"], check=False)
+    assert current(remote) == before
+    assert http_get(remote.endpoint.address, "/health") == (200, "ok")
+
+
 def test_lab_inventory_matches_the_schema(lab):
     from fleet import inventory
 

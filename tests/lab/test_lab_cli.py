@@ -7,7 +7,7 @@ import pytest
 from fleet.cli import main
 from fleet.lab import ops
 from fleet.lab.layout import Lab
-from tests.lab.test_lab_lifecycle import leftovers
+from tests.lab.test_lab_lifecycle import leftovers, other_instance
 
 pytestmark = pytest.mark.lab
 
@@ -31,7 +31,7 @@ def assert_usage_error(code: int, err: str, *words: str) -> None:
 def test_status_and_flake(lab, capsys):
     code, out, _ = run(capsys, "lab", "status")
     assert code == 0
-    assert "lab1" in out and "10.231.1.11" in out
+    assert "lab1" in out and lab.host(1).address in out
     code, out, _ = run(capsys, "lab", "flake")
     assert code == 0 and out.strip() == str(lab.flake)
 
@@ -60,7 +60,7 @@ def test_bad_release_version(lab, capsys):
 
 @pytest.fixture()
 def unused_lab(monkeypatch) -> Lab:
-    monkeypatch.setenv("FLEET_LAB_INSTANCE", "3")
+    monkeypatch.setenv("FLEET_LAB_INSTANCE", other_instance(200))
     lab = Lab.from_env()
     assert leftovers(lab) == []
     yield lab

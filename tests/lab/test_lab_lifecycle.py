@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.errors import FleetError
 from fleet.lab import containers, network, ops
 from fleet.lab.layout import Lab
 from tests.lab.fleetrun import faulted
@@ -30,10 +31,16 @@ def leftovers(lab: Lab) -> list[str]:
     return found
 
 
+def other_instance(offset: int) -> str:
+    """An instance beside the session's lab (FLEET_LAB_INSTANCE), which keeps running; test
+    sessions on different instances never touch each other's."""
+    return str((Lab.from_env().instance + offset) % 255)
+
+
 @pytest.fixture()
 def spare_lab(monkeypatch) -> Lab:
     """A second instance, so the session's lab keeps running."""
-    monkeypatch.setenv("FLEET_LAB_INSTANCE", "2")
+    monkeypatch.setenv("FLEET_LAB_INSTANCE", other_instance(100))
     lab = Lab.from_env()
     ops.down(lab)
     yield lab
@@ -62,6 +69,8 @@ def test_crashed_host_boots_its_profile_generation_again(spare_lab):
     ops.fault(spare_lab, "lab1", ops.Fault.CRASH)
     [state] = ops.status(spare_lab)
     assert not state.running and not state.ssh
+    with pytest.raises(FleetError, match="lab1 is down"):  # a crash does not reboot
+        ops.wait_booted(spare_lab, ["lab1"], 5)
     [state] = ops.up(spare_lab, None, lambda _m: None)
     assert state.running and state.ssh
     with ops.transport(spare_lab) as transport:
@@ -71,6 +80,26 @@ def test_crashed_host_boots_its_profile_generation_again(spare_lab):
         assert running == profile
         assert remote.run(["systemctl", "is-active", "lab-web"]).stdout.strip() == "active"
     assert containers.nspawn_pid(spare_lab, host) is not None
+
+
+def supervisors(lab: Lab) -> list[int]:
+    return [
+        p
+        for p in containers.stray_nspawns(lab)
+        if containers._is_supervisor(containers._cmdline(p))
+    ]
+
+
+def test_up_and_down_while_a_host_reboots(spare_lab):
+    [before] = ops.up(spare_lab, 1, lambda _m: None)
+    boots = ops.boot_ids(spare_lab)
+    ops.fault(spare_lab, "lab1", ops.Fault.REBOOT)
+    # `lab up` waits for the host's next boot and does not start another container.
+    assert ops.up(spare_lab, None, lambda _m: None) == [before]
+    assert ops.boot_ids(spare_lab)["lab1"] not in (None, boots["lab1"])
+    assert len(supervisors(spare_lab)) == 1
+    ops.fault(spare_lab, "lab1", ops.Fault.REBOOT)
+    ops.down(spare_lab)  # fixture: nothing is left, not even a container booted meanwhile
 
 
 def test_partition_and_heal(lab):

@@ -22,7 +22,8 @@ def test_status_of_a_healthy_fleet(lab):
     lab1 = status["lab1"]
     assert lab1["reachable"] and lab1["healthy"] and lab1["failedUnits"] == []
     assert lab1["running"] == deployed["hosts"]["lab1"]["new"]
-    assert lab1["current"] == lab1["running"] and not lab1["pendingBoot"]
+    assert lab1["current"] == lab1["running"] and not lab1["pendingReboot"]
+    assert lab1["breaches"] == [] and lab1["transaction"] is None
     assert lab1["lastRelease"]["release"] == deployed["release"]
     assert lab1["lock"] is None
     assert lab1["drift"] is None  # not asked: it would need a build

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.nix.conftest import Nix
+from tests.nix.conftest import REPO, Nix
 
 HOST_VIEW = """
 let c = {config}; in {{
@@ -23,8 +27,25 @@ let c = {config}; in {{
   hostName = c.networking.hostName;
   platform = c.nixpkgs.hostPlatform;
   failed = c.failedAssertions;
+  packages = c.environment.systemPackages;
+  helper = c.fleet.hostHelper;
+  tmpfiles = c.systemd.tmpfiles.rules;
 }}
 """
+
+# The host helper's derivation: the fake runCommand keeps its build script.
+HELPER_VIEW = """
+let c = {config}; in {{
+  inherit (c.fleet.hostHelper) name buildCommand meta;
+  src = toString c.fleet.hostHelper.src;
+  systemd = c.systemd.package;
+  nix = c.nix.package;
+  python3 = h.pkgs.python3;
+}}
+"""
+
+STORE = "/nix/store/00000000000000000000000000000000"
+BOOT_UNIT = "fleet-host-boot"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +68,8 @@ def example(nix: Nix) -> dict[str, Any]:
 
 
 def fleet_units(host: dict[str, Any]) -> list[str]:
-    return sorted(u for u in host["units"] if u.startswith("fleet-"))
+    """The units of services (the host module's own unit left out)."""
+    return sorted(u for u in host["units"] if u.startswith("fleet-") and u != BOOT_UNIT)
 
 
 def test_each_placed_service_gets_a_unit(hosts: dict[str, Any]) -> None:
@@ -203,3 +225,205 @@ def test_example_hosts(example: dict[str, Any]) -> None:
     assert redis["serviceConfig"] == {"MemoryMax": "512M"}
     assert example["db1"]["ports"] == [6379]
     assert fleet_units(example["db1"]) == []
+
+
+# The host helper and boot recovery.
+
+
+@pytest.fixture(scope="module")
+def helper(nix: Nix) -> dict[str, Any]:
+    return nix.eval(  # type: ignore[no-any-return]
+        HELPER_VIEW.format(config=f'(h.hostConfig {nix.fleet("good.nix")} "app1")')
+    )
+
+
+def test_the_helper_is_installed_on_every_host(
+    hosts: dict[str, Any], example: dict[str, Any]
+) -> None:
+    for host in [*hosts.values(), *example.values()]:
+        assert host["helper"] == f"{STORE}-fleet-host"
+        assert host["packages"].count(host["helper"]) == 1
+
+
+def test_the_helper_is_built_from_the_hostside_source(helper: dict[str, Any]) -> None:
+    assert helper["name"] == "fleet-host"
+    assert helper["meta"]["mainProgram"] == "fleet-host"
+    assert helper["src"] == str(REPO / "fleet" / "hostside" / "fleet_host.py")
+
+
+def test_the_helper_runs_the_hosts_own_programs(helper: dict[str, Any]) -> None:
+    script = helper["buildCommand"]
+    systemd, nix_ = helper["systemd"], helper["nix"]
+    assert systemd == f"{STORE}-systemd" and nix_ == f"{STORE}-nix"
+    for constant, placeholder, program in [
+        ("SYSTEMCTL", "@systemctl@", f"{systemd}/bin/systemctl"),
+        ("SYSTEMD_RUN", "@systemd_run@", f"{systemd}/bin/systemd-run"),
+        ("BOOTCTL", "@bootctl@", f"{systemd}/bin/bootctl"),
+        ("NIX_ENV", "@nix_env@", f"{nix_}/bin/nix-env"),
+        ("NIX_STORE", "@nix_store@", f"{nix_}/bin/nix-store"),
+    ]:
+        replacement = f"""'{constant} = "{placeholder}"' '{constant} = "{program}"'"""
+        assert f"--replace-fail {replacement}" in script
+    assert f"#!{helper['python3']}/bin/python3" in script
+
+
+def test_the_helper_follows_the_configured_packages(nix: Nix) -> None:
+    fleet = """(h.evalFleet [ ({ pkgs, ... }: {
+      imports = [ tests/nix/fixtures/base.nix ];
+      hosts.app1.modules = [ {
+        systemd.package = pkgs.fake "systemd-custom";
+        nix.package = pkgs.fake "nix-custom";
+      } ];
+    }) ])"""
+    script = nix.eval(f'(h.hostConfig {fleet} "app1").fleet.hostHelper.buildCommand')
+    assert f"{STORE}-systemd-custom/bin/systemctl" in script
+    assert f"{STORE}-systemd-custom/bin/bootctl" in script
+    assert f"{STORE}-nix-custom/bin/nix-store" in script
+    assert f"{STORE}-systemd/" not in script and f"{STORE}-nix/" not in script
+
+
+def test_the_helper_cannot_be_replaced(nix: Nix) -> None:
+    error = nix.error(
+        """(h.hostConfig (h.evalFleet [ ({ pkgs, ... }: {
+          imports = [ tests/nix/fixtures/base.nix ];
+          hosts.app1.modules = [ { fleet.hostHelper = pkgs.fake "other"; } ];
+        }) ]) "app1").fleet.hostHelper"""
+    )
+    assert "fleet.hostHelper" in error and "read-only" in error
+
+
+def test_the_boot_recovery_unit(hosts: dict[str, Any]) -> None:
+    for host in hosts.values():
+        unit = host["units"][BOOT_UNIT]
+        assert unit["wantedBy"] == ["multi-user.target"]
+        assert unit["after"] == ["multi-user.target"]
+        assert unit["restartIfChanged"] is False
+        # Its exit status counts: no "-" prefix, no SuccessExitStatus, no restart.
+        assert unit["serviceConfig"] == {
+            "Type": "oneshot",
+            "RemainAfterExit": True,
+            "ExecStart": f"{STORE}-fleet-host/bin/fleet-host boot",
+            "Restart": "no",
+        }
+
+
+def test_state_and_runtime_directories(hosts: dict[str, Any]) -> None:
+    for host in hosts.values():
+        assert host["tmpfiles"] == [
+            "d /var/lib/fleet 0700 root root - -",
+            "d /run/fleet 0700 root root - -",
+        ]
+
+
+def test_a_service_cannot_take_the_boot_units_name(nix: Nix) -> None:
+    failed = nix.eval(
+        """(h.hostConfig (h.evalFleet [ {
+          imports = [ tests/nix/fixtures/base.nix ];
+          services.api.unit = "fleet-host-boot";
+        } ]) "app1").failedAssertions"""
+    )
+    assert failed == [
+        'fleet: host app1: service(s) "api" would run as unit fleet-host-boot, which the '
+        "fleet host module reserves for its boot recovery: rename the service or set its "
+        "`unit`."
+    ]
+
+
+# The build script, run with a stand-in for stdenv's substituteInPlace.
+
+SUBSTITUTE = """
+substituteInPlace() {
+  "$PYTHON" - "$@" <<'END'
+import sys
+path, args = sys.argv[1], sys.argv[2:]
+with open(path) as f:
+    text = f.read()
+while args:
+    flag, old, new, *args = args
+    assert flag == "--replace-fail", flag
+    if old not in text:
+        sys.exit(f"substituteStream(): ERROR: pattern {old} doesn't match anything in file")
+    text = text.replace(old, new)
+with open(path, "w") as f:
+    f.write(text)
+END
+}
+"""
+
+SOURCE = '''\
+#!/usr/bin/env python3
+"""A stand-in for fleet_host.py with its placeholders."""
+
+SYSTEMCTL = "@systemctl@"
+SYSTEMD_RUN = "@systemd_run@"
+NIX_ENV = "@nix_env@"
+NIX_STORE = "@nix_store@"
+BOOTCTL = "@bootctl@"
+
+
+def program(value: str, name: str) -> str:
+    return name if value.startswith("@") or value == "@systemctl@" else value
+'''
+
+
+def build(script: str, source: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    src = tmp_path / "fleet_host.py"
+    src.write_text(source)
+    return subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + SUBSTITUTE + script],
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHON": sys.executable,
+            "src": str(src),
+            "out": str(tmp_path / "out"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_build_script_substitutes(helper: dict[str, Any], tmp_path: Path) -> None:
+    result = build(helper["buildCommand"], SOURCE, tmp_path)
+    assert result.returncode == 0, result.stderr
+    built = tmp_path / "out" / "bin" / "fleet-host"
+    assert os.access(built, os.X_OK)
+    lines = built.read_text().splitlines()
+    assert lines[0] == f"#!{STORE}-python3/bin/python3"
+    assert lines[3:8] == [
+        f'SYSTEMCTL = "{STORE}-systemd/bin/systemctl"',
+        f'SYSTEMD_RUN = "{STORE}-systemd/bin/systemd-run"',
+        f'NIX_ENV = "{STORE}-nix/bin/nix-env"',
+        f'NIX_STORE = "{STORE}-nix/bin/nix-store"',
+        f'BOOTCTL = "{STORE}-systemd/bin/bootctl"',
+    ]
+    # Only the assignments change: a comparison with a placeholder stays.
+    assert lines[-1].endswith('value == "@systemctl@" else value')
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (SOURCE.replace("#!/usr/bin/env python3", "#!/usr/bin/python3"), "first line"),
+        (SOURCE.replace('BOOTCTL = "@bootctl@"\n', ""), "BOOTCTL"),
+        (
+            SOURCE + 'JOURNALCTL = "@journalctl@"\n',
+            "placeholder(s) above have no value on NixOS",
+        ),
+    ],
+    ids=["shebang", "missing", "unknown"],
+)
+def test_the_build_fails_on_a_source_it_does_not_know(
+    helper: dict[str, Any], tmp_path: Path, source: str, message: str
+) -> None:
+    result = build(helper["buildCommand"], source, tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_real_source_builds(helper: dict[str, Any], tmp_path: Path) -> None:
+    source = (REPO / "fleet" / "hostside" / "fleet_host.py").read_text()
+    if '"@' not in source:
+        pytest.skip("fleet/hostside/fleet_host.py has no placeholders yet")
+    result = build(helper["buildCommand"], source, tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -256,6 +256,8 @@ let
             expected = TOPLEVELS[release][machine.name]
             for link in ("/run/current-system", "/nix/var/nix/profiles/system"):
                 machine.succeed(f'test "$(readlink -f {link})" = {expected}')
+            # Every generation carries the host's half of the protocol.
+            machine.succeed("test -x /run/current-system/sw/bin/fleet-host")
             machine.wait_until_succeeds(
                 "curl -sf http://127.0.0.1:8080/ | grep -F '\"version\": \"" + release + "\"'"
             )
@@ -266,6 +268,9 @@ let
     for machine in TARGETS:
         machine.wait_for_unit("sshd.service")
         machine.wait_for_open_port(8080)
+        # The boot recovery ran and succeeded (a failure fails wait_for_unit).
+        machine.wait_for_unit("fleet-host-boot.service")
+        machine.succeed("test -x /run/current-system/sw/bin/fleet-host")
 
     with subtest("the running generation becomes the first release"):
         use("v1")

@@ -1,5 +1,5 @@
 # One lab host's system: a store path laid out like a NixOS toplevel
-# (bin/switch-to-configuration, etc/systemd/system, nixos-version).
+# (bin/switch-to-configuration, etc/systemd/system, sw/bin/fleet-host, nixos-version).
 {
   name,
   system,
@@ -25,5 +25,6 @@ derivation {
   startDelay = toString (release.startDelay or 0);
   switchScript = ./switch-to-configuration.py;
   webScript = ./lab-web.py;
+  hostHelper = ./fleet-host.py;
   PATH = "/usr/bin:/bin";
 }

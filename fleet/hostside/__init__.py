@@ -1,0 +1,1 @@
+"""The host's half of the protocol: see docs/transaction.md."""

@@ -1,0 +1,1162 @@
+#!/usr/bin/env python3
+"""fleet-host: the host's half of fleet's protocol (docs/transaction.md).
+
+Every change to the host is one transaction whose record, deadline and undo live here,
+on the host, so that whatever happens to the operator's machine or the link, the host
+ends on a system its profile names. Subcommands print one JSON document on stdout.
+
+Kept in every generation (``$system/sw/bin/fleet-host``); stdlib only. The tool paths
+below are substituted at build time on NixOS; left as placeholders they are looked up on
+PATH (the lab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+SYSTEMCTL = "@systemctl@"
+SYSTEMD_RUN = "@systemd_run@"
+NIX_ENV = "@nix_env@"
+NIX_STORE = "@nix_store@"
+BOOTCTL = "@bootctl@"
+
+PROTOCOL = 1
+TXN_VERSION = 1
+# An unwatched transaction, or one this long past its deadline, is abandoned.
+GRACE = 10.0
+FLOCK_WAIT = 300.0  # an undo in progress holds the lock for a switch's length
+SETTLE_POLL = 0.2
+WATCH_POLL = 0.5
+OUTPUT_TAIL = 4000
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    HELD = 3
+    FENCED = 4
+    EXPIRED = 5
+
+
+class State:
+    BEGUN = "begun"
+    ACTIVATING = "activating"
+    ACTIVATED = "activated"
+    REBOOTING = "rebooting"
+    BOOTED = "booted"
+    COMMITTED = "committed"
+
+
+MODES = ("switch", "boot", "reboot", "gc")
+
+
+def tool(placeholder: str, name: str) -> str:
+    if not placeholder.startswith("@"):
+        return placeholder
+    found = shutil.which(name) or shutil.which(
+        name, path="/run/current-system/sw/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    )
+    return found or name
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the host keeps things; ``FLEET_HOST_ROOT`` moves all of it (tests only)."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        return cls(Path(os.environ.get("FLEET_HOST_ROOT", "/")))
+
+    def _p(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    @property
+    def profile(self) -> Path:
+        return self._p("/nix/var/nix/profiles/system")
+
+    @property
+    def state_dir(self) -> Path:
+        return self._p("/var/lib/fleet")
+
+    @property
+    def txn(self) -> Path:
+        return self.state_dir / "txn.json"
+
+    @property
+    def records(self) -> Path:
+        return self.state_dir / "releases.jsonl"
+
+    @property
+    def run_dir(self) -> Path:
+        return self._p("/run/fleet")
+
+    @property
+    def flock(self) -> Path:
+        return self.run_dir / "host.lock"
+
+    @property
+    def gcroots(self) -> Path:
+        return self._p("/nix/var/nix/gcroots/fleet")
+
+    @property
+    def current_system(self) -> Path:
+        return self._p("/run/current-system")
+
+    @property
+    def booted_system(self) -> Path:
+        return self._p("/run/booted-system")
+
+    @property
+    def lab_boot(self) -> Path:
+        return self._p("/boot/lab")
+
+    @property
+    def loader_conf(self) -> Path:
+        return self._p("/boot/loader/loader.conf")
+
+
+class Failure(Exception):
+    def __init__(self, code: Exit, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+# -- small helpers ----------------------------------------------------------------------
+
+
+def now() -> float:
+    return time.time()
+
+
+def run(argv: list[str], *, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return run([tool(SYSTEMCTL, "systemctl"), *args])
+
+
+def readlink(path: Path) -> str | None:
+    try:
+        return os.path.realpath(path) if path.is_symlink() or path.exists() else None
+    except OSError:
+        return None
+
+
+def generation_number(name: str) -> int | None:
+    """``system-42-link`` -> 42."""
+    parts = name.removeprefix("system-").split("-")
+    ok = len(parts) == 2 and parts[0].isdigit() and parts[1] == "link"
+    return int(parts[0]) if ok else None
+
+
+def write_whole(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace a file whole: temporary file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def relink(link: Path, target: str) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def tail(text: str, limit: int = OUTPUT_TAIL) -> str:
+    return text[-limit:]
+
+
+# -- the host's state -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int | None
+    path: str
+
+    def json(self) -> dict[str, Any]:
+        return {"number": self.number, "path": self.path}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Generation | None:
+        return None if not data else cls(data.get("number"), data["path"])
+
+
+def generations(paths: Paths) -> list[tuple[int, int, str]]:
+    """(number, created, path) of every generation of the system profile."""
+    found = []
+    folder = paths.profile.parent
+    for link in folder.glob("system-*-link") if folder.is_dir() else []:
+        number = generation_number(link.name)
+        if number is None:
+            continue
+        try:
+            created = int(link.lstat().st_mtime)
+        except OSError:
+            continue
+        found.append((number, created, os.path.realpath(link)))
+    return sorted(found)
+
+
+def current_number(paths: Paths) -> int | None:
+    try:
+        return generation_number(os.readlink(paths.profile))
+    except OSError:
+        return None
+
+
+def number_of(paths: Paths, path: str) -> int | None:
+    """The generation that holds ``path``: the current one if it does, else the newest."""
+    current = current_number(paths)
+    numbers = [n for n, _, p in generations(paths) if p == path]
+    if current in numbers:
+        return current
+    return max(numbers) if numbers else None
+
+
+def boot_entry(paths: Paths) -> str | None:
+    """The system the boot loader starts by default, where that can be read."""
+    if paths.lab_boot.is_dir():
+        return readlink(paths.lab_boot / "default")
+    try:
+        text = paths.loader_conf.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "default" and value.strip().startswith("nixos-generation-"):
+            number = value.strip().removeprefix("nixos-generation-").split(".")[0].split("-")[0]
+            if number.isdigit():
+                link = paths.profile.parent / f"system-{number}-link"
+                return readlink(link)
+    return None
+
+
+def failed_units() -> list[str]:
+    out = systemctl("list-units", "--failed", "--plain", "--no-legend", "--full").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def watchers() -> dict[str, str]:
+    """Dead-man switches on this host: unit name -> active state."""
+    out = systemctl(
+        "list-units", "--all", "--plain", "--no-legend", "--full", "fleet-watch-*"
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith(".service"):
+            found[parts[0].removesuffix(".service")] = parts[2]
+    return found
+
+
+def last_record(paths: Paths) -> dict[str, Any] | None:
+    for line in reversed(read_lines(paths.records)[-50:]):
+        record = parse_record(line)
+        if record is not None:
+            return record
+    return None
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def parse_record(line: str) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(line)
+    except ValueError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+# -- the transaction record -------------------------------------------------------------
+
+
+@dataclass
+class Txn:
+    token: str
+    holder: dict[str, Any]
+    mode: str
+    recorded: dict[str, Any]
+    profile: int | None
+    target: dict[str, Any] | None
+    state: str
+    deadline: float
+    confirm: float
+    helper: str
+    base: dict[str, Any] = field(default_factory=dict)  # release fields for records
+    record: dict[str, Any] | None = None  # the record to append on finishing
+    switch_unit: str | None = None
+    taken_over: list[str] = field(default_factory=list)
+    boot_id: str = ""  # the boot it belongs to: `boot` acts only on earlier boots' ones
+    version: int = TXN_VERSION
+
+    @property
+    def watch_unit(self) -> str:
+        return watch_unit(self.token)
+
+    def json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def boot_id(paths: Paths) -> str:
+    """This boot's identity: a random file in /run, which every boot starts empty (the
+    kernel's boot_id would not change when a container reboots)."""
+    marker = paths.run_dir / "boot-id"
+    try:
+        return marker.read_text().strip()
+    except FileNotFoundError:
+        paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        value = secrets.token_hex(8)
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value)
+        return value
+
+
+def watch_unit(token: str) -> str:
+    return f"fleet-watch-{token[:16]}"
+
+
+def read_txn(paths: Paths) -> Txn | None:
+    try:
+        data = json.loads(paths.txn.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise Failure(Exit.FAILED, f"{paths.txn} is unreadable ({exc}): repair by hand") from exc
+    known = set(Txn.__dataclass_fields__)
+    return Txn(**{k: v for k, v in data.items() if k in known})
+
+
+def write_txn(paths: Paths, txn: Txn) -> None:
+    write_whole(paths.txn, json.dumps(txn.json(), sort_keys=True) + "\n")
+
+
+def drop_txn(paths: Paths, txn: Txn) -> None:
+    """Release the lock. If the disk refuses even that, the switch keeps retrying."""
+    try:
+        paths.txn.unlink(missing_ok=True)
+    except OSError as exc:
+        raise Failure(Exit.FAILED, f"the lock could not be released: {exc}") from exc
+    for name in ("recorded", "target"):
+        (paths.gcroots / f"{name}-{txn.token[:16]}").unlink(missing_ok=True)
+    if os.environ.get("FLEET_HOST_WATCHER") != txn.token:
+        systemctl("stop", "--no-block", f"{txn.watch_unit}.service")
+
+
+def abandoned(txn: Txn, units: dict[str, str] | None = None) -> bool:
+    """Nobody will resolve it: its switch is not running, or it is long past its deadline."""
+    units = watchers() if units is None else units
+    if txn.state == State.REBOOTING:  # the boot resolves it; until then it is in flight
+        return now() > txn.deadline + GRACE
+    return units.get(txn.watch_unit) not in ("active", "activating") or (
+        now() > txn.deadline + GRACE
+    )
+
+
+@contextlib.contextmanager
+def host_lock(paths: Paths, wait: float = FLOCK_WAIT) -> Iterator[None]:
+    """Serialise changes to the record; the kernel drops it if its holder dies."""
+    paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(paths.flock, "w") as handle:
+        end = now() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if now() > end:
+                    raise Failure(Exit.FAILED, "the host is busy (an undo is running)") from None
+                time.sleep(0.1)
+        yield
+
+
+def ours(paths: Paths, token: str) -> Txn:
+    txn = read_txn(paths)
+    if txn is None or txn.token != token:
+        holder = txn.holder if txn else None
+        raise Failure(
+            Exit.FENCED,
+            "the deploy lock is no longer this transaction's"
+            + (" (taken over)" if txn else " (it was released)"),
+            holder=holder,
+        )
+    return txn
+
+
+# -- switching --------------------------------------------------------------------------
+
+
+def switch(system: str, action: str, unit: str | None = None) -> tuple[int, str]:
+    """``system``/bin/switch-to-configuration ACTION under systemd-run, so that a lost
+    session cannot kill it midway; (exit code, what it printed)."""
+    unit = unit or f"fleet-switch-{secrets.token_hex(4)}"
+    script = Path(system) / "bin/switch-to-configuration"
+    if not script.exists():
+        return 1, f"{script} does not exist"
+    result = run(
+        [
+            tool(SYSTEMD_RUN, "systemd-run"),
+            "--quiet",
+            "--wait",
+            "--collect",
+            "--pipe",
+            "--service-type=exec",
+            f"--unit={unit}",
+            "-E",
+            "LOCALE_ARCHIVE",
+            str(script),
+            action,
+        ]
+    )
+    return result.returncode, tail(result.stdout + result.stderr)
+
+
+def settle(seconds: float) -> tuple[bool, list[str]]:
+    """Wait for systemd's job queue to drain; (settled, failed units)."""
+    end = now() + seconds
+    settled = True
+    while seconds > 0 and systemctl("list-jobs", "--no-legend").stdout.strip():
+        if now() >= end:
+            settled = False
+            break
+        time.sleep(SETTLE_POLL)
+    return settled, failed_units()
+
+
+def set_profile(paths: Paths, target: Generation) -> int | None:
+    """Make ``target`` the profile's current generation; its number."""
+    if target.number is not None and any(n == target.number for n, _, _ in generations(paths)):
+        argv = ["--switch-generation", str(target.number)]
+    else:
+        argv = ["--set", target.path]
+    result = run([tool(NIX_ENV, "nix-env"), "-p", str(paths.profile), *argv])
+    if result.returncode != 0:
+        raise Failure(Exit.FAILED, f"nix-env {' '.join(argv)}: {last_line(result.stderr)}")
+    number = current_number(paths)
+    if number is None or os.path.realpath(paths.profile) != target.path:
+        raise Failure(Exit.FAILED, f"the profile does not name {target.path} after nix-env")
+    return number
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def root(paths: Paths, name: str, token: str, path: str) -> None:
+    relink(paths.gcroots / f"{name}-{token[:16]}", path)
+
+
+def set_oneshot(paths: Paths, target: Generation) -> None:
+    """Boot ``target`` once at the next boot, leaving the default entry alone."""
+    if paths.lab_boot.is_dir():
+        relink(paths.lab_boot / "oneshot", target.path)
+        return
+    entry = f"nixos-generation-{target.number}.conf"
+    if target.number is None or not (paths.root / "boot/loader/entries" / entry).exists():
+        raise Failure(
+            Exit.FAILED,
+            "--reboot needs a boot loader with one-time entries (systemd-boot): "
+            f"no boot entry {entry}",
+        )
+    result = run([tool(BOOTCTL, "bootctl"), "set-oneshot", entry])
+    if result.returncode != 0:
+        raise Failure(Exit.FAILED, f"bootctl set-oneshot {entry}: {last_line(result.stderr)}")
+
+
+def clear_oneshot(paths: Paths) -> None:
+    if paths.lab_boot.is_dir():
+        (paths.lab_boot / "oneshot").unlink(missing_ok=True)
+    elif Path(tool(BOOTCTL, "bootctl")).exists() or shutil.which("bootctl"):
+        run([tool(BOOTCTL, "bootctl"), "set-oneshot", ""])
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def append_record(paths: Paths, record: dict[str, Any]) -> str | None:
+    """Append one whole line, or nothing at all; the error, if the record was not written."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    try:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(paths.records, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        return f"{paths.records}: {exc.strerror}"
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line  # a torn or foreign last line must not swallow this one
+        data = line.encode()
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(28, "short write")
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        return f"{paths.records}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def host_name() -> str:
+    return os.uname().nodename
+
+
+def compose(txn: Txn, result: str, new: Generation | None, phase: str | None,
+            message: str | None) -> dict[str, Any]:  # fmt: skip
+    record = dict(txn.base)
+    record.update(
+        {
+            "host": record.get("host") or host_name(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "previous": txn.recorded,
+            "new": new.json() if new else None,
+            "result": result,
+            "phase": phase,
+            "message": message,
+        }
+    )
+    return record
+
+
+# -- the transaction's moves ------------------------------------------------------------
+
+
+def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str | None,
+         settle_seconds: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    """Put everything back on the recorded generation; idempotent, so a crash midway is
+    finished by the next one. Runs under the host lock."""
+    recorded = Generation.from_json(txn.recorded)
+    assert recorded is not None
+    out: dict[str, Any] = {"undone": True}
+    if txn.switch_unit:
+        systemctl("stop", f"{txn.switch_unit}.service")
+    if txn.mode == "reboot":
+        clear_oneshot(paths)
+    if txn.mode != "gc":
+        running = readlink(paths.current_system)
+        if txn.mode != "boot" or running != recorded.path:
+            code, output = switch(recorded.path, "test")
+            settled, failed = settle(settle_seconds)
+            out.update(switch_exit=code, output=output, settled=settled, failed_units=failed)
+        profile_now = os.path.realpath(paths.profile) if paths.profile.exists() else None
+        number = current_number(paths)
+        if profile_now != recorded.path or (
+            recorded.number is not None and number != recorded.number
+        ):
+            try:
+                set_profile(paths, recorded)
+            except Failure as exc:
+                out["profile_error"] = str(exc)
+        if boot_entry(paths) != recorded.path:
+            code, output = switch(recorded.path, "boot")
+            if code != 0:
+                out["boot_error"] = f"exit {code}: {last_line(output)}"
+    if txn.mode != "gc":
+        out["record_error"] = append_record(paths, compose(txn, result, recorded, phase, message))
+    drop_txn(paths, txn)
+    return out
+
+
+def finish(paths: Paths, txn: Txn) -> dict[str, Any]:
+    """After the commit point: append the record and drop the lock; idempotent."""
+    record = txn.record or compose(txn, "deployed", Generation.from_json(txn.target), None, None)
+    error = append_record(paths, record)
+    drop_txn(paths, txn)
+    return {"finished": True, "record_error": error, "record": record}
+
+
+def expire(paths: Paths, txn: Txn, why: str, settle_seconds: float = 60.0) -> dict[str, Any]:
+    """What the dead-man switch does: finish a committed transaction, undo any other."""
+    if txn.state == State.COMMITTED:
+        return finish(paths, txn) | {"action": "finished"}
+    done = undo(
+        paths,
+        txn,
+        result="rolled-back",
+        phase=txn.state,
+        message=why,
+        settle_seconds=settle_seconds,
+    )
+    return done | {"action": "undone"}
+
+
+def start_watcher(paths: Paths, txn: Txn) -> None:
+    env = [f"--setenv=FLEET_HOST_WATCHER={txn.token}"]
+    if "FLEET_HOST_ROOT" in os.environ:
+        env.append(f"--setenv=FLEET_HOST_ROOT={os.environ['FLEET_HOST_ROOT']}")
+    result = run(
+        [
+            tool(SYSTEMD_RUN, "systemd-run"),
+            "--quiet",
+            f"--unit={txn.watch_unit}",
+            f"--description=fleet dead-man switch of release {txn.holder.get('release')}",
+            "-p",
+            "CollectMode=inactive-or-failed",
+            "-p",
+            "Restart=on-failure",
+            "-p",
+            "RestartSec=2",
+            *env,
+            txn.helper,
+            "watch",
+            "--token",
+            txn.token,
+        ]
+    )
+    if result.returncode != 0:
+        raise Failure(Exit.FAILED, f"starting the dead-man switch: {last_line(result.stderr)}")
+
+
+def state_json(paths: Paths) -> dict[str, Any]:
+    txn = read_txn(paths)
+    units = watchers()
+    running = readlink(paths.current_system)
+    return {
+        "protocol": PROTOCOL,
+        "current": current_number(paths),
+        "running": running,
+        "booted": readlink(paths.booted_system),
+        "bootEntry": boot_entry(paths),
+        "generations": [list(g) for g in generations(paths)],
+        "txn": txn.json() if txn else None,
+        "abandoned": abandoned(txn, units) if txn else False,
+        "watchers": sorted(u for u, s in units.items() if s in ("active", "activating")),
+        "failedUnits": failed_units(),
+        "lastRecord": last_record(paths),
+        "now": now(),
+    }
+
+
+def helper_path() -> str:
+    return os.path.realpath(sys.argv[0])
+
+
+# -- subcommands ------------------------------------------------------------------------
+
+
+def cmd_state(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    return state_json(paths)
+
+
+def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    holder = json.loads(args.holder)
+    base = json.loads(args.base) if args.base else {}
+    target = Generation(args.generation, args.target) if args.target else None
+    out: dict[str, Any] = {}
+    with host_lock(paths):
+        existing = read_txn(paths)
+        inherited: Txn | None = None
+        if existing is not None and existing.token == args.token:
+            return {"resumed": True, "state": state_json(paths)}
+        if (
+            existing is not None
+            and args.take_over
+            and existing.state != State.COMMITTED
+            and existing.mode != "gc"
+            and not abandoned(existing)
+        ):
+            # Taken over: its recorded generation stays the rollback target. Its switch,
+            # if still running, finishes first (switch-to-configuration serialises itself).
+            inherited = existing
+        else:
+            out.update(resolve_existing(paths, args.take_over))
+        if target is not None and not (Path(target.path) / "bin/switch-to-configuration").exists():
+            raise Failure(Exit.FAILED, f"{target.path} is not on the host (was it collected?)")
+        running = readlink(paths.current_system)
+        current = current_number(paths)
+        if running is None:
+            raise Failure(Exit.FAILED, "the host runs no system (/run/current-system)")
+        if (
+            inherited is None
+            and target is not None
+            and args.mode == "switch"
+            and running == target.path
+            and os.path.realpath(paths.profile) == target.path
+        ):
+            return out | {"noop": True, "state": state_json(paths)}
+        if inherited is not None:
+            recorded, profile = inherited.recorded, inherited.profile
+        else:
+            recorded = {"path": running, "number": number_of(paths, running)}
+            profile = current
+        txn = Txn(
+            token=args.token,
+            holder=holder,
+            mode=args.mode,
+            recorded=recorded,
+            profile=profile,
+            target=target.json() if target else None,
+            state=State.BEGUN,
+            deadline=now() + args.deadline,
+            confirm=args.confirm,
+            helper=helper_path(),
+            base=base,
+            taken_over=[*inherited.taken_over, inherited.token] if inherited else [],
+            boot_id=boot_id(paths),
+        )
+        write_txn(paths, txn)
+        try:
+            root(paths, "recorded", txn.token, recorded["path"])
+            if target is not None:
+                root(paths, "target", txn.token, target.path)
+        except OSError as exc:
+            drop_txn(paths, txn)
+            raise Failure(Exit.FAILED, f"rooting the systems: {exc}") from exc
+        if inherited is not None:
+            why = f"taken over by release {holder.get('release')}"
+            append_record(paths, compose(inherited, "taken-over", None, inherited.state, why))
+        try:
+            start_watcher(paths, txn)
+        except Failure:
+            drop_txn(paths, txn)
+            raise
+        return out | {"begun": True, "recorded": recorded, "state": state_json(paths)}
+
+
+def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        if txn.state not in (State.BEGUN, State.ACTIVATED) or txn.target is None:
+            raise Failure(Exit.FAILED, f"cannot activate in state {txn.state}")
+        txn.state = State.ACTIVATING
+        txn.deadline = now() + args.health + args.confirm
+        txn.switch_unit = f"fleet-switch-{secrets.token_hex(4)}"
+        write_txn(paths, txn)
+    started = now()
+    code, output = switch(txn.target["path"], "test", txn.switch_unit)
+    settled, failed = settle(max(1.0, args.health - (now() - started)))
+    with host_lock(paths):
+        current = read_txn(paths)
+        if current is None or current.token != txn.token:
+            raise Failure(
+                Exit.EXPIRED,
+                "the dead-man switch fired during activation",
+                switch_exit=code,
+                output=output,
+            )
+        current.state = State.ACTIVATED
+        current.switch_unit = None
+        write_txn(paths, current)
+    return {
+        "switchExit": code,
+        "output": output,
+        "settled": settled,
+        "failedUnits": failed,
+        "deadline": current.deadline,
+        "started": started,
+    }
+
+
+def cmd_commit(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    record = json.loads(sys.stdin.read() or "{}")
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        if now() > txn.deadline and txn.state != State.COMMITTED:
+            done = undo(
+                paths,
+                txn,
+                result="rolled-back",
+                phase="confirm",
+                message="not confirmed before its deadline",
+            )
+            raise Failure(Exit.EXPIRED, "the deadline passed: the host undid the change", **done)
+        target = Generation.from_json(txn.target)
+        assert target is not None
+        wanted = {"switch": State.ACTIVATED, "boot": State.BEGUN, "reboot": State.BOOTED}
+        if txn.state != State.COMMITTED:
+            if txn.state != wanted.get(txn.mode):
+                raise Failure(Exit.FAILED, f"cannot commit a {txn.mode} in state {txn.state}")
+            try:
+                number = set_profile(paths, target)
+                if txn.mode != "reboot" or readlink(paths.current_system) == target.path:
+                    code, output = switch(target.path, "boot")
+                    if code != 0:
+                        raise Failure(
+                            Exit.FAILED,
+                            f"boot entry not installed (exit {code}): {last_line(output)}",
+                        )
+                new = Generation(number, target.path)
+                result = "pending-reboot" if txn.mode == "boot" else "deployed"
+                txn.record = compose(txn, result, new, None, None) | record | {
+                    "new": new.json(), "previous": txn.recorded, "result": result}  # fmt: skip
+                txn.state = State.COMMITTED
+                txn.deadline = now() + txn.confirm
+                write_txn(paths, txn)  # the commit point
+            except (Failure, OSError) as exc:
+                txn.state = State.ACTIVATED
+                done = undo(paths, txn, result="rolled-back", phase="persist", message=str(exc))
+                raise Failure(Exit.FAILED, f"not persisted: {exc}", **done) from exc
+        done = finish(paths, txn)
+        return {"committed": True, "new": txn.record["new"] if txn.record else None} | done
+
+
+def cmd_undo(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    record = json.loads(sys.stdin.read() or "{}")
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        if txn.state == State.COMMITTED:
+            raise Failure(Exit.FAILED, "the transaction is committed; roll back instead")
+        txn.base = txn.base | {k: v for k, v in record.items() if k in ("phase", "message")}
+        return undo(
+            paths,
+            txn,
+            result="rolled-back",
+            phase=record.get("phase"),
+            message=record.get("message"),
+            settle_seconds=args.settle,
+        )
+
+
+def cmd_reboot(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Put the target in the profile, boot it once, and reboot; the default entry stays."""
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        target = Generation.from_json(txn.target)
+        if txn.mode != "reboot" or target is None or txn.state != State.BEGUN:
+            raise Failure(Exit.FAILED, f"cannot reboot a {txn.mode} in state {txn.state}")
+        try:
+            number = set_profile(paths, target)
+            recorded = Generation.from_json(txn.recorded)
+            assert recorded is not None
+            code, output = switch(recorded.path, "boot")  # entries for all, default recorded
+            if code != 0:
+                raise Failure(
+                    Exit.FAILED, f"boot entries not installed (exit {code}): {last_line(output)}"
+                )
+            target = Generation(number, target.path)
+            set_oneshot(paths, target)
+        except Failure as exc:
+            done = undo(paths, txn, result="rolled-back", phase="reboot", message=str(exc))
+            raise Failure(Exit.FAILED, str(exc), **done) from exc
+        txn.target = target.json()
+        txn.state = State.REBOOTING
+        txn.deadline = now() + args.boot_timeout
+        write_txn(paths, txn)
+    systemctl("reboot", "--no-block")
+    return {"rebooting": True, "deadline": txn.deadline}
+
+
+def cmd_watch(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    while True:
+        txn = read_txn(paths)
+        if txn is None or txn.token != args.token or txn.state == State.REBOOTING:
+            return {"watching": False}
+        remaining = txn.deadline - now()
+        if remaining > 0:
+            time.sleep(min(WATCH_POLL, remaining))
+            continue
+        with host_lock(paths):
+            txn = read_txn(paths)
+            if txn is None or txn.token != args.token or now() < txn.deadline:
+                continue
+            return expire(paths, txn, "not confirmed before its deadline")
+
+
+def cmd_recover(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    with host_lock(paths):
+        txn = read_txn(paths)
+        if txn is None:
+            return {"recovered": None}
+        if not args.force and not abandoned(txn) and txn.state != State.COMMITTED:
+            raise Failure(
+                Exit.HELD,
+                "a live transaction holds the lock",
+                holder=txn.holder,
+                deadline=txn.deadline,
+            )
+        return {"recovered": expire(paths, txn, "recovered: " + (args.why or "abandoned"))}
+
+
+def cmd_boot(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    """At boot: a reboot transaction that booted its target waits for its proof; anything
+    else a crash left is undone before its commit point and finished after it."""
+    with host_lock(paths):
+        txn = read_txn(paths)
+        if txn is None:
+            return {"recovered": None}
+        if txn.boot_id == boot_id(paths):
+            # Started again in the same boot (a switch starts it if it is not active):
+            # this boot's transactions belong to their holders.
+            return {"recovered": None, "live": txn.token[:16]}
+        booted = readlink(paths.booted_system) or readlink(paths.current_system)
+        target = Generation.from_json(txn.target)
+        if txn.mode == "reboot" and txn.state == State.REBOOTING:
+            if target is not None and booted == target.path:
+                txn.state = State.BOOTED
+                txn.boot_id = boot_id(paths)
+                txn.deadline = now() + txn.confirm
+                write_txn(paths, txn)
+                start_watcher(paths, txn)
+                return {"awaiting": "confirmation", "deadline": txn.deadline}
+            why = "the one-time boot of the new generation did not happen"
+            return {"recovered": expire(paths, txn, why, settle_seconds=0)}  # fmt: skip
+        # At boot the queue holds this very unit's job and those that wait on it: the
+        # switch's own blocking start is the settling there is.
+        why = "the host restarted during the change"
+        return {"recovered": expire(paths, txn, why, settle_seconds=0)}
+
+
+def cmd_extend(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Push the deadline of a transaction that has not reached its commit point."""
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        if txn.state == State.COMMITTED:
+            return {"deadline": txn.deadline}
+        txn.deadline = max(txn.deadline, now() + args.seconds)
+        write_txn(paths, txn)
+        return {"deadline": txn.deadline}
+
+
+def cmd_gc(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Delete generations and collect garbage under the deploy lock (a transaction with
+    nothing to undo); the running, booted, current and boot-default systems stay."""
+    holder = json.loads(args.holder)
+    out: dict[str, Any] = {}
+    with host_lock(paths):
+        out.update(resolve_existing(paths, args.take_over))
+        running = readlink(paths.current_system)
+        txn = Txn(
+            token=args.token,
+            holder=holder,
+            mode="gc",
+            recorded={"path": running or "", "number": current_number(paths)},
+            profile=current_number(paths),
+            target=None,
+            state=State.BEGUN,
+            deadline=now() + args.deadline,
+            confirm=0.0,
+            helper=helper_path(),
+        )
+        write_txn(paths, txn)
+        start_watcher(paths, txn)
+    try:
+        protected = {
+            current_number(paths),
+            *(n for n, _, p in generations(paths)
+              if p in (running, readlink(paths.booted_system), boot_entry(paths))),
+        }  # fmt: skip
+        victims = [n for n in args.delete if n not in protected]
+        if victims:
+            result = run(
+                [
+                    tool(NIX_ENV, "nix-env"),
+                    "-p",
+                    str(paths.profile),
+                    "--delete-generations",
+                    *map(str, victims),
+                ]
+            )
+            if result.returncode != 0:
+                raise Failure(
+                    Exit.FAILED, f"nix-env --delete-generations: {last_line(result.stderr)}"
+                )
+        collected = run([tool(NIX_STORE, "nix-store"), "--gc"])
+        if collected.returncode != 0:
+            raise Failure(Exit.FAILED, f"nix-store --gc: {last_line(collected.stderr)}")
+    finally:
+        with host_lock(paths):
+            if (current := read_txn(paths)) is not None and current.token == txn.token:
+                drop_txn(paths, current)
+    kept = sorted(p for p in protected if p is not None)
+    summary = last_line(collected.stdout + collected.stderr)
+    return out | {"deleted": victims, "kept": kept, "summary": summary}
+
+
+def resolve_existing(paths: Paths, take_over: bool) -> dict[str, Any]:
+    """Before a new transaction: finish a committed one, undo an abandoned one (or a live
+    one, when told to take over a gc); refuse a live one."""
+    existing = read_txn(paths)
+    if existing is None:
+        return {}
+    if existing.state == State.COMMITTED:
+        return {"recovered": finish(paths, existing) | {"action": "finished"}}
+    if abandoned(existing) or (take_over and existing.mode == "gc"):
+        return {"recovered": expire(paths, existing, "abandoned by its holder")}
+    raise Failure(
+        Exit.HELD, "the deploy lock is held", holder=existing.holder, deadline=existing.deadline
+    )
+
+
+def cmd_records(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    lines = read_lines(paths.records)
+    parsed = [parse_record(line) for line in lines]
+    return {"records": [r for r in parsed if r is not None],
+            "unreadable": sum(1 for r in parsed if r is None)}  # fmt: skip
+
+
+def cmd_record(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    record = parse_record(sys.stdin.read())
+    if record is None:
+        raise Failure(Exit.USAGE, "a record is one JSON object on stdin")
+    return {"recordError": append_record(paths, record)}
+
+
+def cmd_settle(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    settled, failed = settle(args.seconds)
+    return {"settled": settled, "failedUnits": failed}
+
+
+def cmd_version(_paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    return {"protocol": PROTOCOL}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fleet-host", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help)
+
+    command("state", "everything the tool reads about this host")
+    command("version", "the protocol version")
+    command("records", "the release records, oldest first")
+    command("record", "append one release record (JSON on stdin)")
+    command("boot", "resolve what a crash left (run at every boot)")
+    settle_ = command("settle", "wait for systemd's jobs; report failed units")
+    settle_.add_argument("--seconds", type=float, default=30.0)
+    begin = command("begin", "take the lock, record the running system, arm the switch")
+    begin.add_argument("--token", required=True)
+    begin.add_argument("--holder", required=True, help="JSON: release, operator, action")
+    begin.add_argument("--base", default="", help="JSON: fields of the release records")
+    begin.add_argument("--mode", choices=MODES[:3], required=True)
+    begin.add_argument("--target", required=True)
+    begin.add_argument("--generation", type=int, help="an existing generation to go back to")
+    begin.add_argument("--deadline", type=float, required=True, help="seconds to activation")
+    begin.add_argument("--confirm", type=float, required=True)
+    begin.add_argument("--take-over", action="store_true")
+    activate = command("activate", "switch-to-configuration test, settle, report")
+    activate.add_argument("--token", required=True)
+    activate.add_argument("--health", type=float, required=True)
+    activate.add_argument("--confirm", type=float, required=True)
+    commit = command("commit", "profile, boot entry, commit, record, unlock")
+    commit.add_argument("--token", required=True)
+    undo_ = command("undo", "back to the recorded generation, record, unlock")
+    undo_.add_argument("--token", required=True)
+    undo_.add_argument("--settle", type=float, default=60.0)
+    reboot = command("reboot", "boot the target once and reboot")
+    reboot.add_argument("--token", required=True)
+    reboot.add_argument("--boot-timeout", type=float, required=True)
+    watch = command("watch", "the dead-man switch (run by systemd)")
+    watch.add_argument("--token", required=True)
+    recover = command("recover", "resolve an abandoned transaction")
+    recover.add_argument("--force", action="store_true")
+    recover.add_argument("--why", default="")
+    extend = command("extend", "push the deadline")
+    extend.add_argument("--token", required=True)
+    extend.add_argument("--seconds", type=float, required=True)
+    gc = command("gc", "delete generations and collect garbage, under the lock")
+    gc.add_argument("--token", required=True)
+    gc.add_argument("--holder", required=True)
+    gc.add_argument("--deadline", type=float, default=600.0)
+    gc.add_argument("--take-over", action="store_true")
+    gc.add_argument("delete", type=int, nargs="*")
+    return top
+
+
+COMMANDS = {
+    "state": cmd_state,
+    "version": cmd_version,
+    "settle": cmd_settle,
+    "records": cmd_records,
+    "record": cmd_record,
+    "boot": cmd_boot,
+    "begin": cmd_begin,
+    "activate": cmd_activate,
+    "commit": cmd_commit,
+    "undo": cmd_undo,
+    "reboot": cmd_reboot,
+    "watch": cmd_watch,
+    "recover": cmd_recover,
+    "extend": cmd_extend,
+    "gc": cmd_gc,
+}
+
+
+def emit(data: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the session may be gone: the work is done anyway
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A cut link hangs up the session; the step still runs to its end.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    args = parser().parse_args(argv)
+    os.umask(0o077)
+    paths = Paths.from_env()
+    try:
+        emit(COMMANDS[args.command](paths, args) | {"ok": True})
+        return Exit.OK
+    except Failure as exc:
+        emit({"ok": False, "error": str(exc), "code": int(exc.code)} | exc.extra)
+        print(f"fleet-host: {exc}", file=sys.stderr)
+        return exc.code
+    except json.JSONDecodeError as exc:
+        emit({"ok": False, "error": f"bad JSON argument: {exc}", "code": int(Exit.USAGE)})
+        return Exit.USAGE
+    except OSError as exc:
+        emit(
+            {
+                "ok": False,
+                "error": f"{exc.filename or ''}: {exc.strerror or exc}",
+                "code": int(Exit.FAILED),
+            }
+        )
+        return Exit.FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
