@@ -388,7 +388,14 @@ class Rollout:
             self._resolved_by_host(ops, report, txn, "the host did not boot the new generation")
             return
         txn.deadline = state.txn.deadline
-        self._prove(ops, report, time.monotonic() + self.options.health_timeout)
+        started = time.monotonic()
+        with self._phase(report, Phase.HEALTH):
+            settled, failed = ops.settle(self.options.health_timeout)
+        if failed:
+            raise _Failed(Phase.HEALTH, f"failed units after the reboot: {', '.join(failed)}")
+        if not settled:
+            raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
+        self._prove(ops, report, started + self.options.health_timeout)
         self._commit(ops, report, txn)
 
     def _wait_for_boot(self, ops: HostOps, txn: _Txn) -> HostState | None:

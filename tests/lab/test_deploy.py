@@ -301,3 +301,27 @@ def test_failed_persist_puts_the_recorded_generation_back(lab):
     report = json.loads(out)["hosts"]["lab2"]
     assert report["result"] == "rolled-back" and report["phase"] == "persist"
     assert running_paths(lab) == before
+
+
+def test_reboot_deploy_proves_the_new_generation_after_booting_it_once(lab):
+    """--reboot: the new generation boots once and becomes the default only when proven;
+    a broken one is undone, and the host's next boot is the recorded generation."""
+    set_release(lab, "rb1")
+    code, report, err = run_fleet(lab, "deploy", "lab3", "--reboot", "--boot-timeout", "60")
+    assert code == 0, err
+    host = report["hosts"]["lab3"]
+    state = host_states(lab)["lab3"]
+    assert host["result"] == "deployed" and "reboot" in host["timings"]
+    assert state.running == state.booted == state.boot_entry == host["new"]["path"]
+    good = host["new"]["path"]
+    set_release(lab, "rb2", broken="start")
+    code, report, err = run_fleet(
+        lab, "deploy", "lab3", "--reboot", "--boot-timeout", "60", "--health-timeout", "5"
+    )
+    assert code == 3, err
+    host = report["hosts"]["lab3"]
+    assert host["result"] == "rolled-back" and host["phase"] == "health"
+    assert "failed units after the reboot" in host["message"]
+    state = host_states(lab)["lab3"]
+    assert state.running == state.current_path == state.boot_entry == good
+    assert state.booted != good  # it keeps the boot it made until its next one

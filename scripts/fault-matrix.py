@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Run the whole fault matrix in the lab: every change (deploy, --boot, rollback, the
+fleet-wide revert, gc) stopped at every boundary between two remote steps, with every
+fault (SIGKILL of the tool, a partition healed after the confirm timeout, a host crash,
+a second operator's --break-lock takeover), each followed by the promised recovery and
+the invariant on every host. Prints one line per case and the totals.
+
+As root, from the repository: .venv/bin/python scripts/fault-matrix.py [-k SUBSTRING]
+It uses lab instance 9 (FLEET_LAB_INSTANCE overrides) and tears it down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("FLEET_LAB_INSTANCE", "9")
+os.environ.setdefault("NIX_CONFIG", "substituters =")
+
+from fleet.lab import ops
+from fleet.lab.layout import Lab
+from tests.lab.faultmatrix import all_cases, run_case
+from tests.lab.fleetrun import assert_safe, set_release
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only cases whose id contains this")
+    args = parser.parse_args()
+    cases = [c for c in all_cases() if args.k in c.id]
+    lab = Lab.from_env()
+    ops.down(lab)
+    ops.up(lab, 3, lambda _m: None)
+    held, failed, times = 0, [], []
+    print(f"fault matrix: {len(cases)} cases", flush=True)
+    try:
+        for case in cases:
+            start = time.monotonic()
+            try:
+                assert_safe(lab)
+                run_case(lab, case)
+                set_release(lab, "0")
+                held += 1
+                verdict = "held"
+            except Exception as exc:  # one broken case must not hide the others
+                failed.append(case.id)
+                verdict = f"BROKEN: {exc}".splitlines()[0][:200]
+                traceback.print_exc(file=sys.stderr)
+                ops.up(lab, None, lambda _m: None)
+            elapsed = time.monotonic() - start
+            times.append(elapsed)
+            print(f"{case.id:<32} {elapsed:6.1f}s  {verdict}", flush=True)
+    finally:
+        ops.down(lab)
+    print(
+        f"cases run: {len(cases)}, held: {held}, broken: {len(failed)}"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )
+    if times:
+        print(f"time per case: median {sorted(times)[len(times) // 2]:.1f}s, max {max(times):.1f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
