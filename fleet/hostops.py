@@ -61,16 +61,16 @@ def describe_holder(holder: Any) -> str:
         try:
             holder = json.loads(holder)
         except ValueError:
-            return _printable(repr(holder))
+            return printable(repr(holder))
     if not isinstance(holder, dict):
-        return _printable(repr(holder))
-    return _printable(
+        return printable(repr(holder))
+    return printable(
         f"{holder.get('operator', '?')} since {holder.get('since', '?')} "
         f"({holder.get('action', '?')} of release {holder.get('release', '?')})"
     )
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """No terminal escapes from another operator's strings."""
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
@@ -103,7 +103,7 @@ class Txn:
 
     @property
     def release(self) -> str:
-        return str(self.holder.get("release", "?"))
+        return printable(str(self.holder.get("release", "?")))
 
 
 class BreachKind(StrEnum):
@@ -252,8 +252,8 @@ def parse_state(data: dict[str, Any]) -> HostState:
         txn = Txn(
             token=str(txn_data.get("token", "")),
             holder=holder if isinstance(holder, dict) else {},
-            mode=str(txn_data.get("mode", "?")),
-            state=str(txn_data.get("state", "?")),
+            mode=printable(str(txn_data.get("mode", "?"))),
+            state=printable(str(txn_data.get("state", "?"))),
             deadline=float(txn_data.get("deadline") or 0),
             recorded=_generation(txn_data.get("recorded")),
             target=_generation(txn_data.get("target")),
@@ -269,8 +269,8 @@ def parse_state(data: dict[str, Any]) -> HostState:
             GenerationInfo(int(n), int(c), str(p)) for n, c, p in data.get("generations", [])
         ),
         txn=txn,
-        watchers=tuple(w for w in data.get("watchers", []) if w != own),
-        failed_units=tuple(data.get("failedUnits", [])),
+        watchers=tuple(printable(str(w)) for w in data.get("watchers", []) if w != own),
+        failed_units=tuple(printable(str(u)) for u in data.get("failedUnits", [])),
         last_release=last if isinstance(last, dict) else None,
         boot_entry=data.get("bootEntry"),
         host_time=data.get("now"),
@@ -335,7 +335,7 @@ class HostOps:
             )
         if result.returncode != 0 or not data.get("ok"):
             error = _ERRORS.get(result.returncode, HelperError)
-            raise error(f"{self.name}: {_printable(str(data.get('error', 'failed')))}", data)
+            raise error(f"{self.name}: {printable(str(data.get('error', 'failed')))}", data)
         return data
 
     def state(self, *, fresh: bool = False, timeout: float | None = None) -> HostState:

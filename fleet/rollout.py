@@ -39,6 +39,7 @@ from fleet.hostops import (
     clock,
     helper_of,
     new_token,
+    printable,
 )
 from fleet.inventory import Host
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
@@ -336,7 +337,7 @@ class Rollout:
         except Expired as exc:
             self._expired(ops, report, txn, exc)
         except Fenced as exc:
-            self._fenced(ops, report, txn, str(exc))
+            self._resolved_by_host(ops, report, txn, str(exc))
         except Exception as exc:  # lost link, or anything unforeseen: the host undoes
             phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
             why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
@@ -508,9 +509,6 @@ class Rollout:
         )
         self._verify_restored(ops, report, txn, exc.data)
 
-    def _fenced(self, ops: HostOps, report: HostReport, txn: _Txn, why: str) -> None:
-        self._resolved_by_host(ops, report, txn, why)
-
     def _resolved_by_host(self, ops: HostOps, report: HostReport, txn: _Txn, why: str) -> None:
         """Our transaction ended without us: read what the host did, claim nothing else."""
         try:
@@ -544,7 +542,7 @@ class Rollout:
                 report.fail(
                     HostResult.FAILED,
                     report.phase or Phase.CONFIRM,
-                    f"{why}; the host undid the change: {last.get('message')}",
+                    f"{why}; the host undid the change: {printable(str(last.get('message')))}",
                 )
                 self._verify_restored(ops, report, txn, {})
                 return
@@ -580,9 +578,7 @@ class Rollout:
         ops = HostOps(self.remote(report.name))
         target = report.previous
         try:
-            with self._phase(back, Phase.COPY):
-                pass  # the recorded generation is on the host: it ran it
-            self._transaction(ops, back, target)
+            self._transaction(ops, back, target)  # the recorded generation is on the host
         except Exception as exc:
             back.fail(HostResult.FAILED, Phase.ROLLBACK, f"unexpected error: {exc!r}")
         for phase, seconds in back.timings.items():

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -325,7 +326,6 @@ class Txn:
     holder: dict[str, Any]
     mode: str
     recorded: dict[str, Any]
-    profile: int | None
     target: dict[str, Any] | None
     state: str
     deadline: float
@@ -417,6 +417,13 @@ def host_lock(paths: Paths, wait: float = FLOCK_WAIT) -> Iterator[None]:
                     raise Failure(Exit.FAILED, "the host is busy (an undo is running)") from None
                 time.sleep(0.1)
         yield
+
+
+def token_arg(text: str) -> str:
+    """Tokens name units and files: hex only."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", text):
+        raise argparse.ArgumentTypeError("a token is 16 to 64 lowercase hex digits")
+    return text
 
 
 def ours(paths: Paths, token: str) -> Txn:
@@ -698,8 +705,6 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     with host_lock(paths):
         existing = read_txn(paths)
         inherited: Txn | None = None
-        if existing is not None and existing.token == args.token:
-            return {"resumed": True, "state": state_json(paths)}
         if (
             existing is not None
             and args.take_over
@@ -715,7 +720,6 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         if target is not None and not (Path(target.path) / "bin/switch-to-configuration").exists():
             raise Failure(Exit.FAILED, f"{target.path} is not on the host (was it collected?)")
         running = readlink(paths.current_system)
-        current = current_number(paths)
         if running is None:
             raise Failure(Exit.FAILED, "the host runs no system (/run/current-system)")
         if (
@@ -726,17 +730,16 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             and os.path.realpath(paths.profile) == target.path
         ):
             return out | {"noop": True, "state": state_json(paths)}
-        if inherited is not None:
-            recorded, profile = inherited.recorded, inherited.profile
-        else:
-            recorded = {"path": running, "number": number_of(paths, running)}
-            profile = current
+        recorded = (
+            inherited.recorded
+            if inherited is not None
+            else {"path": running, "number": number_of(paths, running)}
+        )
         txn = Txn(
             token=args.token,
             holder=holder,
             mode=args.mode,
             recorded=recorded,
-            profile=profile,
             target=target.json() if target else None,
             state=State.BEGUN,
             deadline=now() + args.deadline,
@@ -748,7 +751,7 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         )
         write_txn(paths, txn)
         try:
-            root(paths, "recorded", txn.token, recorded["path"])
+            root(paths, "recorded", txn.token, str(recorded["path"]))
             if target is not None:
                 root(paths, "target", txn.token, target.path)
         except OSError as exc:
@@ -948,17 +951,6 @@ def cmd_boot(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
         return {"recovered": expire(paths, txn, why, settle_seconds=0)}
 
 
-def cmd_extend(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    """Push the deadline of a transaction that has not reached its commit point."""
-    with host_lock(paths):
-        txn = ours(paths, args.token)
-        if txn.state == State.COMMITTED:
-            return {"deadline": txn.deadline}
-        txn.deadline = max(txn.deadline, now() + args.seconds)
-        write_txn(paths, txn)
-        return {"deadline": txn.deadline}
-
-
 def cmd_gc(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """Delete generations and collect garbage under the deploy lock (a transaction with
     nothing to undo); the running, booted, current and boot-default systems stay."""
@@ -972,7 +964,6 @@ def cmd_gc(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             holder=holder,
             mode="gc",
             recorded={"path": running or "", "number": current_number(paths)},
-            profile=current_number(paths),
             target=None,
             state=State.BEGUN,
             deadline=now() + args.deadline,
@@ -1067,7 +1058,7 @@ def parser() -> argparse.ArgumentParser:
     settle_ = command("settle", "wait for systemd's jobs; report failed units")
     settle_.add_argument("--seconds", type=float, default=30.0)
     begin = command("begin", "take the lock, record the running system, arm the switch")
-    begin.add_argument("--token", required=True)
+    begin.add_argument("--token", required=True, type=token_arg)
     begin.add_argument("--holder", required=True, help="JSON: release, operator, action")
     begin.add_argument("--base", default="", help="JSON: fields of the release records")
     begin.add_argument("--mode", choices=MODES[:3], required=True)
@@ -1077,27 +1068,24 @@ def parser() -> argparse.ArgumentParser:
     begin.add_argument("--confirm", type=float, required=True)
     begin.add_argument("--take-over", action="store_true")
     activate = command("activate", "switch-to-configuration test, settle, report")
-    activate.add_argument("--token", required=True)
+    activate.add_argument("--token", required=True, type=token_arg)
     activate.add_argument("--health", type=float, required=True)
     activate.add_argument("--confirm", type=float, required=True)
     commit = command("commit", "profile, boot entry, commit, record, unlock")
-    commit.add_argument("--token", required=True)
+    commit.add_argument("--token", required=True, type=token_arg)
     undo_ = command("undo", "back to the recorded generation, record, unlock")
-    undo_.add_argument("--token", required=True)
+    undo_.add_argument("--token", required=True, type=token_arg)
     undo_.add_argument("--settle", type=float, default=60.0)
     reboot = command("reboot", "boot the target once and reboot")
-    reboot.add_argument("--token", required=True)
+    reboot.add_argument("--token", required=True, type=token_arg)
     reboot.add_argument("--boot-timeout", type=float, required=True)
     watch = command("watch", "the dead-man switch (run by systemd)")
-    watch.add_argument("--token", required=True)
+    watch.add_argument("--token", required=True, type=token_arg)
     recover = command("recover", "resolve an abandoned transaction")
     recover.add_argument("--force", action="store_true")
     recover.add_argument("--why", default="")
-    extend = command("extend", "push the deadline")
-    extend.add_argument("--token", required=True)
-    extend.add_argument("--seconds", type=float, required=True)
     gc = command("gc", "delete generations and collect garbage, under the lock")
-    gc.add_argument("--token", required=True)
+    gc.add_argument("--token", required=True, type=token_arg)
     gc.add_argument("--holder", required=True)
     gc.add_argument("--deadline", type=float, default=600.0)
     gc.add_argument("--take-over", action="store_true")
@@ -1119,7 +1107,6 @@ COMMANDS = {
     "reboot": cmd_reboot,
     "watch": cmd_watch,
     "recover": cmd_recover,
-    "extend": cmd_extend,
     "gc": cmd_gc,
 }
 

@@ -4,6 +4,7 @@ real)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -16,6 +17,12 @@ import pytest
 from fleet.hostside import fleet_host as fh
 
 HELPER = Path(fh.__file__)
+
+
+def tk(name: str) -> str:
+    """A token of the shape the helper accepts, named for the reader."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
 
 # Stand-ins for the host's programs: they log their argv and do the least that makes the
 # helper's bookkeeping observable. Real systemd and Nix are exercised in the lab tests.
@@ -101,23 +108,23 @@ def helper(host: Path, *args: str, stdin: str = "", env: dict[str, str] | None =
 
 def begin(host: Path, token: str, target: str = "sys-b", *extra: str):
     return helper(
-        host, "begin", "--token", token, "--holder", json.dumps({"release": token}),
-        "--base", json.dumps({"release": token, "host": "h"}), "--mode", "switch",
+        host, "begin", "--token", token, "--holder", json.dumps({"release": token[:6]}),
+        "--base", json.dumps({"release": token[:6], "host": "h"}), "--mode", "switch",
         "--target", str(host / "store" / target), "--deadline", "30", "--confirm", "20",
         *extra,
     )  # fmt: skip
 
 
 def test_a_whole_transaction_commits_and_leaves_nothing(host: Path) -> None:
-    code, out = begin(host, "t1")
+    code, out = begin(host, tk("t1"))
     assert code == 0 and out["begun"] and out["recorded"]["number"] == 1
     txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
     assert txn["state"] == "begun" and txn["recorded"]["path"].endswith("sys-a")
-    assert "fleet-watch-t1" in (host / "calls").read_text()
-    code, out = helper(host, "activate", "--token", "t1", "--health", "5", "--confirm", "5")
+    assert f"fleet-watch-{tk('t1')[:16]}" in (host / "calls").read_text()
+    code, out = helper(host, "activate", "--token", tk("t1"), "--health", "5", "--confirm", "5")
     assert code == 0 and out["switchExit"] == 0
     assert os.path.realpath(host / "run/current-system").endswith("sys-b")
-    code, out = helper(host, "commit", "--token", "t1", stdin=json.dumps({"message": None}))
+    code, out = helper(host, "commit", "--token", tk("t1"), stdin=json.dumps({"message": None}))
     assert code == 0 and out["committed"] and out["new"]["number"] == 2
     assert not (host / "var/lib/fleet/txn.json").exists()
     assert os.path.realpath(host / "boot/lab/default").endswith("sys-b")
@@ -126,21 +133,21 @@ def test_a_whole_transaction_commits_and_leaves_nothing(host: Path) -> None:
 
 
 def test_second_holder_is_refused_then_fenced_after_a_take_over(host: Path) -> None:
-    assert begin(host, "first")[0] == 0
+    assert begin(host, tk("first"))[0] == 0
     # The fake systemctl lists no running switch: make the first one look alive.
     code, out = helper(host, "state")
     assert out["abandoned"] is True  # no switch running: nobody will resolve it
-    code, out = begin(host, "second", "sys-b", "--take-over")
+    code, out = begin(host, tk("second"), "sys-b", "--take-over")
     assert code == 0
     # The abandoned first transaction was undone, not inherited, and the old holder is fenced.
-    code, out = helper(host, "activate", "--token", "first", "--health", "5", "--confirm", "5")
+    code, out = helper(host, "activate", "--token", tk("first"), "--health", "5", "--confirm", "5")
     assert code == fh.Exit.FENCED and "no longer" in out["error"]
 
 
 def test_undo_puts_running_profile_and_boot_entry_back(host: Path) -> None:
-    begin(host, "t2")
-    helper(host, "activate", "--token", "t2", "--health", "5", "--confirm", "5")
-    code, out = helper(host, "undo", "--token", "t2", stdin=json.dumps({"phase": "health"}))
+    begin(host, tk("t2"))
+    helper(host, "activate", "--token", tk("t2"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "undo", "--token", tk("t2"), stdin=json.dumps({"phase": "health"}))
     assert code == 0 and out["undone"]
     assert os.path.realpath(host / "run/current-system").endswith("sys-a")
     assert os.path.realpath(host / "nix/var/nix/profiles/system").endswith("sys-a")
@@ -149,9 +156,9 @@ def test_undo_puts_running_profile_and_boot_entry_back(host: Path) -> None:
 
 
 def test_a_failed_boot_entry_undoes_the_commit(host: Path) -> None:
-    begin(host, "t3")
-    helper(host, "activate", "--token", "t3", "--health", "5", "--confirm", "5")
-    code, out = helper(host, "commit", "--token", "t3", stdin="{}", env={"FAIL_SWITCH": "1"})
+    begin(host, tk("t3"))
+    helper(host, "activate", "--token", tk("t3"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "commit", "--token", tk("t3"), stdin="{}", env={"FAIL_SWITCH": "1"})
     assert code == fh.Exit.FAILED and "boot entry not installed" in out["error"]
     # FAIL_SWITCH fails the undo's re-activation too; the profile is back all the same.
     assert os.path.realpath(host / "nix/var/nix/profiles/system").endswith("sys-a")
@@ -159,14 +166,14 @@ def test_a_failed_boot_entry_undoes_the_commit(host: Path) -> None:
 
 
 def test_a_crash_before_the_commit_point_is_undone_at_boot(host: Path) -> None:
-    begin(host, "t4")
-    helper(host, "activate", "--token", "t4", "--health", "5", "--confirm", "5")
+    begin(host, tk("t4"))
+    helper(host, "activate", "--token", tk("t4"), "--health", "5", "--confirm", "5")
     # The profile was written, then the host died before the commit point.
     subprocess.run(["nix-env", "-p", str(host / "nix/var/nix/profiles/system"), "--set",
                     str(host / "store/sys-b")], env=dict(os.environ, FLEET_HOST_ROOT=str(host),
                     PATH=f"{host.parent / 'bin'}:{os.environ['PATH']}"), check=True)  # fmt: skip
     code, out = helper(host, "boot")  # in the same boot: not its business
-    assert code == 0 and out["recovered"] is None and out["live"] == "t4"
+    assert code == 0 and out["recovered"] is None and out["live"] == tk("t4")[:16]
     (host / "run/fleet/boot-id").unlink()  # /run starts empty at every boot
     code, out = helper(host, "boot")
     assert code == 0 and out["recovered"]["action"] == "undone"
@@ -175,7 +182,7 @@ def test_a_crash_before_the_commit_point_is_undone_at_boot(host: Path) -> None:
 
 
 def test_a_committed_transaction_is_finished_by_anyone(host: Path) -> None:
-    begin(host, "t5")
+    begin(host, tk("t5"))
     txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
     txn["state"] = "committed"
     txn["record"] = {"release": "t5", "result": "deployed"}
@@ -186,21 +193,21 @@ def test_a_committed_transaction_is_finished_by_anyone(host: Path) -> None:
 
 
 def test_commit_after_the_deadline_undoes_instead(host: Path) -> None:
-    begin(host, "t6")
-    helper(host, "activate", "--token", "t6", "--health", "0", "--confirm", "0")
-    code, out = helper(host, "commit", "--token", "t6", stdin="{}")
+    begin(host, tk("t6"))
+    helper(host, "activate", "--token", tk("t6"), "--health", "0", "--confirm", "0")
+    code, out = helper(host, "commit", "--token", tk("t6"), stdin="{}")
     assert code == fh.Exit.EXPIRED and out["undone"]
     assert os.path.realpath(host / "run/current-system").endswith("sys-a")
 
 
 def test_same_system_is_a_noop_without_a_lock(host: Path) -> None:
-    code, out = begin(host, "t7", "sys-a")
+    code, out = begin(host, tk("t7"), "sys-a")
     assert code == 0 and out["noop"] is True
     assert not (host / "var/lib/fleet/txn.json").exists()
 
 
 def test_missing_target_changes_nothing(host: Path) -> None:
-    code, out = begin(host, "t8", "sys-gone")
+    code, out = begin(host, tk("t8"), "sys-gone")
     assert code == fh.Exit.FAILED and "not on the host" in out["error"]
     assert not (host / "var/lib/fleet/txn.json").exists()
 
@@ -251,3 +258,8 @@ def test_generation_numbers() -> None:
     assert fh.generation_number("system-42-link") == 42
     assert fh.generation_number("system-x-link") is None
     assert fh.generation_number("system-42") is None
+
+
+def test_a_token_is_hex_only(host: Path) -> None:
+    code, _ = helper(host, "commit", "--token", "x; rm -rf /", stdin="{}")
+    assert code == fh.Exit.USAGE

@@ -61,8 +61,6 @@ def state(current, numbers):
         running=f"/nix/store/{current}",
         booted=None,
         generations=tuple(GenerationInfo(n, 0, f"/nix/store/{n}") for n in numbers),
-        lock=None,
-        deadman=(),
     )
 
 
