@@ -8,6 +8,7 @@ call is one ssh round trip with a quoted argument list; the answer is one JSON d
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -237,8 +238,18 @@ class HostState:
         return found
 
 
+# What a host may name as a system: a store path, nothing an option parser could take for
+# an option (rollback passes it to nix-copy-closure on the operator's machine).
+_STORE_PATH = re.compile(r"/nix/store/[0-9a-z]{32}-[0-9A-Za-z+._?=-]+")
+
+
+def store_path(value: Any) -> str | None:
+    """``value`` if it is a store path, else None: the host's word is checked, not trusted."""
+    return value if isinstance(value, str) and _STORE_PATH.fullmatch(value) else None
+
+
 def _generation(data: Any) -> Generation | None:
-    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+    if not isinstance(data, dict) or store_path(data.get("path")) is None:
         return None
     number = data.get("number")
     return Generation(number if isinstance(number, int) else None, data["path"])
@@ -262,17 +273,19 @@ def parse_state(data: dict[str, Any]) -> HostState:
     own = f"fleet-watch-{txn.token[:16]}" if txn else None
     last = data.get("lastRecord")
     return HostState(
-        current=data.get("current"),
-        running=data.get("running"),
-        booted=data.get("booted"),
+        current=data.get("current") if isinstance(data.get("current"), int) else None,
+        running=store_path(data.get("running")),
+        booted=store_path(data.get("booted")),
         generations=tuple(
-            GenerationInfo(int(n), int(c), str(p)) for n, c, p in data.get("generations", [])
+            GenerationInfo(int(n), int(c), p)
+            for n, c, p in data.get("generations", [])
+            if store_path(p) is not None
         ),
         txn=txn,
         watchers=tuple(printable(str(w)) for w in data.get("watchers", []) if w != own),
         failed_units=tuple(printable(str(u)) for u in data.get("failedUnits", [])),
         last_release=last if isinstance(last, dict) else None,
-        boot_entry=data.get("bootEntry"),
+        boot_entry=store_path(data.get("bootEntry")),
         host_time=data.get("now"),
     )
 

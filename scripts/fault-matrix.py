@@ -37,16 +37,18 @@ def main() -> int:
     ops.down(lab)
     ops.up(lab, 3, lambda _m: None)
     held, failed, times = 0, [], []
+    recovery: dict[str, list[float]] = {}
     print(f"fault matrix: {len(cases)} cases", flush=True)
     try:
         for case in cases:
             start = time.monotonic()
             try:
                 assert_safe(lab)
-                run_case(lab, case)
+                seconds = run_case(lab, case)
                 set_release(lab, "0")
                 held += 1
-                verdict = "held"
+                recovery.setdefault(case.fault.value, []).append(seconds)
+                verdict = f"held (invariant back {seconds:.1f}s after the fault)"
             except Exception as exc:  # one broken case must not hide the others
                 failed.append(case.id)
                 verdict = f"BROKEN: {exc}".splitlines()[0][:200]
@@ -61,6 +63,12 @@ def main() -> int:
         f"cases run: {len(cases)}, held: {held}, broken: {len(failed)}"
         + (f" ({', '.join(failed)})" if failed else "")
     )
+    for fault, values in sorted(recovery.items()):
+        values.sort()
+        print(
+            f"recovery after {fault}: median {values[len(values) // 2]:.1f}s, "
+            f"max {values[-1]:.1f}s (fault injected to invariant holding, {len(values)} cases)"
+        )
     if times:
         print(f"time per case: median {sorted(times)[len(times) // 2]:.1f}s, max {max(times):.1f}s")
     return 1 if failed else 0

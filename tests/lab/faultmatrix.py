@@ -85,6 +85,9 @@ OPERATIONS = (
     Operation("revert", ("deploy", "lab1", "lab2", "--canary", "0", "--batch-size", "1",
                          *TIMEOUTS), ("lock", "activate", "health", "confirm"),
               prepare=_release("mxr", broken="health", broken_hosts=("lab2",)), occurrence=2),
+    Operation("reboot", ("deploy", "lab1", "--reboot", "--boot-timeout", "60", *TIMEOUTS),
+              ("connect", "copy", "lock", "reboot", "health", "confirm"),
+              prepare=_release("mxo")),
     Operation("gc", ("gc", "lab1", "--keep", "1"), ("gc",)),
 )  # fmt: skip
 
@@ -167,7 +170,8 @@ def _assert_records_agree(lab: Lab, release: str | None, what: str) -> None:
             assert new.get("path") == state.running, f"{what}: {name} record {last}"
 
 
-def run_case(lab: Lab, case: Case) -> None:
+def run_case(lab: Lab, case: Case) -> float:
+    """Run one case; the seconds from the fault to the invariant holding on every host."""
     op = case.operation
     if op.prepare is not None:
         op.prepare(lab)
@@ -183,6 +187,7 @@ def run_case(lab: Lab, case: Case) -> None:
         _finish(proc)
         raise AssertionError(f"{case.id}: never reached the boundary: {seen[-3:]}")
     runs: list[tuple[int | None, Any]] = []
+    faulted = time.monotonic()
     if case.fault is Fault.KILL:
         proc.kill()
         proc.communicate()
@@ -209,10 +214,12 @@ def run_case(lab: Lab, case: Case) -> None:
         code, report, _ = _finish(proc)
         runs.append((code, report))
     wait_until_safe(lab, RECOVERY)
+    recovered = time.monotonic() - faulted
     for code, report in runs:
         _assert_truthful(lab, code, report, case.id)
     _assert_records_agree(lab, release, case.id)
     reboot_pending(lab)
+    return recovered
 
 
 def reboot_pending(lab: Lab) -> None:

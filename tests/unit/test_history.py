@@ -84,3 +84,17 @@ def test_release_target_is_what_ran_before_that_release():
 def test_nothing_before_the_first_generation():
     with pytest.raises(UsageError, match="no generation before its current one"):
         rollback_target("a", state(1, [1]), [])
+
+
+def test_a_host_cannot_name_an_option_as_its_system():
+    """Host answers reach nix-copy-closure's command line on a rollback: store paths only."""
+    from fleet.hostops import parse_state
+
+    good = "/nix/store/" + "a" * 32 + "-nixos-system-web1-25.11"
+    state = parse_state({
+        "current": 2,
+        "running": "--option build-hook evil",
+        "generations": [[1, 0, good], [2, 0, "-oProxyCommand=x"], [3, 0, "/etc/passwd"]],
+    })  # fmt: skip
+    assert state.running is None
+    assert [g.path for g in state.generations] == [good]
