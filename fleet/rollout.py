@@ -199,6 +199,7 @@ class _Txn:
     target: Generation
     recorded: Generation | None = None
     deadline: float | None = None  # the host's own undo deadline, as it last told us
+    record: dict[str, Any] = field(default_factory=dict)  # what the release record says
 
 
 class Rollout:
@@ -287,10 +288,17 @@ class Rollout:
                 f"already runs this system, but it is unhealthy: {verdict.message}",
             )
 
-    def _transaction(self, ops: HostOps, report: HostReport, target: Generation) -> None:
+    def _transaction(
+        self,
+        ops: HostOps,
+        report: HostReport,
+        target: Generation,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         """One transaction on the host: begin, then the mode's steps, then commit; any
-        failure after begin (foreseen or not) is undone by the host."""
-        txn = _Txn(new_token(), helper_of(target.path), target)
+        failure after begin (foreseen or not) is undone by the host. ``record``: fields of
+        the release record the commit writes, where they differ from a deploy's."""
+        txn = _Txn(new_token(), helper_of(target.path), target, record=record or {})
         mode = self.options.mode
         try:
             with self._phase(report, Phase.LOCK):
@@ -416,7 +424,7 @@ class Rollout:
         return None
 
     def _commit(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
-        record = self.record(report) | {"phase": None, "message": None}
+        record = self.record(report) | {"phase": None, "message": None} | txn.record
         try:
             with self._phase(report, Phase.CONFIRM):
                 answer = ops.commit(txn.helper, txn.token, record)
@@ -577,8 +585,14 @@ class Rollout:
         back = HostReport(report.name, changed=True, previous=report.new)
         ops = HostOps(self.remote(report.name))
         target = report.previous
+        # The host's record: this release, rolled back from what it ran before it.
+        record = {
+            "result": HostResult.ROLLED_BACK.value,
+            "previous": target.as_json(),
+            "message": "rolled back with the rest of the release",
+        }
         try:
-            self._transaction(ops, back, target)  # the recorded generation is on the host
+            self._transaction(ops, back, target, record)  # the target is on the host: it ran it
         except Exception as exc:
             back.fail(HostResult.FAILED, Phase.ROLLBACK, f"unexpected error: {exc!r}")
         for phase, seconds in back.timings.items():

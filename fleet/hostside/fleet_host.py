@@ -831,9 +831,19 @@ def cmd_commit(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
                             f"boot entry not installed (exit {code}): {last_line(output)}",
                         )
                 new = Generation(number, target.path)
-                result = "pending-reboot" if txn.mode == "boot" else "deployed"
+                # The tool may call a committed switch a rollback (a fleet-wide revert) and
+                # name what ran before the release; the host fills in what it knows.
+                asked = record.get("result")
+                result = (
+                    "pending-reboot"
+                    if txn.mode == "boot"
+                    else asked
+                    if asked in ("deployed", "rolled-back")
+                    else "deployed"
+                )
                 txn.record = compose(txn, result, new, None, None) | record | {
-                    "new": new.json(), "previous": txn.recorded, "result": result}  # fmt: skip
+                    "new": new.json(), "result": result}  # fmt: skip
+                txn.record.setdefault("previous", txn.recorded)
                 txn.state = State.COMMITTED
                 txn.deadline = now() + txn.confirm
                 write_txn(paths, txn)  # the commit point

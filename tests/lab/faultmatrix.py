@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fleet.hostops import HostOps
 from fleet.lab import ops
 from fleet.lab.layout import Lab
 from tests.lab.fleetrun import (
@@ -158,16 +159,32 @@ def _assert_truthful(lab: Lab, code: int | None, report: Any, what: str) -> None
             assert state.current_path == host["new"]["path"], f"{what}: {name}: {host}"
 
 
-def _assert_records_agree(lab: Lab, release: str | None, what: str) -> None:
-    if release is None:
+def _assert_claims_recorded(lab: Lab, report: Any, what: str) -> None:
+    """For a run whose change another operator may have replaced since: what it claims is
+    what the host recorded for its release."""
+    if report is None or "hosts" not in report:
         return
+    with ops.transport(lab) as transport:
+        remotes = {e.name: transport.remote(e) for e in ops.endpoints(lab)}
+        for name, host in report["hosts"].items():
+            if host["result"] not in ("deployed", "rolled-back", "pending-reboot"):
+                continue
+            if not host["changed"]:
+                continue  # nothing to record: it already ran that system
+            mine = [r for r in HostOps(remotes[name]).records()
+                    if r.get("release") == report["release"]]  # fmt: skip
+            assert mine, f"{what}: {name} claims {host['result']} with no record"
+            assert mine[-1]["result"] == host["result"], f"{what}: {name}: {mine[-1]}"
+            assert (mine[-1].get("new") or {}).get("path") == host["new"]["path"], what
+
+
+def _assert_records_agree(lab: Lab, what: str) -> None:
+    """Every host's newest release record tells what it runs."""
     for name, state in host_states(lab).items():
         last = state.last_release or {}
-        if last.get("release") != release:
-            continue
-        new = last.get("new") or {}
         if last.get("result") in ("deployed", "rolled-back"):
-            assert new.get("path") == state.running, f"{what}: {name} record {last}"
+            new = last.get("new") or {}
+            assert new.get("path") == state.running, f"{what}: {name}: newest record {last}"
 
 
 def run_case(lab: Lab, case: Case) -> float:
@@ -182,7 +199,6 @@ def run_case(lab: Lab, case: Case) -> float:
         text=True, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     seen = _read_until(proc, "fleet-test-paused")
-    release = next((ln.split()[1] for ln in seen if ln.startswith("release ")), None)
     if not seen or "fleet-test-paused" not in seen[-1]:
         _finish(proc)
         raise AssertionError(f"{case.id}: never reached the boundary: {seen[-3:]}")
@@ -212,12 +228,16 @@ def run_case(lab: Lab, case: Case) -> float:
         # Its claims hold when it ends; the first run, continued, may change the host again.
         _assert_truthful(lab, second[0], second[1], f"{case.id} (second operator)")
         code, report, _ = _finish(proc)
-        runs.append((code, report))
+        _assert_claims_recorded(lab, report, f"{case.id} (first operator)")
+        if report is not None and any(
+            h["result"] in ("failed", "unreachable") for h in report["hosts"].values()
+        ):
+            assert code == 4, f"{case.id}: first operator exit {code}"
     wait_until_safe(lab, RECOVERY)
     recovered = time.monotonic() - faulted
     for code, report in runs:
         _assert_truthful(lab, code, report, case.id)
-    _assert_records_agree(lab, release, case.id)
+    _assert_records_agree(lab, case.id)
     reboot_pending(lab)
     return recovered
 

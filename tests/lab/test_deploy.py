@@ -138,6 +138,11 @@ def test_wave_failure_rolls_back_persisted_hosts_fleet_wide(lab):
     for name, state in after.items():
         assert state.running == before[name].running
         assert state.current_path == before[name].running
+        # The host's newest record of the release tells the story: rolled back from the
+        # system that ran before it.
+        assert state.last_release["release"] == report["release"]
+        assert state.last_release["result"] == "rolled-back"
+        assert state.last_release["previous"]["path"] == before[name].running
 
 
 def test_no_rollback_keeps_hosts_that_deployed(lab):
