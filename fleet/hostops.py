@@ -41,6 +41,10 @@ class HelperError(FleetError):
         self.data = data or {}
 
 
+class HelperMissing(HelperError):
+    """The named fleet-host is not on the host (a system built before it existed)."""
+
+
 class LockHeld(HelperError):
     pass
 
@@ -340,8 +344,8 @@ class HostOps:
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            if result.returncode == 127:
-                raise HelperError(f"{self.name}: {helper} is missing: the host has no fleet-host")
+            if result.returncode == 127 or "command not found" in result.stderr:
+                raise HelperMissing(f"{self.name}: {helper} is missing: the host has no fleet-host")
             raise HelperError(
                 f"{self.name}: fleet-host {command} failed (exit {result.returncode}): "
                 f"{result.last_error_line()}"
@@ -365,7 +369,8 @@ class HostOps:
         confirm: float,
         take_over: bool = False,
     ) -> dict[str, Any]:
-        """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``."""
+        """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``, and
+        ``helper`` when the transaction's helper is not the target's."""
         args = [
             "--token",
             token,
@@ -387,7 +392,12 @@ class HostOps:
         if take_over:
             args.append("--take-over")
         try:
-            return self.call("begin", *args, helper=helper_of(target.path))
+            try:
+                return self.call("begin", *args, helper=helper_of(target.path))
+            except HelperMissing:
+                # A target from before fleet-host (a rollback to an old generation): the
+                # running system's helper drives the transaction instead.
+                return self.call("begin", *args) | {"helper": RUNNING_HELPER}
         except LockHeld as exc:
             holder_text = describe_holder(exc.data.get("holder"))
             raise LockHeld(

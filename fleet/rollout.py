@@ -329,6 +329,7 @@ class Rollout:
         if answer.get("noop"):
             self._unchanged(ops, report)
             return
+        txn.helper = str(answer.get("helper", txn.helper))
         recorded = answer.get("recorded") or {}
         txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
         txn.deadline = time.time() + self.options.confirm_timeout

@@ -1,0 +1,69 @@
+"""The operator's side of the host protocol, against a stand-in remote: how answers and
+exit codes of fleet-host become results and errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from fleet.hostops import RUNNING_HELPER, Fenced, HelperError, HostOps, LockHeld, helper_of
+from fleet.models import Generation
+from fleet.process import Result
+from fleet.ssh import Endpoint
+
+TARGET = "/nix/store/" + "b" * 32 + "-nixos-system-web1-2"
+
+
+@dataclass
+class FakeRemote:
+    """Answers each call with the next canned (exit code, stdout, stderr)."""
+
+    answers: list[tuple[int, str, str]]
+    endpoint: Endpoint = field(default_factory=lambda: Endpoint("web1", "192.0.2.1"))
+    calls: list[list[str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    def run(self, argv: list[str], **_: Any) -> Result:
+        self.calls.append(list(argv))
+        code, out, err = self.answers.pop(0)
+        return Result(tuple(argv), code, out, err)
+
+
+def ops(*answers: tuple[int, str, str]) -> tuple[HostOps, FakeRemote]:
+    remote = FakeRemote(list(answers))
+    return HostOps(remote), remote  # type: ignore[arg-type]
+
+
+def begin(host: HostOps) -> dict[str, Any]:
+    return host.begin("ab" * 16, {"release": "r"}, {}, "switch", Generation(3, TARGET), 30, 20)
+
+
+def test_a_target_without_fleet_host_falls_back_to_the_running_one() -> None:
+    """A rollback to a generation built before fleet-host existed."""
+    ok = json.dumps({"ok": True, "begun": True, "recorded": {"path": TARGET, "number": 4}})
+    host, remote = ops((127, "", "sh: 1: not found"), (0, ok + "\n", ""))
+    answer = begin(host)
+    assert answer["helper"] == RUNNING_HELPER
+    assert remote.calls[0][0] == helper_of(TARGET) and remote.calls[1][0] == RUNNING_HELPER
+    assert remote.calls[0][1:] == remote.calls[1][1:]
+    assert remote.calls[0][-2:] == ["--generation", "3"]
+
+
+def test_exit_codes_become_their_errors() -> None:
+    held = json.dumps({"ok": False, "error": "held", "holder": {"operator": "bob\x1b[2J"}})
+    host, _ = ops((3, held, ""))
+    with pytest.raises(LockHeld) as exc:
+        begin(host)
+    assert "bob?[2J" in str(exc.value) and "\x1b" not in str(exc.value)
+    host, _ = ops((4, json.dumps({"ok": False, "error": "no longer ours"}), ""))
+    with pytest.raises(Fenced):
+        host.commit(helper_of(TARGET), "ab" * 16, {})
+    host, _ = ops((1, "Traceback ...", "boom"))
+    with pytest.raises(HelperError, match="exit 1"):
+        host.state()
