@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -42,7 +41,9 @@ TXN_VERSION = 1
 GRACE = 10.0
 FLOCK_WAIT = 300.0  # an undo in progress holds the lock for a switch's length
 SETTLE_POLL = 0.2
-WATCH_POLL = 0.5
+# The switch sleeps until the deadline in the record, waking this often to re-read it (a
+# later deadline extends it; a record that names another token ends it).
+WATCH_POLL = 5.0
 OUTPUT_TAIL = 4000
 
 
@@ -354,7 +355,7 @@ def boot_id(paths: Paths) -> str:
         return marker.read_text().strip()
     except FileNotFoundError:
         paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        value = secrets.token_hex(8)
+        value = os.urandom(8).hex()
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(value)
@@ -445,7 +446,7 @@ def ours(paths: Paths, token: str) -> Txn:
 def switch(system: str, action: str, unit: str | None = None) -> tuple[int, str]:
     """``system``/bin/switch-to-configuration ACTION under systemd-run, so that a lost
     session cannot kill it midway; (exit code, what it printed)."""
-    unit = unit or f"fleet-switch-{secrets.token_hex(4)}"
+    unit = unit or f"fleet-switch-{os.urandom(4).hex()}"
     script = Path(system) / "bin/switch-to-configuration"
     if not script.exists():
         return 1, f"{script} does not exist"
@@ -729,7 +730,7 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             and running == target.path
             and os.path.realpath(paths.profile) == target.path
         ):
-            return out | {"noop": True, "state": state_json(paths)}
+            return out | {"noop": True}
         recorded = (
             inherited.recorded
             if inherited is not None
@@ -758,6 +759,7 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             drop_txn(paths, txn)
             raise Failure(Exit.FAILED, f"rooting the systems: {exc}") from exc
         if inherited is not None:
+            systemctl("stop", "--no-block", f"{inherited.watch_unit}.service")
             why = f"taken over by release {holder.get('release')}"
             append_record(paths, compose(inherited, "taken-over", None, inherited.state, why))
         try:
@@ -765,7 +767,7 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         except Failure:
             drop_txn(paths, txn)
             raise
-        return out | {"begun": True, "recorded": recorded, "state": state_json(paths)}
+        return out | {"begun": True, "recorded": recorded}
 
 
 def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
@@ -775,7 +777,7 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             raise Failure(Exit.FAILED, f"cannot activate in state {txn.state}")
         txn.state = State.ACTIVATING
         txn.deadline = now() + args.health + args.confirm
-        txn.switch_unit = f"fleet-switch-{secrets.token_hex(4)}"
+        txn.switch_unit = f"fleet-switch-{os.urandom(4).hex()}"
         write_txn(paths, txn)
     started = now()
     code, output = switch(txn.target["path"], "test", txn.switch_unit)
