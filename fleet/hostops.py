@@ -80,12 +80,6 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
-def generation_number(link_name: str) -> int | None:
-    """``system-42-link`` or ``42-link`` -> 42."""
-    parts = link_name.removeprefix("system-").split("-")
-    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() and parts[1] == "link" else None
-
-
 @dataclass(frozen=True)
 class GenerationInfo:
     number: int
