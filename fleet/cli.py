@@ -450,6 +450,9 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
 @click.pass_obj
 def report(ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int) -> None:
     """A self-contained HTML page: the status table and the recent releases."""
+    folder = Path(html_file).parent
+    if not folder.is_dir():  # before any host is asked
+        raise FleetUsageError(f"--html {html_file}: the folder {folder} does not exist")
     session = _session(ctx)
     statuses = flows.status(session, selectors)
     releases, unread = flows.history(session, None, limit)

@@ -1,12 +1,16 @@
-"""Operator configuration: ``fleet.yaml`` at the flake root, then ``~/.config/fleet/config.yaml``.
+"""Operator configuration: ``~/.config/fleet/config.yaml``, then ``fleet.yaml`` at the
+flake root.
 
-For each key the first file that sets it wins. Everything here is the operator's own
-(keys, jump host, patience); what the fleet is comes from the flake.
+For each key the operator's own file wins. A checkout's ``fleet.yaml`` is not trusted with
+what would run on the operator's machine: it may not set a jump host (OpenSSH runs one
+through a shell) nor choose which flake is the fleet; every value is checked by type and
+shape before use, and none is ever given to a shell (docs/security.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,15 @@ KEYS: dict[str, Key] = {
     "confirmTimeout": Key((int, float), "a number of seconds"),
 }
 PATH_KEYS = ("identityFile", "knownHostsFile")
+# Keys only the operator's own file may set.
+OPERATOR_ONLY = ("flake", "jumpHost")
+
+# user@host:port, several joined by commas; host a name, an IPv4 address or [IPv6].
+_JUMP = re.compile(
+    r"(?:[a-z_][a-z0-9_.-]{0,31}@)?(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])"
+    r"(?::[0-9]{1,5})?"
+)
+SHAPES = {"jumpHost": lambda v: all(_JUMP.fullmatch(part) for part in v.split(","))}
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,11 @@ def _read(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
         if not isinstance(value, spec.type) or isinstance(value, bool):
             raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
+        if isinstance(value, float) and not (0 < value < 86400):
+            raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
+        shape = SHAPES.get(str(key))
+        if shape is not None and not shape(value):
+            raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
         if key in PATH_KEYS:
             value = str((path.parent / Path(str(value)).expanduser()).resolve())
         values[key] = value
@@ -97,8 +115,15 @@ def load_user() -> Config:
 
 
 def load(flake: str, user: Config | None = None) -> Config:
-    """The flake's fleet.yaml (when the flake is local) over the user's config."""
+    """The user's config over the flake's fleet.yaml (when the flake is local), which may
+    not set what only the operator decides."""
     user = load_user() if user is None else user
     root = flake_root(flake)
     local = _config_of(root / "fleet.yaml") if root is not None else Config({}, ())
-    return Config({**user.values, **local.values}, local.sources + user.sources)
+    for key in OPERATOR_ONLY:
+        if key in local.values:
+            raise UsageError(
+                f"{local.sources[0]}: key {key!r} may only be set in the operator's own "
+                f"{user_config_path()}: a checkout must not choose it"
+            )
+    return Config({**local.values, **user.values}, user.sources + local.sources)

@@ -1,13 +1,16 @@
 """Health of one host: systemd settled with no failed unit, then every declared check.
 
-HTTP and TCP checks reach 127.0.0.1:PORT on the host through the ssh master connection
-(``ssh -W``), so they need no open port towards the operator and work through jump hosts.
+HTTP checks reach 127.0.0.1:PORT on the host through the ssh master connection
+(``ssh -W``), so they need no open port towards the operator and work through jump hosts;
+TCP checks are made by the host itself (``fleet-host probe-tcp``), since an ``ssh -W``
+channel that stays open does not prove a connection.
 Checks run concurrently; each retries until it passes, runs out of retries, or the
 host's health deadline passes.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Sequence
@@ -15,11 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fleet.errors import SshError
-from fleet.hostops import HostOps
+from fleet.hostops import RUNNING_HELPER, HostOps
 from fleet.inventory import Check, CheckType
 from fleet.ssh import Remote
-
-TCP_SETTLE = 0.3  # a tunnel still open after this long has connected
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,23 @@ def _http(remote: Remote, check: Check) -> tuple[bool, str]:
 
 
 def _tcp(remote: Remote, check: Check) -> tuple[bool, str]:
+    """The host itself connects (fleet-host probe-tcp): a channel that merely stays open
+    proves nothing, however slow the link."""
     assert check.port is not None
-    proc = remote.tunnel(check.port)
+    argv = [RUNNING_HELPER, "probe-tcp", "--port", str(check.port), "--timeout",
+            f"{check.timeout:g}"]  # fmt: skip
     try:
-        proc.communicate(timeout=min(TCP_SETTLE, check.timeout))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        result = remote.run(argv, check=False, timeout=check.timeout + 15)
+    except SshError as exc:
+        return False, str(exc)
+    lines = result.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if result.ok and answer.get("connected"):
         return True, "connected"
-    if proc.returncode == 0:
-        return True, "connected"
-    err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
-    return False, err.splitlines()[-1] if err else f"port {check.port} refused"
+    return False, str(answer.get("error") or result.last_error_line())
 
 
 def _command(remote: Remote, check: Check) -> tuple[bool, str]:

@@ -3,13 +3,17 @@ table and the recent releases, for someone who has never used the tool."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import os
 import socket
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
 
+from fleet.errors import UsageError
 from fleet.history import ReleaseEntry
 from fleet.output import short_path
 from fleet.status import HostStatus
@@ -37,6 +41,18 @@ def render(
 
 
 def write(path: Path, html: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(path)
+    """Whole or not at all, through a temporary file of an unpredictable name made with
+    O_EXCL (never one planted beside the target)."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{path}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(html)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -143,10 +143,14 @@ class Remote:
         if c.identity_file is not None:
             opts += ["-i", str(c.identity_file), "-o", "IdentitiesOnly=yes"]
         if e.host_key is not None:
+            # A pinned key is final: nothing in the operator's ssh_config may add another.
             opts += [
                 "-o", f"UserKnownHostsFile={self.transport.pinned_file}",
                 "-o", "GlobalKnownHostsFile=/dev/null",
                 "-o", f"HostKeyAlias={e.name}",
+                "-o", "KnownHostsCommand=none",
+                "-o", "VerifyHostKeyDNS=no",
+                "-o", "UpdateHostKeys=no",
             ]  # fmt: skip
         elif c.known_hosts_file is not None:
             opts += ["-o", f"UserKnownHostsFile={c.known_hosts_file}"]

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1051,6 +1052,15 @@ def cmd_settle(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     return {"settled": settled, "failedUnits": failed}
 
 
+def cmd_probe_tcp(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """A TCP check made here, on the host: a connection proven, not inferred from a timer."""
+    try:
+        with socket.create_connection(("127.0.0.1", args.port), timeout=args.timeout):
+            return {"connected": True}
+    except OSError as exc:
+        raise Failure(Exit.FAILED, f"127.0.0.1:{args.port}: {exc.strerror or exc}") from exc
+
+
 def cmd_version(_paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
     return {"protocol": PROTOCOL}
 
@@ -1067,6 +1077,9 @@ def parser() -> argparse.ArgumentParser:
     command("records", "the release records, oldest first")
     command("record", "append one release record (JSON on stdin)")
     command("boot", "resolve what a crash left (run at every boot)")
+    probe = command("probe-tcp", "connect to 127.0.0.1:PORT (a TCP health check)")
+    probe.add_argument("--port", type=int, required=True)
+    probe.add_argument("--timeout", type=float, default=5.0)
     settle_ = command("settle", "wait for systemd's jobs; report failed units")
     settle_.add_argument("--seconds", type=float, default=30.0)
     begin = command("begin", "take the lock, record the running system, arm the switch")
@@ -1109,6 +1122,7 @@ COMMANDS = {
     "state": cmd_state,
     "version": cmd_version,
     "settle": cmd_settle,
+    "probe-tcp": cmd_probe_tcp,
     "records": cmd_records,
     "record": cmd_record,
     "boot": cmd_boot,

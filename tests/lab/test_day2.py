@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
+from fleet import health
+from fleet.inventory import Check, CheckType
 from tests.lab.fleetrun import host_states, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
@@ -121,3 +125,14 @@ def test_bad_operator_config_is_refused_by_name(lab, tmp_path, text, message):
     [line] = err.strip().splitlines()
     assert str(config) in line and message in line
     assert host_states(lab) == before
+
+
+def test_tcp_checks_are_made_by_the_host(lab, lab_remotes):
+    """A TCP check is a connection the host proves, never a channel left open."""
+    web = Check("web", None, CheckType.TCP, timeout=2, interval=0.2, retries=1, port=8080)
+    closed = dataclasses.replace(web, name="closed", port=9)
+    verdict = health.run_checks(lab_remotes["lab1"], [web, closed], time.monotonic() + 20)
+    found = {c.name: c for c in verdict.checks}
+    assert found["web"].ok and found["web"].message == "connected"
+    assert not found["closed"].ok and "refused" in found["closed"].message.lower()
+    assert not verdict.ok

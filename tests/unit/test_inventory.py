@@ -89,6 +89,15 @@ def test_example_parses():
         (lambda d: d["hosts"]["web1"]["checks"][0].pop("port"), "'port' is a required property"),
         (lambda d: d["deploy"].update(batchSize="150%"), "deploy.batchSize"),
         (lambda d: d.update(schemaVersion=2), "schemaVersion"),
+        # What reaches a command line or a request: no trailing newline, no option, no CRLF.
+        (lambda d: d["deploy"].update(batchSize="5%\n"), "deploy.batchSize"),
+        (lambda d: d["hosts"]["web1"].update(address="-oProxyCommand=x"), "hosts.web1.address"),
+        (lambda d: d["hosts"]["web1"].update(address="web1\n"), "hosts.web1.address"),
+        (lambda d: d["hosts"]["db1"].update(sshUser="deploy\n"), "hosts.db1.sshUser"),
+        (
+            lambda d: d["hosts"]["web1"]["checks"][0].update(path="/h HTTP/1.0\r\nX: y"),
+            "hosts.web1.checks.0.path",
+        ),
         (
             lambda d: d["hosts"]["db1"]["checks"].append(d["hosts"]["db1"]["checks"][0]),
             "check name 'redis' is used twice",
