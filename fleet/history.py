@@ -29,7 +29,7 @@ class ReleaseEntry:
 
     @property
     def result(self) -> str:
-        counts = Counter(h["result"] for h in self.hosts.values())
+        counts = Counter(str(h.get("result")) for h in self.hosts.values())
         if set(counts) == {"deployed"}:
             return "deployed"
         return ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
@@ -98,8 +98,10 @@ def rollback_target(
     if to is not None:
         return _existing(name, state, to, "(asked for with --to)")
     if release is not None:
+        # Records come from the host: one of another shape is passed over, never trusted.
         taken = [r for r in records if r.get("release") == release and r.get("action") == "deploy"
-                 and r.get("result") == "deployed" and r.get("previous")]  # fmt: skip
+                 and r.get("result") in ("deployed", "pending-reboot")
+                 and isinstance(r.get("previous"), dict)]  # fmt: skip
         if not taken:
             return None
         number = taken[-1]["previous"].get("number")

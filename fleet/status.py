@@ -107,6 +107,10 @@ class HostStatus:
         } | ({} if self.drift is None else {"drift": "yes" if self.drift else "no"})  # fmt: skip
 
 
+# A host that connects but then hangs (a stuck disk, a frozen systemd) must not hang status.
+STATE_TIMEOUT = 15.0
+
+
 def one_attempt(host: Host) -> Host:
     """Status reports health as it is now: each check once, no retries."""
     checks = tuple(dataclasses.replace(c, retries=1) for c in host.checks)
@@ -115,7 +119,7 @@ def one_attempt(host: Host) -> Host:
 
 def probe(host: Host, ops: HostOps) -> HostStatus:
     """One host's status: one round trip for its state, then each check once."""
-    state = ops.state()
+    state = ops.state(timeout=STATE_TIMEOUT)
     if state.failed_units:
         verdict = health.Health(False, state.failed_units, ())
     else:

@@ -149,7 +149,15 @@ let
   # The unit that resolves, at every boot, a transaction a crash left behind
   # (docs/transaction.md). Its name is reserved among the services' units.
   bootUnit = "fleet-host-boot";
-  clashing = filter (name: cfg.services.${name}.unit == bootUnit) (lib.attrNames cfg.services);
+  # Unit names the host module keeps: its boot recovery, and `fleet`, whose StateDirectory
+  # would be /var/lib/fleet, where the host keeps its transaction and release records.
+  reservedUnits = [
+    bootUnit
+    "fleet"
+  ];
+  clashing = filter (name: elem cfg.services.${name}.unit reservedUnits) (
+    lib.attrNames cfg.services
+  );
 in
 {
   options.fleet = {
@@ -341,7 +349,7 @@ in
       }
       {
         assertion = clashing == [ ];
-        message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${bootUnit}, which the fleet host module reserves for its boot recovery: rename the service or set its `unit`.";
+        message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${concatStringsSep ", " (map (n: cfg.services.${n}.unit) clashing)}, which the fleet host module reserves (${bootUnit} is its boot recovery; fleet would own /var/lib/fleet, the host's transaction and records): rename the service or set its `unit`.";
       }
       {
         assertion = duplicatePorts == [ ];

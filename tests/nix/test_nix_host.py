@@ -315,17 +315,19 @@ def test_state_and_runtime_directories(hosts: dict[str, Any]) -> None:
         ]
 
 
-def test_a_service_cannot_take_the_boot_units_name(nix: Nix) -> None:
+@pytest.mark.parametrize("unit", ["fleet-host-boot", "fleet"])
+def test_a_service_cannot_take_a_reserved_unit_name(nix: Nix, unit: str) -> None:
     failed = nix.eval(
-        """(h.hostConfig (h.evalFleet [ {
+        f"""(h.hostConfig (h.evalFleet [ {{
           imports = [ tests/nix/fixtures/base.nix ];
-          services.api.unit = "fleet-host-boot";
-        } ]) "app1").failedAssertions"""
+          services.api.unit = "{unit}";
+        }} ]) "app1").failedAssertions"""
     )
     assert failed == [
-        'fleet: host app1: service(s) "api" would run as unit fleet-host-boot, which the '
-        "fleet host module reserves for its boot recovery: rename the service or set its "
-        "`unit`."
+        f'fleet: host app1: service(s) "api" would run as unit {unit}, which the fleet host '
+        "module reserves (fleet-host-boot is its boot recovery; fleet would own "
+        "/var/lib/fleet, the host's transaction and records): rename the service or set "
+        "its `unit`."
     ]
 
 

@@ -98,3 +98,16 @@ def test_a_host_cannot_name_an_option_as_its_system():
     })  # fmt: skip
     assert state.running is None
     assert [g.path for g in state.generations] == [good]
+
+
+def test_records_of_another_shape_are_passed_over():
+    """One host's odd record must not break history or rollback --release for the fleet."""
+    odd = [
+        {"release": "r1", "action": "deploy", "result": "deployed", "previous": "x"},
+        {"release": 5, "result": []},
+        {"release": "r1"},
+    ]
+    entries = merge({"a": odd, "b": [{"release": "r1", "result": "deployed", "time": "t"}]})
+    assert [e.id for e in entries] == ["r1"]
+    assert entries[0].result  # a summary, whatever the odd records hold
+    assert rollback_target("a", state(2, [1, 2]), odd, release="r1") is None
