@@ -101,6 +101,9 @@ def _read(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
         if key in PATH_KEYS:
             value = str((path.parent / Path(str(value)).expanduser()).resolve())
+            if any(c.isspace() for c in value):
+                # Nix splits NIX_SSHOPTS on spaces: every copy would fail.
+                raise UsageError(f"{path}: key {key!r}: a path without spaces, got {value!r}")
         values[key] = value
     return values
 

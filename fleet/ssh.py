@@ -8,6 +8,7 @@ known_hosts file of this run, other hosts are looked up in the operator's known_
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -105,10 +106,15 @@ _DIR_PREFIX = "fleet-ssh-"
 
 
 def _sweep_stale_dirs() -> None:
-    """Remove control directories of runs that were killed before they could clean up."""
+    """Remove this user's control directories of runs killed before they could clean up
+    (never another user's)."""
     for stale in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
         pid = stale.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        try:
+            mine = stale.lstat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -122,7 +128,9 @@ class Remote:
     def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
         self.endpoint = endpoint
         self.transport = transport
-        self.control_path = transport.dir / f"{endpoint.name}.sock"
+        # Named by a digest: a socket path must stay short, whatever the host's name.
+        digest = hashlib.sha256(endpoint.name.encode()).hexdigest()[:16]
+        self.control_path = transport.dir / f"{digest}.sock"
 
     @property
     def name(self) -> str:

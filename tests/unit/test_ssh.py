@@ -15,3 +15,15 @@ def test_a_killed_runs_control_directory_is_swept_by_the_next():
         assert not stale.exists()
         assert transport.dir.name.startswith(f"fleet-ssh-{os.getpid()}-")
     assert not transport.dir.exists()
+
+
+def test_another_users_control_directory_is_left_alone():
+    other = Path(tempfile.mkdtemp(prefix="fleet-ssh-999999998-"))
+    if os.geteuid() == 0:
+        os.chown(other, 12345, 12345)
+    try:
+        with Transport(SshConfig()):
+            assert other.exists() == (os.geteuid() == 0)
+    finally:
+        if other.exists():
+            other.rmdir()

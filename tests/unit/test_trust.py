@@ -79,3 +79,15 @@ def test_the_report_never_writes_through_a_planted_file(tmp_path: Path) -> None:
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
     with pytest.raises(UsageError, match="does not exist"):
         report.write(tmp_path / "missing/r.html", "x")
+
+
+def test_a_path_with_a_space_is_refused_before_any_host(home: Path) -> None:
+    (home / "xdg/fleet/config.yaml").write_text("identityFile: 'my keys/id'\n")
+    with pytest.raises(UsageError, match="without spaces"):
+        config.load_user()
+
+
+def test_a_long_host_name_keeps_the_control_socket_short() -> None:
+    with Transport(SshConfig()) as transport:
+        remote = transport.remote(Endpoint("h" * 63, "192.0.2.1"))
+        assert len(str(remote.control_path)) < 100  # sun_path holds 108 bytes
