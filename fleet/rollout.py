@@ -326,6 +326,9 @@ class Rollout:
         except FleetError as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, f"nothing was changed: {exc}")
             return
+        except Exception as exc:  # the host may have begun: an undo with our token ends it
+            self._undo(ops, report, txn, Phase.LOCK, f"unexpected error: {exc!r}")
+            return
         if answer.get("noop"):
             self._unchanged(ops, report)
             return
@@ -475,6 +478,10 @@ class Rollout:
         self, ops: HostOps, report: HostReport, txn: _Txn, data: dict[str, Any]
     ) -> None:
         """The host undid the change; it counts as rolled back once proven healthy."""
+        if txn.recorded is None and isinstance(data.get("recorded"), dict):
+            recorded = data["recorded"]
+            txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
+            report.previous = txn.recorded
         report.new = txn.recorded
         problems = []
         code = data.get("switch_exit")

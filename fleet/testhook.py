@@ -15,18 +15,26 @@ import sys
 import threading
 
 ENV = "FLEET_TEST_PAUSE"
+RAISE_ENV = "FLEET_TEST_RAISE"  # the same spelling: raise an error nobody foresaw there
 _seen: collections.Counter[str] = collections.Counter()
 _lock = threading.Lock()
 
 
-def pause(point: str, host: str) -> None:
-    wanted = os.environ.get(ENV)
+def _hit(env: str, point: str, host: str) -> bool:
+    wanted = os.environ.get(env)
     if not wanted:
-        return
+        return False
     with _lock:
-        _seen[f"{point}@{host}"] += 1
-        count = _seen[f"{point}@{host}"]
-    if wanted in (point, f"{point}@{host}", f"{point}@{host}#{count}"):
+        _seen[f"{env}:{point}@{host}"] += 1
+        count = _seen[f"{env}:{point}@{host}"]
+    return wanted in (point, f"{point}@{host}", f"{point}@{host}#{count}")
+
+
+def pause(point: str, host: str) -> None:
+    """Stop here (FLEET_TEST_PAUSE), or fail here as a bug would (FLEET_TEST_RAISE)."""
+    if _hit(ENV, point, host):
         sys.stderr.write(f"fleet-test-paused {point} {host}\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGSTOP)
+    if _hit(RAISE_ENV, point, host):
+        raise RuntimeError(f"injected at {point} on {host}")

@@ -588,7 +588,7 @@ def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str
     finished by the next one. Runs under the host lock."""
     recorded = Generation.from_json(txn.recorded)
     assert recorded is not None
-    out: dict[str, Any] = {"undone": True}
+    out: dict[str, Any] = {"undone": True, "recorded": txn.recorded}
     if txn.switch_unit:
         systemctl("stop", f"{txn.switch_unit}.service")
     if txn.mode == "reboot":

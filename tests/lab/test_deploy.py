@@ -4,6 +4,7 @@ with the safety check (running = profile's current = healthy, no lock, no timer)
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ from fleet.hostops import HostOps, new_token
 from fleet.lab import containers, ops
 from fleet.models import Generation
 from tests.lab.fleetrun import (
+    assert_safe,
     faulted,
     fleet_argv,
     host_states,
@@ -330,3 +332,23 @@ def test_reboot_deploy_proves_the_new_generation_after_booting_it_once(lab):
     state = host_states(lab)["lab3"]
     assert state.running == state.current_path == state.boot_entry == good
     assert state.booted != good  # it keeps the boot it made until its next one
+
+
+@pytest.mark.parametrize("phase", ["lock", "activate", "health", "confirm"])
+def test_an_error_nobody_foresaw_ends_like_a_failed_phase(lab, phase):
+    """An exception after any step: the host undoes what is not committed, the lock goes
+    with it, and the report says what the host did."""
+    before = running_paths(lab)
+    set_release(lab, f"x-{phase}")
+    env = dict(os.environ, FLEET_TEST_RAISE=f"{phase}@lab1")
+    code, report, err = run_fleet(lab, "deploy", "lab1", env=env)
+    host = report["hosts"]["lab1"]
+    assert_safe(lab)
+    running = running_paths(lab)["lab1"]
+    if phase == "confirm":  # committed before the error: the host's record says deployed
+        assert code == 0, err
+        assert host["result"] == "deployed" and running == host["new"]["path"]
+    else:
+        assert code == 3, err
+        assert host["result"] == "rolled-back" and running == before["lab1"]
+        assert "injected" in host["message"]
