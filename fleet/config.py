@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,22 +32,50 @@ KEYS: dict[str, Key] = {
     "sshUser": Key(str, "a user name"),
     "identityFile": Key(str, "a path to an ssh private key"),
     "knownHostsFile": Key(str, "a path to a known_hosts file"),
+    "signingKey": Key(str, "a path to a Nix secret signing key"),
+    "secretsDir": Key(str, "a path to the folder of the services' secret files"),
     "jumpHost": Key(str, "an ssh destination such as user@bastion:22"),
+    "jumpHostKeys": Key(dict, "a mapping of jump host to its pinned key, TYPE BASE64"),
     "connectTimeout": Key((int, float), "a number of seconds"),
     "parallel": Key(int, "a whole number of hosts"),
     "healthTimeout": Key((int, float), "a number of seconds"),
     "confirmTimeout": Key((int, float), "a number of seconds"),
 }
-PATH_KEYS = ("identityFile", "knownHostsFile")
-# Keys only the operator's own file may set.
-OPERATOR_ONLY = ("flake", "jumpHost")
+PATH_KEYS = ("identityFile", "knownHostsFile", "signingKey", "secretsDir")
+# Keys only the operator's own file may set: what runs where (a jump host goes through a
+# shell), which flake is the fleet, which key signs (else a checkout could have its own
+# systems signed with any key the operator holds) and where secrets are read (else it could
+# have any file of the operator's sent to a host).
+OPERATOR_ONLY = ("flake", "jumpHost", "jumpHostKeys", "signingKey", "secretsDir")
 
 # user@host:port, several joined by commas; host a name, an IPv4 address or [IPv6].
 _JUMP = re.compile(
     r"(?:[a-z_][a-z0-9_.-]{0,31}@)?(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])"
     r"(?::[0-9]{1,5})?"
 )
-SHAPES = {"jumpHost": lambda v: all(_JUMP.fullmatch(part) for part in v.split(","))}
+# A jump host's name or address (as in jumpHost, IPv6 with or without brackets), and the
+# key pinned for it: the two words of a known_hosts line after the host, nothing else.
+_JUMP_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:.]+|\[[0-9A-Fa-f:.]+\]")
+_HOST_KEY = re.compile(
+    r"(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com"
+    r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{16,}={0,2}"
+)
+
+
+def _jump_host_keys(value: dict[Any, Any]) -> bool:
+    return bool(value) and all(
+        isinstance(host, str)
+        and isinstance(key, str)
+        and _JUMP_HOST.fullmatch(host) is not None
+        and _HOST_KEY.fullmatch(key) is not None
+        for host, key in value.items()
+    )
+
+
+SHAPES: dict[str, Callable[[Any], bool]] = {
+    "jumpHost": lambda v: all(_JUMP.fullmatch(part) for part in v.split(",")),
+    "jumpHostKeys": _jump_host_keys,
+}
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import config, inventory, nix
+from fleet import config, inventory, nix, secrets
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -18,7 +18,7 @@ from fleet.inventory import Host, Inventory
 from fleet.models import Generation, HostReport, HostResult, Phase
 from fleet.output import Reporter
 from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
-from fleet.ssh import SshConfig, Transport
+from fleet.ssh import SshConfig, Transport, jump_chain
 from fleet.status import HostStatus, probe
 
 # Status must not stall on a dead host: it reports it unreachable instead.
@@ -39,11 +39,18 @@ class Session:
         identity = self.config.get("identityFile")
         known_hosts = self.config.get("knownHostsFile")
         jump = self.config.get("jumpHost")
+        jump_keys = self.config.get("jumpHostKeys")
+        if jump_keys and not jump:
+            raise UsageError("jumpHostKeys: set, but jumpHost is not: no jump host to pin")
+        # A jump host's key is looked up only where the operator said, never a checkout.
+        own_known_hosts = config.load_user().get("knownHostsFile") if jump else None
         return SshConfig(
             identity_file=Path(identity) if identity else None,
             known_hosts_file=Path(known_hosts) if known_hosts else None,
             connect_timeout=float(self.config.get("connectTimeout", 10)),
-            extra_options=("-J", jump) if jump else (),
+            # Verified like every other host, through the run's ssh_config (fleet/ssh.py).
+            jump_hosts=jump_chain(jump, jump_keys) if jump else (),
+            jump_known_hosts_file=Path(own_known_hosts) if own_known_hosts else None,
         )
 
     def transport(self, connect_timeout: float | None = None) -> Transport:
@@ -179,9 +186,12 @@ def deploy(
 ) -> Report | list[Plan]:
     """Build every selected host in one Nix call, then roll out (or only show, with dry_run)."""
     hosts = session.inventory.select(selectors)
+    delivered = secrets.payloads(hosts, session.config.get("secretsDir"))
     reporter.note(f"building {len(hosts)} host{'s' if len(hosts) != 1 else ''}")
     paths = nix.build_systems(session.flake, [h.name for h in hosts])
     user = session.config.get("sshUser")
+    if not options.dry_run:
+        sign(session, paths.values())
     with session.transport() as transport:
         if options.dry_run:
             return dry_run(
@@ -192,8 +202,15 @@ def deploy(
             )
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")
-        rollout = Rollout(hosts, options, release, transport, reporter, user)
+        rollout = Rollout(hosts, options, release, transport, reporter, user, secrets=delivered)
         return rollout.run(paths, [h.name for h in hosts])
+
+
+def sign(session: Session, paths: Iterable[str]) -> None:
+    """Sign what will be copied, when the operator has a signing key (docs/security.md)."""
+    key = session.config.get("signingKey")
+    if key:
+        nix.sign([p for p in paths if Path(p).exists()], key)
 
 
 def history(
@@ -259,6 +276,7 @@ def rollback(
                       session.config.get("sshUser"),
                       generations={n: g.number for n, g in plan.targets.items()
                                    if g.number is not None})  # fmt: skip
+    sign(session, (g.path for g in plan.targets.values()))
     report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
     for name, why in plan.unreachable.items():
         missed = HostReport(name)

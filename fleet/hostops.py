@@ -112,6 +112,7 @@ class BreachKind(StrEnum):
     BOOT_ENTRY = "boot-entry"
     ORPHAN_SWITCH = "orphan-switch"
     FAILED_UNITS = "failed-units"
+    MISSING_SECRETS = "missing-secrets"
     UNHEALTHY = "unhealthy"
 
 
@@ -139,6 +140,11 @@ class HostState:
     last_release: dict[str, Any] | None = None  # the host's newest release record
     boot_entry: str | None = None  # the boot loader's default, where it can be read
     host_time: float | None = field(default=None, compare=False)
+    # "service/name" of each secret the running system declares that is not on the host
+    missing_secrets: tuple[str, ...] = ()
+    # "service/name" of each secret delivered to the host (only a helper that delivers
+    # secrets reports any)
+    held_secrets: tuple[str, ...] = ()
 
     def path_of(self, number: int | None) -> str | None:
         return next((g.path for g in self.generations if g.number == number), None)
@@ -233,6 +239,15 @@ class HostState:
                     f"fleet rollback {name}, or repair the units",
                 )
             )
+        if self.missing_secrets:
+            found.append(
+                Breach(
+                    BreachKind.MISSING_SECRETS,
+                    f"secrets missing: {', '.join(self.missing_secrets)}",
+                    f"fleet deploy {name} (it delivers them), or provide them by hand "
+                    "where they are not the tool's to upload",
+                )
+            )
         return found
 
 
@@ -285,6 +300,12 @@ def parse_state(data: dict[str, Any]) -> HostState:
         last_release=last if isinstance(last, dict) else None,
         boot_entry=store_path(data.get("bootEntry")),
         host_time=data.get("now"),
+        missing_secrets=tuple(
+            printable(f"{m.get('service')}/{m.get('name')}")
+            for m in data.get("missingSecrets") or []
+            if isinstance(m, dict)
+        ),
+        held_secrets=tuple(printable(str(h)) for h in data.get("heldSecrets") or []),
     )
 
 
@@ -323,8 +344,11 @@ class HostOps:
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Run ``fleet-host COMMAND ARGS`` as root; its JSON answer, or the matching error."""
-        # A deploy user other than root acts through sudo (the host module allows it).
+        # A deploy user other than root acts through sudo, which allows it the running
+        # system's helper alone (docs/security.md); that helper drives every step.
         sudo = ["sudo", "-n"] if self.remote.endpoint.user != "root" else []
+        if sudo:
+            helper = RUNNING_HELPER
         result = self.remote.run(
             [*sudo, helper, command, *args],
             check=False,
@@ -362,9 +386,15 @@ class HostOps:
         deadline: float,
         confirm: float,
         take_over: bool = False,
+        secrets: Sequence[dict[str, str]] | None = None,
     ) -> dict[str, Any]:
         """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``, and
-        ``helper`` when the transaction's helper is not the target's."""
+        ``helper`` when the transaction's helper is not the target's.
+
+        ``secrets`` (service, name, base64 data), when given, are all the secrets the host
+        is declared to get: delivered under the lock over the call's stdin (never on a
+        command line); any other the host holds is removed once the change is committed.
+        """
         args = [
             "--token",
             token,
@@ -385,13 +415,16 @@ class HostOps:
             args += ["--generation", str(target.number)]
         if take_over:
             args.append("--take-over")
+        given = json.dumps(list(secrets)) if secrets is not None else None
+        if secrets is not None:
+            args.append("--secrets")
         try:
             try:
-                return self.call("begin", *args, helper=helper_of(target.path))
+                return self.call("begin", *args, helper=helper_of(target.path), input=given)
             except HelperMissing:
                 # A target from before fleet-host (a rollback to an old generation): the
                 # running system's helper drives the transaction instead.
-                return self.call("begin", *args) | {"helper": RUNNING_HELPER}
+                return self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
         except LockHeld as exc:
             holder_text = describe_holder(exc.data.get("holder"))
             raise LockHeld(

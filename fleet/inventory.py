@@ -44,6 +44,25 @@ class Check:
     command: tuple[str, ...] = ()
 
 
+# Where the host module loads an uploaded credential from: the tool writes nowhere else.
+SECRETS_DIR = "/var/lib/fleet/secrets"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential the tool uploads before activating.
+
+    ``file`` names a file of the operator's secrets folder; it goes to ``path`` on the
+    host (always ``SECRETS_DIR/<service>/<name>``), where the service's unit loads it as
+    the credential ``name``.
+    """
+
+    service: str
+    name: str
+    file: str
+    path: str
+
+
 @dataclass(frozen=True)
 class Host:
     name: str
@@ -55,6 +74,7 @@ class Host:
     host_key: str | None
     services: tuple[str, ...]
     checks: tuple[Check, ...]
+    secrets: tuple[Secret, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,27 @@ def _check(raw: Mapping[str, Any]) -> Check:
     )
 
 
+def _secret(raw: Mapping[str, Any]) -> Secret:
+    return Secret(service=raw["service"], name=raw["name"], file=raw["file"], path=raw["path"])
+
+
+def _check_secrets(host: Host, source: str) -> None:
+    where = f"inventory from {source}: hosts.{host.name}.secrets"
+    seen: set[tuple[str, str]] = set()
+    for secret in host.secrets:
+        expected = f"{SECRETS_DIR}/{secret.service}/{secret.name}"
+        if secret.path != expected:
+            raise InventoryError(
+                f"{where}: secret {secret.name!r} of service {secret.service!r} "
+                f"goes to {secret.path!r}, not {expected!r}"
+            )
+        if (secret.service, secret.name) in seen:
+            raise InventoryError(
+                f"{where}: secret {secret.name!r} of service {secret.service!r} is listed twice"
+            )
+        seen.add((secret.service, secret.name))
+
+
 def parse(data: Any, source: str) -> Inventory:
     """Validate raw inventory JSON and turn it into typed records."""
     validate(data, source)
@@ -129,6 +170,7 @@ def parse(data: Any, source: str) -> Inventory:
             host_key=h["hostKey"],
             services=tuple(h["services"]),
             checks=tuple(_check(c) for c in h["checks"]),
+            secrets=tuple(_secret(s) for s in h.get("secrets", ())),
         )
         for name, h in data["hosts"].items()
     }
@@ -141,6 +183,7 @@ def parse(data: Any, source: str) -> Inventory:
                     f"check name {check.name!r} is used twice"
                 )
             seen.add(check.name)
+        _check_secrets(host, source)
     d = data["deploy"]
     policy = DeployPolicy(
         parallel=d["parallel"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,15 +94,39 @@ def _options(options: Mapping[str, str]) -> list[str]:
     return [arg for key, value in options.items() for arg in ("--option", key, value)]
 
 
+def sign(paths: Sequence[str], key_file: str) -> None:
+    """Sign closures with the fleet's key, so that hosts whose deploy user Nix does not trust
+    accept them (``nix store sign``: the operator must be root or a trusted Nix user)."""
+    if not paths:
+        return
+    process.run(
+        [*NIX, "store", "sign", "--key-file", key_file, "--recursive", "--", *sorted(set(paths))],
+        error=NixError,
+        what="nix store sign",
+    )
+
+
+SIGNATURE_HINT = (
+    "the host's deploy user is not trusted by Nix, so the closure must be signed by a key "
+    "in the host's fleet.trustedPublicKeys: set signingKey in the operator's config"
+)
+
+
 def copy_closure(remote: Remote, path: str) -> None:
     """Copy a closure to a host through the transport's connection and host-key policy."""
     endpoint = remote.endpoint
-    process.run(
-        ["nix-copy-closure", "--to", endpoint.address, path],
-        env=_env({"NIX_SSHOPTS": remote.nix_sshopts()}),
-        error=NixError,
-        what=f"{remote.name}: copy of {path}",
-    )
+    try:
+        process.run(
+            ["nix-copy-closure", "--to", endpoint.address, path],
+            env=_env({"NIX_SSHOPTS": remote.nix_sshopts()}),
+            error=NixError,
+            what=f"{remote.name}: copy of {path}",
+        )
+    except NixError as exc:
+        # "lacks a valid signature" (Nix 2.8), "lacks a signature by a trusted key" (later).
+        if re.search(r"lacks a (valid )?signature", str(exc)):
+            raise NixError(f"{exc} ({SIGNATURE_HINT})") from exc
+        raise
 
 
 def copy_to_root(root: Path, path: str) -> None:

@@ -212,10 +212,14 @@ class Rollout:
         reporter: Reporter,
         ssh_user: str | None = None,
         generations: Mapping[str, int] | None = None,
+        secrets: Mapping[str, Sequence[dict[str, str]]] | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
         # Rollback targets: existing generation numbers to switch the profile back to.
         self.generations = dict(generations or {})
+        # A deploy: all that each host gets delivered at begin (fleet/secrets.py), [] for
+        # none; None (a rollback, which does not read the declaration): nothing changes.
+        self.secrets = dict(secrets) if secrets is not None else None
         self.options = options
         self.release = release
         self.transport = transport
@@ -259,6 +263,7 @@ class Rollout:
                 and state.txn is None
                 and state.running == path
                 and state.current_path == path
+                and not (self.secrets or {}).get(name)  # the host delivers them even then
             ):
                 self._unchanged(ops, report)
                 return self._done(report)
@@ -269,7 +274,10 @@ class Rollout:
         except (NixError, SshError) as exc:
             report.fail(HostResult.FAILED, Phase.COPY, f"nothing was changed: {exc}")
             return self._done(report)
-        self._transaction(ops, report, target)
+        delivered = None if self.secrets is None else self.secrets.get(name, [])
+        if not delivered and not (state is not None and state.held_secrets):
+            delivered = None  # nothing to deliver or remove: any helper version will do
+        self._transaction(ops, report, target, secrets=delivered)
         return self._done(report)
 
     def _unchanged(self, ops: HostOps, report: HostReport) -> None:
@@ -294,10 +302,12 @@ class Rollout:
         report: HostReport,
         target: Generation,
         record: dict[str, Any] | None = None,
+        secrets: Sequence[dict[str, str]] | None = None,
     ) -> None:
         """One transaction on the host: begin, then the mode's steps, then commit; any
         failure after begin (foreseen or not) is undone by the host. ``record``: fields of
-        the release record the commit writes, where they differ from a deploy's."""
+        the release record the commit writes, where they differ from a deploy's;
+        ``secrets``: what begin delivers (``HostOps.begin``)."""
         txn = _Txn(new_token(), helper_of(target.path), target, record=record or {})
         mode = self.options.mode
         try:
@@ -311,6 +321,7 @@ class Rollout:
                     self.options.confirm_timeout,
                     self._after_boot(),
                     take_over=self.options.break_lock,
+                    secrets=secrets,
                 )
         except LockHeld as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, str(exc))

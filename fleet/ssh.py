@@ -4,24 +4,35 @@ OpenSSH (not a Python ssh library) because Nix copies closures with it too: one 
 one ssh_config (aliases, ProxyJump), one host-key policy for every connection the tool
 makes. Host keys are always checked: pinned keys from the inventory go into a
 known_hosts file of this run, other hosts are looked up in the operator's known_hosts.
+
+Jump hosts (the operator's ``jumpHost``) are checked the same way. OpenSSH reaches a
+jump host with a child ``ssh [-l user] [-p port] [-F file] -W '[%h]:%p' host`` that
+inherits none of our ``-o`` options, only ``-F``. So a run with jump hosts writes its own
+ssh_config (``Transport.jump_config``, see ``jump_ssh_config``) and passes ``-F`` with it to
+every ssh (Nix's included): one ``Host`` block per jump host with our options, then
+``Match all`` and ``Include`` of the operator's own files. ssh keeps the first value it
+obtains for each option, so nothing the operator's files say can replace how a jump host is
+verified or which way it is reached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pwd
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from fleet import process
-from fleet.errors import FleetError, HostKeyError, SshError
+from fleet.errors import FleetError, HostKeyError, SshError, UsageError
 from fleet.process import Result
 
 # What OpenSSH prints when it refuses a host key (unknown, changed, or mismatched alias).
@@ -30,6 +41,85 @@ _HOST_KEY_MESSAGES = (
     "REMOTE HOST IDENTIFICATION HAS CHANGED",
     "host key is known",
 )
+# The lines that name the host (its HostKeyAlias when one is set) whose key was refused.
+_REFUSED_KEY_OF = (
+    re.compile(r"No \S+ host key is known for (\S+) and you have requested strict checking"),
+    re.compile(r"Host key for (\S+) has changed and you have requested strict checking"),
+)
+
+# One hop of jumpHost: user@host:port, host a name, IPv4, or [IPv6] (config.py checks the
+# same shape; checked again here because these words reach the shell that runs ssh's
+# ProxyJump command).
+_HOP = re.compile(
+    r"(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?"
+    r"(?:(?P<name>[A-Za-z0-9][A-Za-z0-9.-]{0,252})|\[(?P<v6>[0-9A-Fa-f:.]+)\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_HOST_KEY = re.compile(r"[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,2}")
+# The run's directory is pasted into the jump command, which a shell runs after ssh expanded
+# its %-tokens: it may hold these characters only. So may a host's address (%n there).
+_SAFE_PATH = re.compile(r"[A-Za-z0-9/._-]+")
+_SAFE_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# ssh's own defaults, written out so that the operator's files cannot change them.
+_DEFAULT_USER_KNOWN_HOSTS = (".ssh/known_hosts", ".ssh/known_hosts2")
+_DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+
+
+@dataclass(frozen=True)
+class JumpHost:
+    """One hop of the operator's ``jumpHost`` chain, and the key pinned for it, if any."""
+
+    host: str  # a name or an address; IPv6 without brackets
+    user: str | None = None
+    port: int | None = None
+    host_key: str | None = None  # "TYPE BASE64" from jumpHostKeys; None: known_hosts decides
+
+    @property
+    def spec(self) -> str:
+        """The hop as ProxyJump takes it: ``[user@]host[:port]``, IPv6 in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = "" if self.user is None else self.user + "@"
+        port = "" if self.port is None else f":{self.port}"
+        return f"{user}{host}{port}"
+
+    @property
+    def known_as(self) -> str:
+        """The name its key is looked up under, pinned as its HostKeyAlias: the host as
+        written in jumpHost, as ssh writes it in known_hosts (``[host]:port`` off port 22).
+        Whatever ``HostName`` the operator's ssh_config gives it, the key must be this one's.
+        """
+        if self.port is None or self.port == 22:
+            return self.host
+        return f"[{self.host}]:{self.port}"
+
+
+def jump_chain(value: str, keys: Mapping[str, str] | None = None) -> tuple[JumpHost, ...]:
+    """The hops of a ``jumpHost`` value (first hop first), with ``jumpHostKeys`` pinned.
+
+    A host may appear once (its ssh_config block is chosen by its name alone), and every
+    pinned key must name a hop: a key for a host that is not used is a typo, and would
+    leave the hop it was meant for unpinned.
+    """
+    hops: list[JumpHost] = []
+    keys = dict(keys or {})
+    pinned = {host.strip("[]").lower(): key for host, key in keys.items()}
+    for part in value.split(","):
+        m = _HOP.fullmatch(part)
+        port = int(m["port"]) if m is not None and m["port"] else None
+        if m is None or (port is not None and not 0 < port < 65536):
+            raise UsageError(f"jumpHost: expected user@host:port, comma-separated, got {part!r}")
+        host = m["name"] or m["v6"]
+        if any(h.host.lower() == host.lower() for h in hops):
+            raise UsageError(f"jumpHost: {host} appears twice; each jump host may appear once")
+        key = pinned.pop(host.lower(), None)
+        if key is not None and not _HOST_KEY.fullmatch(key):
+            raise UsageError(f"jumpHostKeys: {host}: expected TYPE BASE64, got {key!r}")
+        hops.append(JumpHost(host, m["user"], port, key))
+    if pinned:
+        raise UsageError(
+            f"jumpHostKeys: {', '.join(sorted(pinned))}: not a jump host of jumpHost {value!r}"
+        )
+    return tuple(hops)
 
 
 @dataclass(frozen=True)
@@ -39,7 +129,10 @@ class SshConfig:
     identity_file: Path | None = None
     known_hosts_file: Path | None = None  # for hosts without a pinned key; None: ssh's default
     connect_timeout: float = 10.0
-    extra_options: tuple[str, ...] = ()  # e.g. ("-J", "bastion") from the operator config
+    jump_hosts: tuple[JumpHost, ...] = ()  # the operator's jumpHost chain, first hop first
+    # For jump hosts without a pinned key: the knownHostsFile of the operator's own config
+    # (a checkout's may not vouch for the jump host the operator chose); None: ssh's default.
+    jump_known_hosts_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -66,22 +159,43 @@ class Transport:
     def __init__(self, config: SshConfig) -> None:
         self.config = config
         _sweep_stale_dirs()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=_temp_root()))
         self.pinned_file = self.dir / "known_hosts"
         self.pinned_file.touch()
-        self._remotes: dict[str, Remote] = {}
+        # With jump hosts: the run's ssh_config (given to every ssh with -F) and the keys
+        # jumpHostKeys pins, apart from the inventory's so that neither can stand for the
+        # other under a shared name.
+        self.jump_config: Path | None = None
+        self.jump_pinned_file = self.dir / JUMP_PINNED
+        if config.jump_hosts:
+            try:
+                text = jump_ssh_config(config, self.dir, _operator_ssh_configs())
+            except SshError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+            _write_private(
+                self.jump_pinned_file,
+                "".join(
+                    f"{hop.known_as} {_key_type_and_blob(hop.host_key)}\n"
+                    for hop in config.jump_hosts
+                    if hop.host_key is not None
+                ),
+            )
+            self.jump_config = self.dir / JUMP_CONFIG
+            _write_private(self.jump_config, text)
+        self._remotes: dict[Endpoint, Remote] = {}
         self._lock = threading.Lock()
 
     def remote(self, endpoint: Endpoint) -> Remote:
         with self._lock:
-            existing = self._remotes.get(endpoint.name)
-            if existing is not None and existing.endpoint == endpoint:
+            existing = self._remotes.get(endpoint)
+            if existing is not None:
                 return existing
             if endpoint.host_key is not None:
                 with self.pinned_file.open("a") as f:
                     f.write(f"{endpoint.name} {_key_type_and_blob(endpoint.host_key)}\n")
             remote = Remote(endpoint, self)
-            self._remotes[endpoint.name] = remote
+            self._remotes[endpoint] = remote
             return remote
 
     def close(self) -> None:
@@ -103,12 +217,31 @@ class Transport:
 
 
 _DIR_PREFIX = "fleet-ssh-"
+# The run directory's files for jump hosts (jump_ssh_config).
+JUMP_CONFIG = "ssh_config"
+JUMP_PINNED = "jump_known_hosts"
+JUMP_LOG = "jump-%n-%p.log"  # ssh fills in the host's address and port
+
+
+def _temp_root() -> str:
+    """Where the run's directory goes: the usual temporary directory, unless its path holds
+    a character that ssh would expand (``%``) or a shell would read (the run's ssh_config
+    path goes into ssh's ProxyJump command line); then ``/tmp``."""
+    root = tempfile.gettempdir()
+    return root if _SAFE_PATH.fullmatch(root) else "/tmp"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A new file only this user may read or write (ssh refuses a config others can write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _sweep_stale_dirs() -> None:
     """Remove this user's control directories of runs killed before they could clean up
     (never another user's)."""
-    for stale in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+    for stale in Path(_temp_root()).glob(f"{_DIR_PREFIX}*-*"):
         pid = stale.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
         try:
             mine = stale.lstat().st_uid == os.getuid()
@@ -122,14 +255,143 @@ def _key_type_and_blob(key: str) -> str:
     return " ".join(key.split()[:2])
 
 
+def _literal(path: Path | str) -> str:
+    """A path as an ssh option value that ssh takes literally.
+
+    IdentityFile and UserKnownHostsFile expand ``%`` tokens (so ``%`` is written ``%%``) and
+    ``${VAR}`` (which has no escape); ssh's option parser reads quotes and backslashes.
+    """
+    value = str(path)
+    if "${" in value or any(c in '"\\' or not c.isprintable() for c in value):
+        raise SshError(f"{value!r}: ssh cannot take this path literally; use another path")
+    return value.replace("%", "%%")
+
+
+def _config_word(value: str, *, tokens: bool = False, glob: bool = False) -> str:
+    """One quoted argument of an ssh_config line. ``tokens``: the option expands ``%`` and
+    ``${}``; ``glob``: it is a glob(3) pattern (Include), whose wildcards are escaped."""
+    escaped = _literal(value)  # refuses what no quoting can carry
+    if tokens:
+        value = escaped
+    if glob:
+        value = re.sub(r"([*?\[])", r"\\\1", value)
+    return f'"{value}"'
+
+
+def _home() -> Path:
+    """The home ssh uses for ``~`` and ``~/.ssh`` (the password database's, not $HOME)."""
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def _operator_ssh_configs() -> list[Path]:
+    """The files ssh would read without ``-F``: the user's, then the system's."""
+    files = [_home() / ".ssh" / "config", Path("/etc/ssh/ssh_config")]
+    return [f for f in files if f.is_file()]
+
+
+def jump_ssh_config(config: SshConfig, run_dir: Path, includes: Sequence[Path]) -> str:
+    """The run's ssh_config: how every jump host is reached and verified, whatever else.
+
+    Every ssh of the run reads it instead of ``~/.ssh/config`` and ``/etc/ssh/ssh_config``
+    (``-F``), and ssh passes ``-F`` on to the ssh it starts for each jump host. Each jump
+    host gets a ``Host`` block, matched by its name as written in jumpHost (which is what
+    ssh gives that child), holding:
+
+    - the chain itself: the first hop is reached directly (``ProxyJump none``, which also
+      stops any ProxyCommand), every later one through the hop before it (``ProxyJump``);
+    - verification: BatchMode, StrictHostKeyChecking, HostKeyAlias (the key is the one known
+      for the host as written, whatever HostName or canonicalisation says), the known-hosts
+      files (jumpHostKeys' pinned key in the run's own file and no global file; otherwise
+      the operator's own knownHostsFile or ssh's default files, written out, and the
+      system's), and nothing else that could
+      vouch for a key: no KnownHostsCommand, no DNS, no host key updates, no IP check;
+    - no shared connection (a master someone else opened was verified by nobody we know),
+      no forwarded agent or ports, our identity and time-outs.
+
+    Every other host (the fleet's) is reached through the last hop by a ``ProxyCommand``
+    that is OpenSSH's own ProxyJump command (``ssh -l -p -F -W '[%h]:%p' host``) with its
+    stderr kept in the run's directory (``JUMP_LOG``): ssh sends a jump host's stderr to
+    /dev/null under ControlPersist, and the operator is owed the reason a jump host was
+    refused. No hop reaches that shell command line other than as the bare host, ``-l`` and
+    ``-p`` (all of the shape ``jump_chain`` checks); the paths are the run's own
+    (``_SAFE_PATH``), and a host's address is checked before use (``Remote.options``).
+
+    Then ``Match all`` includes the operator's own files, so agents and everything else
+    still apply; for a jump host they can only add what our block did not set (ssh keeps
+    the first value it obtains; IdentityFile alone accumulates, under IdentitiesOnly).
+    """
+    jump_pinned = run_dir / JUMP_PINNED
+    home = _home()
+    if config.jump_known_hosts_file is not None:
+        user_files = [str(config.jump_known_hosts_file)]
+    else:
+        user_files = [str(home / f) for f in _DEFAULT_USER_KNOWN_HOSTS]
+    lines = [
+        "# Written by fleet for one run: how its jump hosts are reached and verified.",
+        "# ssh keeps the first value it obtains for each option: these come first.",
+    ]
+    previous: JumpHost | None = None
+    for hop in config.jump_hosts:
+        if hop.host_key is not None:
+            known = [
+                f"UserKnownHostsFile {_config_word(str(jump_pinned), tokens=True)}",
+                "GlobalKnownHostsFile /dev/null",
+            ]
+        else:
+            known = [
+                "UserKnownHostsFile " + " ".join(_config_word(f, tokens=True) for f in user_files),
+                "GlobalKnownHostsFile " + " ".join(_DEFAULT_GLOBAL_KNOWN_HOSTS),
+            ]
+        identity = []
+        if config.identity_file is not None:
+            word = _config_word(str(config.identity_file), tokens=True)
+            identity = [f"IdentityFile {word}", "IdentitiesOnly yes"]
+        options = [
+            "ProxyJump " + ("none" if previous is None else previous.spec),
+            "CanonicalizeHostname no",
+            f"HostKeyAlias {hop.known_as}",
+            "BatchMode yes",
+            "StrictHostKeyChecking yes",
+            *known,
+            "KnownHostsCommand none",
+            "VerifyHostKeyDNS no",
+            "UpdateHostKeys no",
+            "CheckHostIP no",
+            f"ConnectTimeout {max(1, round(config.connect_timeout))}",
+            "ServerAliveInterval 2",
+            "ServerAliveCountMax 3",
+            "ControlMaster no",
+            "ControlPath none",
+            "ForwardAgent no",
+            "ClearAllForwardings yes",
+            *identity,
+        ]
+        lines += [f"Host {hop.host}", *(f"  {o}" for o in options)]
+        previous = hop
+    last = config.jump_hosts[-1]
+    command = ["ssh", "-F", str(run_dir / JUMP_CONFIG)]
+    command += [] if last.user is None else ["-l", last.user]
+    command += [] if last.port is None else ["-p", str(last.port)]
+    command += ["-W", "'[%h]:%p'", last.host, f"2>{run_dir / JUMP_LOG}"]
+    if not all(_SAFE_PATH.fullmatch(str(p)) for p in (run_dir, run_dir / JUMP_CONFIG)):
+        raise SshError(f"{run_dir}: not a path a shell command line may hold unquoted")
+    lines += ["Host *", "  ProxyCommand " + " ".join(command)]
+    lines.append("Match all")
+    lines += [f"  Include {_config_word(str(f), glob=True)}" for f in includes]
+    return "\n".join(lines) + "\n"
+
+
 class Remote:
     """Commands on one host, multiplexed over its master connection unless asked not to."""
 
     def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
         self.endpoint = endpoint
         self.transport = transport
-        # Named by a digest: a socket path must stay short, whatever the host's name.
-        digest = hashlib.sha256(endpoint.name.encode()).hexdigest()[:16]
+        # Named by a digest (a socket path must stay short, whatever the host's name) of
+        # everything that makes it another login: the same host as another user, or at
+        # another address, must never ride this connection.
+        who = f"{endpoint.name}\0{endpoint.user}\0{endpoint.address}\0{endpoint.port}"
+        digest = hashlib.sha256(who.encode()).hexdigest()[:16]
         self.control_path = transport.dir / f"{digest}.sock"
 
     @property
@@ -149,7 +411,7 @@ class Remote:
             "-l", e.user,
         ]  # fmt: skip
         if c.identity_file is not None:
-            opts += ["-i", str(c.identity_file), "-o", "IdentitiesOnly=yes"]
+            opts += ["-o", f"IdentityFile={_literal(c.identity_file)}", "-o", "IdentitiesOnly=yes"]
         if e.host_key is not None:
             # A pinned key is final: nothing in the operator's ssh_config may add another.
             opts += [
@@ -161,7 +423,7 @@ class Remote:
                 "-o", "UpdateHostKeys=no",
             ]  # fmt: skip
         elif c.known_hosts_file is not None:
-            opts += ["-o", f"UserKnownHostsFile={c.known_hosts_file}"]
+            opts += ["-o", f"UserKnownHostsFile={_literal(c.known_hosts_file)}"]
         if fresh:
             opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         else:
@@ -170,15 +432,33 @@ class Remote:
                 "-o", f"ControlPath={self.control_path}",
                 "-o", "ControlPersist=60",
             ]  # fmt: skip
-        return [*opts, *c.extra_options]
+        jump_config = self.transport.jump_config
+        if jump_config is not None:
+            if not _SAFE_ADDRESS.fullmatch(e.address):
+                raise SshError(
+                    f"{e.name}: address {e.address!r} cannot go through a jump host: ssh "
+                    "would paste it into a shell command line"
+                )
+            # The whole chain is in the run's ssh_config (jump_ssh_config).
+            opts += ["-F", str(jump_config)]
+        return opts
+
+    def jump_log(self) -> str:
+        """What the jump hosts' own ssh printed for this host's last connection."""
+        e = self.endpoint
+        log = self.transport.dir / JUMP_LOG.replace("%n", e.address).replace("%p", str(e.port))
+        try:
+            return log.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def nix_sshopts(self) -> str:
         """NIX_SSHOPTS for Nix's own ssh: Nix splits it on spaces, so no option may hold one."""
         opts = self.options()
-        if any(" " in o for o in opts):
+        spaced = [o for o in opts if any(c.isspace() for c in o)]
+        if spaced:
             raise SshError(
-                f"{self.name}: an ssh option contains a space, which Nix cannot pass: "
-                f"{next(o for o in opts if ' ' in o)!r}"
+                f"{self.name}: an ssh option contains a space, which Nix cannot pass: {spaced[0]!r}"
             )
         return " ".join(opts)
 
@@ -220,8 +500,32 @@ class Remote:
         return result
 
     def connection_error(self, result: Result) -> SshError:
-        e = self.endpoint
+        e, c = self.endpoint, self.transport.config
         where = f"{e.name} ({e.user}@{e.address}:{e.port})"
+        jump_log = self.jump_log() if c.jump_hosts else ""
+        if any(m in jump_log for m in _HOST_KEY_MESSAGES):
+            # The jump hosts' own ssh names the host it refused by its HostKeyAlias.
+            refused = {m.lower() for p in _REFUSED_KEY_OF for m in p.findall(jump_log)}
+            for hop in c.jump_hosts:
+                if hop.known_as.lower() in refused:
+                    source = (
+                        "the key pinned in jumpHostKeys"
+                        if hop.host_key is not None
+                        else c.jump_known_hosts_file or "~/.ssh/known_hosts"
+                    )
+                    return HostKeyError(
+                        f"{where}: jump host {hop.spec}: host key is unknown or does not "
+                        f"match {source}; refusing to connect"
+                    )
+        if c.jump_hosts:
+            where += f" via jump host {','.join(hop.spec for hop in c.jump_hosts)}"
+            jump_lines = [line.strip() for line in jump_log.splitlines() if line.strip()]
+            if (
+                jump_lines
+                and result.returncode == 255
+                and not any(m in result.stderr for m in _HOST_KEY_MESSAGES)
+            ):
+                return SshError(f"{where}: cannot connect: {jump_lines[-1]}")
         if any(m in result.stderr for m in _HOST_KEY_MESSAGES):
             if e.host_key is not None:
                 return HostKeyError(

@@ -43,8 +43,11 @@ in
     environment.API_VERSION = "1";
     ports = [ 8080 ];
     placement.tags = [ "app" ];
-    # Its instances find redis in FLEET_REDIS_ADDRS.
+    # Its instances find redis in FLEET_REDIS_ADDRS, and its password in
+    # $CREDENTIALS_DIRECTORY/redis-password: the same file of the operator's
+    # secrets folder as redis's, uploaded by the fleet tool.
     dependsOn = [ "redis" ];
+    secrets.redis-password = { };
     healthCheck = {
       type = "http";
       path = "/health";
@@ -57,22 +60,29 @@ in
   };
 
   # A service nixpkgs has a module for: the module runs it, the fleet places
-  # it, opens its port, checks it and tells the API where it is.
+  # it, opens its port to the fleet's hosts, checks it, gives it its password
+  # and tells the API where it is.
   services.redis = {
     description = "redis";
     ports = [ 6379 ];
     placement.tags = [ "data" ];
     unit = "redis-main";
-    nixosModule = {
-      services.redis.servers.main = {
-        enable = true;
-        port = 6379;
-        # Listen on every interface: the example trusts its private network.
-        # A real fleet sets requirePassFile as well.
-        bind = null;
-        settings.protected-mode = "no";
+    # The fleet tool uploads the operator's `redis-password` file to the
+    # host (root-only) and the unit loads it as a credential.
+    secrets.redis-password = { };
+    nixosModule =
+      { config, ... }:
+      {
+        services.redis.servers.main = {
+          enable = true;
+          port = 6379;
+          # The host's private address, and loopback for the health check.
+          bind = "127.0.0.1 ${config.fleet.address}";
+          # The unit's credential: the module's start script (run as root)
+          # reads it, so the password is never in the Nix store.
+          requirePassFile = "/run/credentials/redis-main.service/redis-password";
+        };
       };
-    };
     healthCheck.type = "tcp";
     limits.memory = "512M";
   };

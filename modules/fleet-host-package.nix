@@ -39,6 +39,10 @@ let
       placeholder = "@nix_store@";
       path = "${nix}/bin/nix-store";
     };
+    NIX = {
+      placeholder = "@nix@";
+      path = "${nix}/bin/nix";
+    };
   };
 
   replacements = lib.concatStringsSep " " (

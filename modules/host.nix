@@ -15,9 +15,12 @@ let
     any
     attrValues
     concatMap
+    concatMapStrings
+    concatMapStringsSep
     concatStringsSep
     elem
     filter
+    hasInfix
     literalMD
     mapAttrs
     mapAttrs'
@@ -29,7 +32,7 @@ let
     nameValuePair
     optional
     optionalAttrs
-    optionals
+    replaceStrings
     types
     ;
 
@@ -118,7 +121,14 @@ let
       // service.environment;
     serviceConfig =
       optionalAttrs (service.limits.memory != null) { MemoryMax = service.limits.memory; }
-      // optionalAttrs (service.limits.cpu != null) { CPUQuota = service.limits.cpu; };
+      // optionalAttrs (service.limits.cpu != null) { CPUQuota = service.limits.cpu; }
+      // optionalAttrs (service.secrets != { }) {
+        # systemd copies each file into the unit's credentials directory
+        # when it starts; `%` would start a specifier.
+        LoadCredential = map (
+          s: "${s.name}:${replaceStrings [ "%" ] [ "%%" ] s.path}"
+        ) (fleetLib.secretsOf name service);
+      };
   };
 
   # The unit of a service that no NixOS module runs.
@@ -144,7 +154,81 @@ let
   claimedPorts = [ cfg.sshPort ] ++ concatMap (s: lib.unique s.ports) (attrValues cfg.services);
   duplicatePorts = lib.unique (filter (p: lib.count (q: q == p) claimedPorts > 1) claimedPorts);
 
+  # The firewall: each port with `openFirewall` is open to its service's
+  # `allowFrom` only, null meaning the fleet's hosts (those declared by IP).
+  fleetSources = lib.unique (filter fleetLib.isAddress cfg.fleetAddresses);
+  unmatchedHosts = lib.unique (filter (a: !fleetLib.isAddress a) cfg.fleetAddresses);
+  sourcesOf =
+    service: if service.allowFrom == null then fleetSources else lib.unique service.allowFrom;
+  isV6 = source: hasInfix ":" source;
+
+  # One entry per service with open ports: its name, ports and sources.
+  openings = concatMap (
+    name:
+    let
+      service = cfg.services.${name};
+    in
+    optional (service.openFirewall && service.ports != [ ]) {
+      inherit name;
+      ports = lib.unique service.ports;
+      sources = sourcesOf service;
+    }
+  ) (lib.attrNames cfg.services);
+
+  # iptables (networking.firewall.extraCommands): rules appended to NixOS's
+  # `nixos-fw` chain before its final refusal, one per source and port;
+  # `-D` deletes them again (extraStopCommands).
+  iptablesRules =
+    action:
+    let
+      program = source: if isV6 source then "ip6tables" else "iptables";
+      suffix = lib.optionalString (action == "-D") " 2>/dev/null || true";
+      rule =
+        source: port:
+        "${program source} -w ${action} nixos-fw -p tcp --dport ${toString port} -s ${source} -j nixos-fw-accept${suffix}\n";
+      rulesOf =
+        o:
+        "# fleet service ${o.name}\n"
+        + concatMapStrings (source: concatMapStrings (rule source) o.ports) (
+          filter (s: !isV6 s || config.networking.enableIPv6) o.sources
+        );
+    in
+    concatMapStrings rulesOf openings;
+
+  # nftables (networking.firewall.extraInputRules): rules of the `nixos-fw`
+  # table's input-allow chain, one per source.
+  nftablesRules =
+    let
+      family = source: if isV6 source then "ip6" else "ip";
+      portsOf =
+        o:
+        if lib.length o.ports == 1 then
+          toString (lib.head o.ports)
+        else
+          "{ ${concatMapStringsSep ", " toString o.ports} }";
+      rulesOf =
+        o:
+        concatMapStrings (
+          source:
+          "${family source} saddr ${source} tcp dport ${portsOf o} accept comment \"fleet service ${o.name}\"\n"
+        ) o.sources;
+    in
+    concatMapStrings rulesOf openings;
+
+  defaultedOpenings = filter (o: cfg.services.${o.name}.allowFrom == null) openings;
+
+  secrets = concatMap (name: fleetLib.secretsOf name cfg.services.${name}) (
+    lib.attrNames cfg.services
+  );
+  secretProblems = concatMap (
+    name:
+    fleetLib.secretProblems "fleet: host ${cfg.hostName}: service \"${name}\"" cfg.services.${name}
+  ) (lib.attrNames cfg.services);
+
   forwarding = config.services.openssh.settings.AllowTcpForwarding or true;
+
+  # What the deploy user may run as root (the tool calls exactly this path).
+  runningHelper = "/run/current-system/sw/bin/fleet-host";
 
   # The unit that resolves, at every boot, a transaction a crash left behind
   # (docs/transaction.md). Its name is reserved among the services' units.
@@ -181,12 +265,47 @@ in
       '';
     };
 
+    fleetAddresses = mkOption {
+      type = types.listOf types.str;
+      default = optional (cfg.address != null) cfg.address;
+      defaultText = lib.literalExpression ''
+        lib.optional (config.fleet.address != null) config.fleet.address
+      '';
+      example = [
+        "192.0.2.11"
+        "192.0.2.12"
+      ];
+      description = ''
+        The addresses of every host of the fleet, this one included: the
+        sources a service's ports are open to when its `allowFrom` is null.
+        Addresses that are DNS names are left out (a firewall matches
+        addresses), with a warning.
+      '';
+    };
+
     sshUser = mkOption {
       type = types.strMatching "[a-z_][a-z0-9_-]*";
       default = "root";
       description = ''
-        User the fleet tool logs in as. Any user other than root is created,
-        trusted by Nix and allowed to run sudo without a password.
+        User the fleet tool logs in as. Any user other than root is created
+        and may run, through sudo and without a password, exactly one program
+        as root: the running system's `fleet-host`, which switches only to
+        systems signed by one of {option}`fleet.trustedPublicKeys` or to
+        generations of the system profile. Such a user is not trusted by Nix:
+        the closures it copies must carry those signatures.
+      '';
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf (types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/=]+");
+      default = [ ];
+      example = [ "fleet-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=" ];
+      description = ''
+        Public keys (`nix-store --generate-binary-cache-key`) whose signatures
+        this host accepts on the closures the fleet tool copies, added to
+        Nix's `trusted-public-keys`. The operator signs with the secret half
+        (`signingKey` in the operator's configuration). Required when
+        {option}`fleet.sshUser` is not root.
       '';
     };
 
@@ -251,8 +370,10 @@ in
         unit = "${service.unit}.service";
         managedBy = if service.createUnit then "fleet" else "nixos-module";
         inherit (service) ports dependsOn dependencies;
+        allowFrom = if service.openFirewall then sourcesOf service else [ ];
       }) cfg.services;
       checks = filter (c: c != null) (mapAttrsToList fleetLib.checkOf cfg.services);
+      inherit secrets;
     };
 
     environment.etc."fleet/manifest.json".text = builtins.toJSON cfg.manifest;
@@ -289,11 +410,27 @@ in
     systemd.tmpfiles.rules = [
       "d /var/lib/fleet 0700 root root - -"
       "d /run/fleet 0700 root root - -"
-    ];
+    ]
+    # The secrets the fleet tool uploads, root-only.
+    ++ optional (any (s: s.upload) secrets) "d ${fleetLib.secretsDir} 0700 root root - -";
 
-    networking.firewall.allowedTCPPorts = concatMap (
-      service: optionals service.openFirewall service.ports
-    ) (attrValues cfg.services);
+    # The services' ports, open to their sources only (sshd's port is the
+    # openssh module's). The nftables firewall refuses extraCommands.
+    networking.firewall.extraCommands = mkIf (!config.networking.nftables.enable) (
+      iptablesRules "-A"
+    );
+    networking.firewall.extraStopCommands = mkIf (!config.networking.nftables.enable) (
+      iptablesRules "-D"
+    );
+    networking.firewall.extraInputRules = mkIf config.networking.nftables.enable nftablesRules;
+
+    warnings = optional (defaultedOpenings != [ ] && unmatchedHosts != [ ]) (
+      "fleet: host ${cfg.hostName}: service(s) "
+      + concatMapStringsSep ", " (o: ''"${o.name}"'') defaultedOpenings
+      + " open their ports to the fleet's hosts, but the firewall cannot match DNS names ("
+      + concatStringsSep ", " unmatchedHosts
+      + "): those hosts are refused; list their IP addresses or prefixes in the services' allowFrom."
+    );
 
     # The fleet tool logs in with ssh, copies closures, activates them, and
     # tunnels HTTP and TCP health checks to 127.0.0.1 over the connection.
@@ -318,17 +455,17 @@ in
     };
     users.groups = optionalAttrs (!isRoot) { ${cfg.sshUser} = { }; };
 
-    # A definition replaces NixOS's default, so root is named again.
-    nix.settings.trusted-users = mkIf (!isRoot) [
-      "root"
-      cfg.sshUser
-    ];
+    # The deploy user is not a trusted Nix user: what it copies must be signed.
+    nix.settings.extra-trusted-public-keys = mkIf (cfg.trustedPublicKeys != [ ]) cfg.trustedPublicKeys;
 
+    # One program, at a path only root can change: the running system's
+    # fleet-host, which checks what it is asked to switch to (docs/security.md).
     security.sudo.extraRules = optional (!isRoot) {
       users = [ cfg.sshUser ];
+      runAs = "root";
       commands = [
         {
-          command = "ALL";
+          command = runningHelper;
           options = [ "NOPASSWD" ];
         }
       ];
@@ -350,6 +487,14 @@ in
       {
         assertion = clashing == [ ];
         message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${concatStringsSep ", " (map (n: cfg.services.${n}.unit) clashing)}, which the fleet host module reserves (${bootUnit} is its boot recovery; fleet would own /var/lib/fleet, the host's transaction and records): rename the service or set its `unit`.";
+      }
+      {
+        assertion = isRoot || cfg.trustedPublicKeys != [ ];
+        message = "fleet: host ${cfg.hostName}: fleet.sshUser is \"${cfg.sshUser}\", not root, so Nix does not trust what it copies: set fleet.trustedPublicKeys to the public key whose secret half the operators sign closures with (`signingKey` in their fleet config), or deploy as root.";
+      }
+      {
+        assertion = secretProblems == [ ];
+        message = concatStringsSep "\n" secretProblems;
       }
       {
         assertion = duplicatePorts == [ ];

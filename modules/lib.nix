@@ -3,10 +3,20 @@
 { lib }:
 let
   inherit (lib)
+    all
+    attrNames
+    concatMap
     concatStringsSep
+    elemAt
     hasInfix
     head
+    init
+    last
+    length
+    optional
     replaceStrings
+    splitString
+    toInt
     toUpper
     ;
 
@@ -29,15 +39,120 @@ let
   };
 
   primaryPort = service: if service.ports == [ ] then null else head service.ports;
+
+  # IP addresses and CIDR prefixes, as the firewall's source matches take
+  # them: no DNS names, no zone identifiers, no leading zeros in IPv4.
+  isIPv4 =
+    s:
+    let
+      octet = "(0|[1-9][0-9]{0,2})";
+      m = builtins.match "${octet}\\.${octet}\\.${octet}\\.${octet}" s;
+    in
+    m != null && all (o: toInt o <= 255) m;
+
+  isIPv6 =
+    s:
+    let
+      parts = splitString "::" s;
+      fields = part: if part == "" then [ ] else splitString ":" part;
+      groups = concatMap fields parts;
+      # The last 32 bits may be written as an IPv4 address.
+      tailV4 = groups != [ ] && last parts != "" && isIPv4 (last groups);
+      hexes = if tailV4 then init groups else groups;
+      count = length hexes + (if tailV4 then 2 else 0);
+      wellFormed = all (g: builtins.match "[0-9A-Fa-f]{1,4}" g != null) hexes;
+    in
+    builtins.match "[0-9A-Fa-f:.]+" s != null
+    && wellFormed
+    && (if length parts == 1 then count == 8 else length parts == 2 && count <= 7);
+
+  isAddress = s: isIPv4 s || isIPv6 s;
+
+  isSource =
+    s:
+    let
+      m = builtins.match "([^/]+)/(0|[1-9][0-9]{0,2})" s;
+      address = elemAt m 0;
+      bits = toInt (elemAt m 1);
+    in
+    isAddress s
+    || m != null && (isIPv4 address && bits <= 32 || isIPv6 address && bits <= 128);
+
+  # Credential names (a service's `secrets`) and the names of the files the
+  # tool uploads: one path component, never `.` or `..`.
+  secretNamePattern = "[A-Za-z0-9][A-Za-z0-9_.-]{0,254}";
+
+  # Where the fleet tool puts the secrets it uploads, one folder per service
+  # (under /var/lib/fleet, root-only).
+  secretsDir = "/var/lib/fleet/secrets";
 in
 {
-  inherit produceInventory primaryPort;
+  inherit
+    produceInventory
+    primaryPort
+    isIPv4
+    isIPv6
+    isAddress
+    isSource
+    secretNamePattern
+    secretsDir
+    ;
+
+  # A firewall source: an IPv4 or IPv6 address or CIDR prefix.
+  sourceType = lib.types.addCheck lib.types.str isSource // {
+    name = "fleetSource";
+    description = "IPv4 or IPv6 address or CIDR prefix (such as 192.0.2.10, 192.0.2.0/24, 2001:db8::/32)";
+    descriptionClass = "noun";
+  };
+
+  # The secrets of one service as the host manifest lists them: where the
+  # unit loads each credential from, and whether the fleet tool uploads it
+  # (from `file` in the operator's secrets folder) or it is already on the
+  # host (`path`).
+  secretsOf =
+    serviceName: service:
+    map (
+      name:
+      let
+        secret = service.secrets.${name};
+        upload = secret.path == null;
+      in
+      {
+        service = serviceName;
+        inherit name upload;
+        path = if upload then "${secretsDir}/${serviceName}/${name}" else secret.path;
+        file = if upload then secret.file else null;
+      }
+    ) (attrNames service.secrets);
+
+  # What is wrong with a service's secrets, one message each; `where` names
+  # the service.
+  secretProblems =
+    where: service:
+    concatMap (
+      name:
+      let
+        secret = service.secrets.${name};
+        it = "secret ${builtins.toJSON name}";
+      in
+      if builtins.match secretNamePattern name == null then
+        [
+          "${where}: ${it}: a credential name must match ${secretNamePattern} (one file name: letters, digits, `_`, `.`, `-`)"
+        ]
+      else if secret.path != null then
+        optional (builtins.match "/[^\n]*" secret.path == null)
+          "${where}: ${it}: path ${builtins.toJSON secret.path} must be an absolute path on the host (starting with /, on one line)"
+      else
+        optional (secret.file == null)
+          "${where}: ${it}: set `file` (a file of the operator's secrets folder) or `path` (a file on the host)"
+    ) (attrNames service.secrets);
 
   defaults = {
     host = removeAttrs probe.hosts.probe [
       "address"
       "checks"
       "services"
+      "secrets"
     ];
     check = removeAttrs (head probe.hosts.probe.checks) [
       "name"

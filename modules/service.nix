@@ -8,10 +8,47 @@
   ...
 }:
 let
-  inherit (lib) literalExpression mkOption types;
+  inherit (lib)
+    literalExpression
+    literalMD
+    mkOption
+    types
+    ;
 
   fleetLib = import ./lib.nix { inherit lib; };
   checkDefaults = fleetLib.defaults.check;
+
+  secret =
+    { name, ... }:
+    {
+      options = {
+        file = mkOption {
+          type = types.nullOr (types.strMatching fleetLib.secretNamePattern);
+          default = name;
+          defaultText = literalMD "the credential's name (the attribute name)";
+          example = "redis-password";
+          description = ''
+            Name of the file in the operator's secrets folder (`secretsDir`
+            of the fleet tool's configuration) that the tool uploads to
+            `${fleetLib.secretsDir}/<service>/<name>` on the host before it
+            activates a generation. Only a file name: where the folder is,
+            only the operator's own configuration says. Ignored when `path`
+            is set; null only with `path`.
+          '';
+        };
+        path = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/run/agenix/redis-password";
+          description = ''
+            Absolute path of a file that is already on the host, put there by
+            something else (agenix's `/run/agenix/<name>`, sops-nix's
+            `/run/secrets/<name>`). When set, the fleet tool uploads nothing
+            and `file` is ignored.
+          '';
+        };
+      };
+    };
 
   healthCheck = {
     options = {
@@ -110,16 +147,56 @@ in
       default = [ ];
       description = ''
         TCP ports the service listens on. The first one is where dependent
-        services find it. They are opened in the host's firewall unless
-        `openFirewall` is false, and no two services of one host may claim the
-        same port.
+        services find it. They are opened in the host's firewall to the
+        sources in `allowFrom` unless `openFirewall` is false, and no two
+        services of one host may claim the same port.
       '';
     };
 
     openFirewall = mkOption {
       type = types.bool;
       default = true;
-      description = "Whether to open `ports` in the host's firewall.";
+      description = "Whether to open `ports` in the host's firewall, to the sources in `allowFrom`.";
+    };
+
+    allowFrom = mkOption {
+      type = types.nullOr (types.listOf fleetLib.sourceType);
+      default = null;
+      defaultText = literalMD "`null`: the addresses of the fleet's hosts";
+      example = [
+        "192.0.2.0/24"
+        "2001:db8::/32"
+      ];
+      description = ''
+        Sources (IPv4 or IPv6 addresses or CIDR prefixes) the host's firewall
+        lets reach `ports` when `openFirewall` is set. The default, `null`,
+        is every host of the fleet (the IP addresses among the hosts'
+        `address`; a host declared by DNS name cannot be matched and is left
+        out, with a warning). `[ "0.0.0.0/0" "::/0" ]` opens the ports to
+        everyone; `[ ]` to no one.
+      '';
+    };
+
+    secrets = mkOption {
+      type = types.attrsOf (types.submodule secret);
+      default = { };
+      example = literalExpression ''
+        {
+          redis-password = { };                          # uploaded by the fleet tool
+          api-token.path = "/run/agenix/api-token";      # already on the host
+        }
+      '';
+      description = ''
+        Credentials of the service, by name (a file name: letters, digits,
+        `_`, `.`, `-`). Their contents never enter the Nix store: the unit
+        gets `LoadCredential=<name>:<file on the host>` and the service
+        reads `$CREDENTIALS_DIRECTORY/<name>` (in a unit's own `ExecStart`,
+        `%d/<name>`; `command` is quoted, so `%` and `$` stay literal there).
+        A credential comes from the operator's secrets folder (`file`,
+        uploaded by the fleet tool to
+        `${fleetLib.secretsDir}/<service>/<name>`, root-only) or from a file
+        already on the host (`path`).
+      '';
     };
 
     dependsOn = mkOption {

@@ -6,7 +6,10 @@ GET  /        the API's version, host and redis instances, as JSON
 GET  /hits    the counter; POST /hits adds one
 
 The redis instances come from service discovery: FLEET_REDIS_ADDRS, a
-comma-separated list of host:port. Only the standard library is used.
+comma-separated list of host:port. Their password is the credential
+`redis-password` (systemd's $CREDENTIALS_DIRECTORY/redis-password), read at
+each connection so that a restart after a rotation needs nothing else; without
+it, no AUTH is sent. Only the standard library is used.
 """
 
 import argparse
@@ -32,23 +35,48 @@ def split_address(address):
     return host.strip("[]"), int(port)
 
 
-def redis(address, *args, timeout=1.0):
-    """Send one command to redis and return its reply."""
+def redis_password():
+    """The password from the unit's credentials, or None."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = os.path.join(directory, "redis-password")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def encode(*args):
     parts = [f"*{len(args)}\r\n"]
     for arg in args:
         parts.append(f"${len(arg.encode())}\r\n{arg}\r\n")
+    return "".join(parts).encode()
+
+
+def reply(stream):
+    line = stream.readline().decode().rstrip("\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == "-" or not line:
+        raise RedisError(rest or "connection closed")
+    if kind == "$":
+        if rest == "-1":
+            return None
+        return stream.read(int(rest) + 2)[:-2].decode()
+    return rest
+
+
+def redis(address, *args, timeout=1.0):
+    """Send one command to redis, after AUTH if there is a password."""
+    password = redis_password()
     with socket.create_connection(split_address(address), timeout) as conn:
-        conn.sendall("".join(parts).encode())
         stream = conn.makefile("rb")
-        line = stream.readline().decode().rstrip("\r\n")
-        kind, rest = line[:1], line[1:]
-        if kind == "-" or not line:
-            raise RedisError(rest or "connection closed")
-        if kind == "$":
-            if rest == "-1":
-                return None
-            return stream.read(int(rest) + 2)[:-2].decode()
-        return rest
+        if password is not None:
+            conn.sendall(encode("AUTH", password))
+            reply(stream)
+        conn.sendall(encode(*args))
+        return reply(stream)
 
 
 def unreachable():

@@ -13,6 +13,7 @@ PATH (the lab).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import json
@@ -34,6 +35,7 @@ SYSTEMCTL = "@systemctl@"
 SYSTEMD_RUN = "@systemd_run@"
 NIX_ENV = "@nix_env@"
 NIX_STORE = "@nix_store@"
+NIX = "@nix@"
 BOOTCTL = "@bootctl@"
 
 PROTOCOL = 1
@@ -108,6 +110,11 @@ class Paths:
         return self.state_dir / "releases.jsonl"
 
     @property
+    def secrets(self) -> Path:
+        """Where uploaded secrets live: root-only, on disk, so that they survive a reboot."""
+        return self.state_dir / "secrets"
+
+    @property
     def run_dir(self) -> Path:
         return self._p("/run/fleet")
 
@@ -179,13 +186,13 @@ def generation_number(name: str) -> int | None:
     return int(parts[0]) if ok else None
 
 
-def write_whole(path: Path, text: str, mode: int = 0o600) -> None:
+def write_whole(path: Path, text: str | bytes, mode: int = 0o600) -> None:
     """Replace a file whole: temporary file, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, text.encode() if isinstance(text, str) else text)
         os.fsync(fd)
     except OSError:
         os.close(fd)
@@ -338,6 +345,8 @@ class Txn:
     switch_unit: str | None = None
     taken_over: list[str] = field(default_factory=list)
     boot_id: str = ""  # the boot it belongs to: `boot` acts only on earlier boots' ones
+    restart: list[str] = field(default_factory=list)  # units whose secrets changed
+    prune: list[str] = field(default_factory=list)  # "service/name" declared no more
     version: int = TXN_VERSION
 
     @property
@@ -622,6 +631,7 @@ def finish(paths: Paths, txn: Txn) -> dict[str, Any]:
     """After the commit point: append the record and drop the lock; idempotent."""
     record = txn.record or compose(txn, "deployed", Generation.from_json(txn.target), None, None)
     error = append_record(paths, record)
+    prune_secrets(paths, txn.prune)
     drop_txn(paths, txn)
     return {"finished": True, "record_error": error, "record": record}
 
@@ -684,12 +694,195 @@ def state_json(paths: Paths) -> dict[str, Any]:
         "watchers": sorted(u for u, s in units.items() if s in ("active", "activating")),
         "failedUnits": failed_units(),
         "lastRecord": last_record(paths),
+        "missingSecrets": missing_secrets(running),
+        "heldSecrets": undeclared_secrets(paths, []),
         "now": now(),
     }
 
 
 def helper_path() -> str:
     return os.path.realpath(sys.argv[0])
+
+
+# -- secrets ----------------------------------------------------------------------------
+
+SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+SECRET_MAX = 1 << 20
+
+
+@dataclass(frozen=True)
+class Secret:
+    service: str
+    name: str
+    data: bytes
+
+
+def parse_secrets(text: str) -> list[Secret]:
+    """``[{"service", "name", "data": base64}]``; names are checked here, since they
+    become file names under the secrets folder."""
+    raw = json.loads(text) if text.strip() else []
+    if not isinstance(raw, list):
+        raise Failure(Exit.USAGE, "secrets: expected a JSON list")
+    found = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise Failure(Exit.USAGE, "secrets: expected objects")
+        service, name, data = entry.get("service"), entry.get("name"), entry.get("data")
+        for what, value in (("service", service), ("name", name)):
+            if not isinstance(value, str) or not SECRET_NAME.fullmatch(value):
+                raise Failure(Exit.USAGE, f"secrets: bad {what} {str(value)[:80]!r}")
+        if not isinstance(data, str):
+            raise Failure(Exit.USAGE, f"secrets: {service}/{name}: no data")
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except ValueError as exc:
+            raise Failure(Exit.USAGE, f"secrets: {service}/{name}: not base64") from exc
+        if len(decoded) > SECRET_MAX:
+            raise Failure(Exit.USAGE, f"secrets: {service}/{name}: larger than 1 MiB")
+        found.append(Secret(str(service), str(name), decoded))
+    return found
+
+
+def deliver_secrets(paths: Paths, secrets: list[Secret]) -> list[str]:
+    """Write the secrets that differ, each whole, root-only; the services whose changed."""
+    changed: list[str] = []
+    for secret in secrets:
+        folder = paths.secrets / secret.service
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = folder / secret.name
+        try:
+            same = path.read_bytes() == secret.data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            write_whole(path, secret.data, 0o600)
+            if secret.service not in changed:
+                changed.append(secret.service)
+    return changed
+
+
+def undeclared_secrets(paths: Paths, secrets: list[Secret]) -> list[str]:
+    """The delivered secrets ("service/name") that ``secrets``, the whole declaration of
+    the host's uploads, no longer names."""
+    kept = {f"{s.service}/{s.name}" for s in secrets}
+    found = (
+        f"{f.parent.name}/{f.name}"
+        for f in paths.secrets.glob("*/*")
+        if not f.name.startswith(".")  # write_whole's temporary files
+    )
+    return sorted(name for name in found if name not in kept)
+
+
+def prune_secrets(paths: Paths, names: list[str]) -> None:
+    """Remove secrets no system in use loads any more (best effort: a leftover is harmless)."""
+    for name in names:
+        service, _, secret = name.partition("/")
+        if SECRET_NAME.fullmatch(service) and SECRET_NAME.fullmatch(secret):
+            with contextlib.suppress(OSError):
+                (paths.secrets / service / secret).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (paths.secrets / service).rmdir()  # only if empty
+
+
+def manifest(system: str | None) -> dict[str, Any]:
+    """The fleet manifest a system carries (its services' units, its secrets), or {}."""
+    try:
+        loaded = json.loads((Path(system or "/") / "etc/fleet/manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def units_of(system: str | None, services: list[str]) -> list[str]:
+    declared = manifest(system).get("services") or {}
+    units = []
+    for service in services:
+        unit = (declared.get(service) or {}).get("unit") if isinstance(declared, dict) else None
+        if isinstance(unit, str) and unit:
+            units.append(unit)
+    return units
+
+
+def restart_stale(units: list[str], since: float) -> list[str]:
+    """Restart the running units among ``units`` that were not (re)started since
+    ``since`` (a monotonic time): a switch that restarted one already gave it its secret."""
+    restarted = []
+    for unit in units:
+        shown = systemctl("show", "--property=ActiveState,ActiveEnterTimestampMonotonic", unit)
+        props = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+        entered = int(props.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
+        if props.get("ActiveState") == "active" and entered < since:
+            systemctl("try-restart", unit)
+            restarted.append(unit)
+    return restarted
+
+
+def missing_secrets(system: str | None) -> list[dict[str, str]]:
+    """The running system's declared secrets that are not on the host."""
+    missing = []
+    for entry in manifest(system).get("secrets") or []:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and not os.path.exists(path):
+            missing.append({k: str(entry.get(k)) for k in ("service", "name", "path")})
+    return missing
+
+
+# -- who may ask for what --------------------------------------------------------------
+
+# Nix's own variable; sudo's reset environment never carries a deploy user's value.
+STORE_DIR = os.environ.get("NIX_STORE_DIR", "/nix/store")
+# What only the host itself runs: the dead-man switch (from its transient unit) and the
+# boot recovery (from its unit at boot).
+INTERNAL = ("watch", "boot")
+
+
+def caller_uid() -> int:
+    """The user who asked: the deploy user when sudo ran us, else whoever we run as.
+
+    sudo sets SUDO_UID itself, and the host's sudo rule lets no caller set the environment.
+    """
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    return int(sudo_uid) if sudo_uid.isdigit() else os.getuid()
+
+
+def check_trusted(paths: Paths, target: str) -> None:
+    """A deploy user other than root may only switch to a system root could have chosen:
+    a generation of the system profile, or a store path signed by a key Nix trusts.
+
+    Any local user can build a store path with a ``bin/switch-to-configuration`` of their
+    own, so that a path is in the store proves nothing; its signature does (docs/security.md).
+    """
+    if caller_uid() == 0:
+        return
+    if target in (p for _, _, p in generations(paths)):
+        return
+    store = os.path.dirname(target)
+    if store != STORE_DIR or os.path.realpath(target) != target:
+        raise Failure(Exit.USAGE, f"{target!r} is not a path in {STORE_DIR}")
+    nix = [tool(NIX, "nix"), "--extra-experimental-features", "nix-command"]
+    # Nix counts a content-addressed path as valid whoever added it (`nix-store --add`
+    # needs no trust), so only an input-addressed system's signatures say who made it.
+    info = run([*nix, "path-info", "--json", "--", target], timeout=120)
+    try:
+        found = json.loads(info.stdout) if info.returncode == 0 else None
+    except ValueError:
+        found = None
+    entries = list(found.values()) if isinstance(found, dict) else found
+    if not entries or not isinstance(entries[0], dict):
+        raise Failure(Exit.FAILED, f"{target}: cannot read its store information")
+    signed = not entries[0].get("ca") and (
+        run(
+            [*nix, "store", "verify", "--no-contents", "--sigs-needed", "1", "--", target],
+            timeout=120,
+        ).returncode
+        == 0
+    )
+    if not signed:
+        raise Failure(
+            Exit.FAILED,
+            f"{target} is signed by no key this host trusts; a deploy user other than root "
+            "may only switch to signed systems or to generations of the system profile",
+        )
 
 
 # -- subcommands ------------------------------------------------------------------------
@@ -702,6 +895,7 @@ def cmd_state(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
 def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     holder = json.loads(args.holder)
     base = json.loads(args.base) if args.base else {}
+    secrets = parse_secrets(sys.stdin.read()) if args.secrets else []
     target = Generation(args.generation, args.target) if args.target else None
     out: dict[str, Any] = {}
     with host_lock(paths):
@@ -721,6 +915,8 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             out.update(resolve_existing(paths, args.take_over))
         if target is not None and not (Path(target.path) / "bin/switch-to-configuration").exists():
             raise Failure(Exit.FAILED, f"{target.path} is not on the host (was it collected?)")
+        if target is not None:
+            check_trusted(paths, target.path)
         running = readlink(paths.current_system)
         if running is None:
             raise Failure(Exit.FAILED, "the host runs no system (/run/current-system)")
@@ -731,7 +927,16 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             and running == target.path
             and os.path.realpath(paths.profile) == target.path
         ):
-            return out | {"noop": True}
+            # Nothing to switch; a rotated secret still reaches the units that load it.
+            changed = deliver_secrets(paths, secrets)
+            restarted = restart_stale(units_of(running, changed), since=float("inf"))
+            if args.secrets:
+                prune_secrets(paths, undeclared_secrets(paths, secrets))
+            return out | {"noop": True, "restarted": restarted}
+        changed = deliver_secrets(paths, secrets)
+        # Removed once the new system is committed, when no running system loads them (a
+        # `boot` leaves them for the system that runs until the reboot).
+        prune = undeclared_secrets(paths, secrets) if args.secrets and args.mode != "boot" else []
         recorded = (
             inherited.recorded
             if inherited is not None
@@ -750,6 +955,9 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             base=base,
             taken_over=[*inherited.taken_over, inherited.token] if inherited else [],
             boot_id=boot_id(paths),
+            # A switch restarts what loads a changed secret; a boot or reboot starts anew.
+            restart=units_of(target.path, changed) if target and args.mode == "switch" else [],
+            prune=prune,
         )
         write_txn(paths, txn)
         try:
@@ -780,8 +988,9 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         txn.deadline = now() + args.health + args.confirm
         txn.switch_unit = f"fleet-switch-{os.urandom(4).hex()}"
         write_txn(paths, txn)
-    started = now()
+    started, since = now(), time.monotonic()
     code, output = switch(txn.target["path"], "test", txn.switch_unit)
+    restarted = restart_stale(txn.restart, since) if code == 0 else []
     settled, failed = settle(max(1.0, args.health - (now() - started)))
     with host_lock(paths):
         current = read_txn(paths)
@@ -802,6 +1011,7 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         "failedUnits": failed,
         "deadline": current.deadline,
         "started": started,
+        "restarted": restarted,
     }
 
 
@@ -1092,6 +1302,9 @@ def parser() -> argparse.ArgumentParser:
     begin.add_argument("--deadline", type=float, required=True, help="seconds to activation")
     begin.add_argument("--confirm", type=float, required=True)
     begin.add_argument("--take-over", action="store_true")
+    begin.add_argument(
+        "--secrets", action="store_true", help="deliver the secrets given as JSON on stdin"
+    )
     activate = command("activate", "switch-to-configuration test, settle, report")
     activate.add_argument("--token", required=True, type=token_arg)
     activate.add_argument("--health", type=float, required=True)
@@ -1150,6 +1363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.umask(0o077)
     paths = Paths.from_env()
+    if args.command in INTERNAL and caller_uid() != 0:
+        emit({"ok": False, "error": f"{args.command} is run by the host only", "code": 2})
+        return Exit.USAGE
     try:
         emit(COMMANDS[args.command](paths, args) | {"ok": True})
         return Exit.OK

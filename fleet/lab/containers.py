@@ -113,6 +113,7 @@ def start(lab: Lab, host: LabHost, rootfs: Path) -> int:
         f"--bind={root / 'nix'}:/nix", f"--bind={root / 'boot'}:/boot",
         f"--bind={root / 'var-fleet'}:/var/lib/fleet",
         f"--bind-ro={ssh_dir}:/etc/ssh/lab",
+        f"--bind-ro={lab.host_dir(host) / 'conf'}:/etc/fleet-lab",
         "--link-journal=no",
     ]  # fmt: skip
     log = (lab.host_dir(host) / "console.log").open("ab")

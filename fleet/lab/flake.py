@@ -114,6 +114,9 @@ class LabRelease:
     broken: str | None = None
     start_delay: float = 0.0
     broken_hosts: tuple[str, ...] = ()
+    # lab-web loads the credential `token` (the operator's secret file `lab-token`), as a
+    # DynamicUser, and answers its digest on /secret.
+    secret: bool = False
 
     def validate(self) -> None:
         if not _VERSION.match(self.version):
@@ -133,6 +136,7 @@ def set_release(lab: Lab, release: LabRelease) -> None:
         "broken": release.broken,
         "startDelay": release.start_delay,
         "brokenHosts": list(release.broken_hosts),
+        "secret": release.secret,
     })  # fmt: skip
     (lab.flake / "release.json").write_text(text + "\n")
 

@@ -87,6 +87,11 @@ class Lab:
         return self.state / "id_ed25519"
 
     @property
+    def signing_key(self) -> Path:
+        """The secret half of the key the lab's hosts trust on copied closures."""
+        return self.state / "signing-key.sec"
+
+    @property
     def known_hosts(self) -> Path:
         return self.state / "known_hosts"
 

@@ -117,6 +117,17 @@ def _keygen(path: Path, comment: str) -> str:
     return " ".join(path.with_suffix(".pub").read_text().split()[:2])
 
 
+def _signing_keygen(lab: Lab) -> str:
+    """A Nix signing key pair for the lab's closures; the public half."""
+    public = lab.signing_key.with_suffix(".pub")
+    process.run(
+        ["nix-store", "--generate-binary-cache-key", f"fleet-lab{lab.instance}-1",
+         str(lab.signing_key), str(public)]
+    )  # fmt: skip
+    lab.signing_key.chmod(0o600)
+    return public.read_text().strip()
+
+
 def _profile_link(root: Path, path: str) -> None:
     """Generation 1 of the system profile and the boot entry, as an installer leaves them."""
     profiles = root / "nix/var/nix/profiles"
@@ -143,10 +154,14 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
     """State, keys, flake and each host's disk with generation 1 installed."""
     lab.state.mkdir(parents=True, exist_ok=True)
     _keygen(lab.identity, f"fleet-lab{lab.instance}")
+    public = _signing_keygen(lab)
     keys = {}
     for host in hosts:
         ssh_dir = lab.host_dir(host) / "ssh"
         ssh_dir.mkdir(parents=True)
+        conf = lab.host_dir(host) / "conf"
+        conf.mkdir()
+        (conf / "nix.conf").write_text(f"trusted-public-keys = {public}\n")
         keys[host.name] = _keygen(ssh_dir / "ssh_host_ed25519_key", host.name)
         shutil.copy(lab.identity.with_suffix(".pub"), ssh_dir / "authorized_keys")
         root = lab.host_root(host)

@@ -16,9 +16,10 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3",
     "nix-bin", "libdbi-perl",  # debootstrap does not resolve nix-bin's virtual perl-dbdabi dep
+    "sudo",
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "3"
+LAYOUT_VERSION = "5"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
 MASKED = ("console-getty.service", "systemd-remount-fs.service")
 READY = ".fleet-lab-ready"
@@ -38,6 +39,32 @@ NIX_CONFIG = """\
 build-users-group =
 sandbox = false
 substituters =
+# The lab's signing key (each lab makes its own), as a host's fleet.trustedPublicKeys.
+!include /etc/fleet-lab/nix.conf
+"""
+
+# A deploy user other than root, as the host module makes one: it logs in with the lab's
+# key (sshd's AuthorizedKeysFile is the same for every user), Nix does not trust it, and
+# sudo lets it run the running system's fleet-host and nothing else.
+DEPLOY_USER = "deploy"
+DEPLOY_UID = 1500
+SUDOERS = f"""\
+{DEPLOY_USER} ALL=(root) NOPASSWD: /run/current-system/sw/bin/fleet-host
+"""
+
+# Root uses the store directly; any other user goes through the daemon, which accepts
+# only closures signed by a trusted key from a user it does not trust.
+NIX_DAEMON_UNIT = """\
+[Unit]
+Description=Nix daemon
+
+[Service]
+ExecStartPre=/bin/mkdir -p /nix/var/nix/daemon-socket
+ExecStart=/usr/bin/nix-daemon
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
 """
 
 BOOT_SCRIPT = """\
@@ -45,6 +72,8 @@ BOOT_SCRIPT = """\
 # The lab's boot loader and stage 2: activate the one-shot entry if there is one, else the
 # default entry, as NixOS activates the generation its boot loader chose; then let that
 # system's fleet-host resolve whatever transaction a crash or a reboot left.
+# The host's own name resolves (sudo looks it up), as on Debian and NixOS installs.
+grep -q "^127.0.1.1 " /etc/hosts || printf '127.0.1.1 %s\n' "$(hostname)" >> /etc/hosts
 oneshot=/boot/lab/oneshot
 system=
 if [ -L "$oneshot" ] || [ -e "$oneshot" ]; then
@@ -167,9 +196,12 @@ def customise(root: Path) -> None:
     _write(root / "etc/nix/nix.conf", NIX_CONFIG)
     _write(root / "usr/local/sbin/fleet-lab-boot", BOOT_SCRIPT, 0o755)
     _write(root / "etc/systemd/system/fleet-lab-boot.service", BOOT_UNIT)
+    _write(root / "etc/systemd/system/nix-daemon.service", NIX_DAEMON_UNIT)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    _link(wants / "fleet-lab-boot.service", "/etc/systemd/system/fleet-lab-boot.service")
+    for unit in ("fleet-lab-boot.service", "nix-daemon.service"):
+        _link(wants / unit, f"/etc/systemd/system/{unit}")
+    _add_deploy_user(root)
     for folder in ("timers.target.wants", "getty.target.wants"):
         for link in (root / "etc/systemd/system" / folder).glob("*"):
             link.unlink()
@@ -177,5 +209,24 @@ def customise(root: Path) -> None:
         _link(root / "etc/systemd/system" / unit, "/dev/null")
     (root / "etc/hostname").unlink(missing_ok=True)  # systemd keeps the name nspawn gives
     (root / "etc/machine-id").write_text("")  # each boot gets its own
-    for folder in ("nix", "boot", "etc/ssh/lab"):
+    for folder in ("nix", "boot", "etc/ssh/lab", "etc/fleet-lab"):
         (root / folder).mkdir(parents=True, exist_ok=True)
+
+
+def _add_deploy_user(root: Path) -> None:
+    """The deploy user, its group and home, and its one sudo rule; idempotent."""
+    entries = {
+        "etc/passwd": f"{DEPLOY_USER}:x:{DEPLOY_UID}:{DEPLOY_UID}:fleet deployments:"
+        f"/home/{DEPLOY_USER}:/bin/sh",
+        "etc/group": f"{DEPLOY_USER}:x:{DEPLOY_UID}:",
+        "etc/shadow": f"{DEPLOY_USER}:*:19000:0:99999:7:::",
+    }
+    for name, line in entries.items():
+        path = root / name
+        lines = path.read_text().splitlines()
+        if not any(x.split(":", 1)[0] == DEPLOY_USER for x in lines):
+            path.write_text("\n".join([*lines, line]) + "\n")
+    home = root / "home" / DEPLOY_USER
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, DEPLOY_UID, DEPLOY_UID)
+    _write(root / "etc/sudoers.d/fleet", SUDOERS, 0o440)

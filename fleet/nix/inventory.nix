@@ -6,7 +6,7 @@
 #
 # Arguments:
 #   hosts:  attrset of name -> { address; sshPort?; sshUser?; tags?; system?;
-#           hostKey?; services?; checks? }
+#           hostKey?; services?; checks?; secrets? }
 #   deploy: partial deploy policy; missing fields take the defaults below.
 {
   hosts,
@@ -44,6 +44,8 @@ let
     hostKey = host.hostKey or null;
     services = host.services or [ ];
     checks = map normaliseCheck (host.checks or [ ]);
+    # { service; name; file; path; }: what the tool uploads before activating.
+    secrets = host.secrets or [ ];
   };
 in
 {

@@ -131,6 +131,13 @@ in
       description = "ssh public keys the fleet tool logs in with, installed for every host's `sshUser`.";
     };
 
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "fleet-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=" ];
+      description = "Keys whose signatures every host accepts on copied closures (the host option `fleet.trustedPublicKeys`); required for hosts whose `sshUser` is not root.";
+    };
+
     deploy = {
       parallel = mkOption {
         type = types.ints.positive;

@@ -110,6 +110,7 @@ let
       d: "${where}: depends on service ${quote d}, which declares no ports to be found at"
     ) portlessDeps
     ++ healthCheckProblems where s
+    ++ fleetLib.secretProblems where s
     ++ optional (
       s.nixosModule == null && s.command == [ ]
     ) "${where}: nothing to run: set package, command or nixosModule";
@@ -198,12 +199,19 @@ let
       + concatMapStringsSep " -> " quote cycle
     );
 
+  # The options read only on the hosts are type-checked here too, so that
+  # the inventory fails on them as the hosts' configurations would.
+  hostOnly = map (s: {
+    inherit (cfg.services.${s}) allowFrom;
+    secrets = lib.mapAttrs (_: secret: { inherit (secret) file path; }) cfg.services.${s}.secrets;
+  }) serviceNames;
+
   # Every result goes through this: a bad declaration fails evaluation with
   # all its problems at once.
   checked =
     value:
     if problems == [ ] then
-      value
+      builtins.deepSeq hostOnly value
     else
       throw (
         "fleet: the declaration has ${toString (length problems)} problem(s):\n"
@@ -223,7 +231,9 @@ let
       enable = true;
       hostName = host;
       inherit (h) address sshUser sshPort;
-      inherit (cfg) authorizedKeys;
+      # Where a service's `allowFrom` defaults to.
+      fleetAddresses = map (n: cfg.hosts.${n}.address) hostNames;
+      inherit (cfg) authorizedKeys trustedPublicKeys;
       services = genAttrs (servicesOn host) (
         service:
         let
@@ -284,6 +294,12 @@ in
             ;
           services = servicesOn host;
           checks = checksOn host;
+          # The secrets the tool uploads to this host before activating.
+          secrets = map (s: removeAttrs s [ "upload" ]) (
+            filter (s: s.upload) (
+              concatMap (s: fleetLib.secretsOf s cfg.services.${s}) (servicesOn host)
+            )
+          );
         }
       ) cfg.hosts;
       inherit (cfg) deploy;

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
 from fleet import health
 from fleet.inventory import Check, CheckType
+from fleet.lab import ops
 from tests.lab.fleetrun import host_states, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
@@ -125,6 +129,57 @@ def test_bad_operator_config_is_refused_by_name(lab, tmp_path, text, message):
     [line] = err.strip().splitlines()
     assert str(config) in line and message in line
     assert host_states(lab) == before
+
+
+class SlowRelay:
+    """A TCP relay on 127.0.0.1 to a lab host's sshd that holds every chunk back for
+    ``delay`` seconds: a slow or distant link, a jump host far away."""
+
+    def __init__(self, address: str, port: int, delay: float) -> None:
+        self.target, self.delay = (address, port), delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                time.sleep(self.delay)
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_tcp_checks_over_a_slow_link_prove_the_connection(lab):
+    """A closed port fails and an open one passes even when the link takes longer than any
+    timer the tool could guess to answer."""
+    endpoint = ops.endpoints(lab)[0]
+    relay = SlowRelay(endpoint.address, endpoint.port, delay=0.6)
+    try:
+        slow = dataclasses.replace(endpoint, address="127.0.0.1", port=relay.port)
+        with ops.transport(lab) as transport:
+            remote = transport.remote(slow)
+            web = Check("web", None, CheckType.TCP, timeout=2, interval=0.2, retries=1, port=8080)
+            closed = dataclasses.replace(web, name="closed", port=9)
+            verdict = health.run_checks(remote, [web, closed], time.monotonic() + 60)
+    finally:
+        relay.close()
+    found = {c.name: c for c in verdict.checks}
+    assert found["web"].ok and found["web"].message == "connected"
+    assert not found["closed"].ok and "refused" in found["closed"].message.lower()
 
 
 def test_tcp_checks_are_made_by_the_host(lab, lab_remotes):

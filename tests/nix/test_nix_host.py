@@ -17,11 +17,14 @@ HOST_VIEW = """
 let c = {config}; in {{
   units = c.systemd.services;
   ports = c.networking.firewall.allowedTCPPorts;
+  iptables = c.networking.firewall.extraCommands;
+  warnings = c.warnings;
   etc = c.environment.etc;
   users = c.users.users;
   groups = builtins.attrNames c.users.groups;
   openssh = c.services.openssh;
   trusted = c.nix.settings.trusted-users;
+  trustedKeys = c.nix.settings.extra-trusted-public-keys or null;
   sudo = c.security.sudo.extraRules;
   switch = c.system.switch.enable;
   hostName = c.networking.hostName;
@@ -152,11 +155,22 @@ def test_a_module_run_service_keeps_its_unit_and_gets_limits(hosts: dict[str, An
     assert cache["environment"]["FLEET_SERVICE"] == "cache"
 
 
-def test_ports_are_opened(hosts: dict[str, Any]) -> None:
-    assert sorted(hosts["app1"]["ports"]) == [8080]
-    assert sorted(hosts["app2"]["ports"]) == [443, 8080]
+def opened(host: dict[str, Any]) -> list[int]:
+    """The ports the host's iptables rules accept from any source."""
+    return sorted({int(line.split("--dport ")[1].split()[0]) for line in rules(host["iptables"])})
+
+
+def rules(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line and not line.startswith("#")]
+
+
+def test_ports_are_opened_to_the_fleet(hosts: dict[str, Any]) -> None:
+    # Not to everyone: tests/nix/test_nix_access.py has the rules.
+    assert all(host["ports"] == [] for host in hosts.values())
+    assert opened(hosts["app1"]) == [8080]
+    assert opened(hosts["app2"]) == [443, 8080]
     # worker keeps 9000 closed
-    assert sorted(hosts["db1"]["ports"]) == [6379]
+    assert opened(hosts["db1"]) == [6379]
 
 
 def test_manifest(hosts: dict[str, Any]) -> None:
@@ -169,7 +183,10 @@ def test_manifest(hosts: dict[str, Any]) -> None:
         "ports": [6379],
         "dependsOn": [],
         "dependencies": {},
+        "allowFrom": ["10.0.0.11", "10.0.0.12", "10.0.0.21"],
     }
+    assert manifest["services"]["worker"]["allowFrom"] == []  # openFirewall = false
+    assert manifest["secrets"] == []
     assert manifest["services"]["worker"]["managedBy"] == "fleet"
     assert manifest["services"]["worker"]["dependencies"] == {"cache": ["10.0.0.21:6379"]}
     assert [c["name"] for c in manifest["checks"]] == ["cache", "worker"]
@@ -201,10 +218,29 @@ def test_ssh_access_for_a_deploy_user(hosts: dict[str, Any]) -> None:
     assert deploy["useDefaultShell"] is True
     assert len(deploy["openssh"]["authorizedKeys"]["keys"]) == 1
     assert "deploy" in app2["groups"]
-    assert app2["trusted"] == ["root", "deploy"]
+    # Not trusted by Nix: what it copies must be signed by a key the host trusts.
+    assert app2["trusted"] == ["root"]
+    assert app2["trustedKeys"] == ["fleet-test-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs="]
+    # Root for one program only, at a path only root can change.
     assert app2["sudo"] == [
-        {"users": ["deploy"], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
+        {
+            "users": ["deploy"],
+            "runAs": "root",
+            "commands": [
+                {"command": "/run/current-system/sw/bin/fleet-host", "options": ["NOPASSWD"]}
+            ],
+        }
     ]
+
+
+def test_a_deploy_user_needs_a_trusted_key(nix: Nix) -> None:
+    fleet = """(h.evalFleet [ {
+      imports = [ tests/nix/fixtures/base.nix ];
+      hosts.app1.sshUser = "deploy";
+    } ])"""
+    failed = nix.eval(f'(h.hostConfig {fleet} "app1").failedAssertions')
+    assert len(failed) == 1
+    assert "fleet.trustedPublicKeys" in failed[0] and "not root" in failed[0]
 
 
 def test_system_settings(hosts: dict[str, Any]) -> None:
@@ -220,10 +256,22 @@ def test_example_hosts(example: dict[str, Any]) -> None:
     assert api["environment"]["FLEET_REDIS_ADDRS"] == "192.0.2.21:6379"
     assert api["environment"]["API_VERSION"] == "1"
     assert api["serviceConfig"]["ExecStart"].endswith('/bin/callPackage-api" "--port" "8080"')
-    assert example["app1"]["ports"] == [8080]
+    assert api["serviceConfig"]["LoadCredential"] == [
+        "redis-password:/var/lib/fleet/secrets/api/redis-password"
+    ]
+    fleet = ["192.0.2.11", "192.0.2.12", "192.0.2.21"]
+    assert rules(example["app1"]["iptables"]) == [
+        f"iptables -w -A nixos-fw -p tcp --dport 8080 -s {a} -j nixos-fw-accept" for a in fleet
+    ]
     redis = example["db1"]["units"]["redis-main"]
-    assert redis["serviceConfig"] == {"MemoryMax": "512M"}
-    assert example["db1"]["ports"] == [6379]
+    assert redis["serviceConfig"] == {
+        "MemoryMax": "512M",
+        "LoadCredential": ["redis-password:/var/lib/fleet/secrets/redis/redis-password"],
+    }
+    assert rules(example["db1"]["iptables"]) == [
+        f"iptables -w -A nixos-fw -p tcp --dport 6379 -s {a} -j nixos-fw-accept" for a in fleet
+    ]
+    assert all(host["ports"] == [] and host["warnings"] == [] for host in example.values())
     assert fleet_units(example["db1"]) == []
 
 
@@ -261,6 +309,7 @@ def test_the_helper_runs_the_hosts_own_programs(helper: dict[str, Any]) -> None:
         ("BOOTCTL", "@bootctl@", f"{systemd}/bin/bootctl"),
         ("NIX_ENV", "@nix_env@", f"{nix_}/bin/nix-env"),
         ("NIX_STORE", "@nix_store@", f"{nix_}/bin/nix-store"),
+        ("NIX", "@nix@", f"{nix_}/bin/nix"),
     ]:
         replacement = f"""'{constant} = "{placeholder}"' '{constant} = "{program}"'"""
         assert f"--replace-fail {replacement}" in script
@@ -360,6 +409,7 @@ SYSTEMCTL = "@systemctl@"
 SYSTEMD_RUN = "@systemd_run@"
 NIX_ENV = "@nix_env@"
 NIX_STORE = "@nix_store@"
+NIX = "@nix@"
 BOOTCTL = "@bootctl@"
 
 
@@ -392,11 +442,12 @@ def test_the_build_script_substitutes(helper: dict[str, Any], tmp_path: Path) ->
     assert os.access(built, os.X_OK)
     lines = built.read_text().splitlines()
     assert lines[0] == f"#!{STORE}-python3/bin/python3"
-    assert lines[3:8] == [
+    assert lines[3:9] == [
         f'SYSTEMCTL = "{STORE}-systemd/bin/systemctl"',
         f'SYSTEMD_RUN = "{STORE}-systemd/bin/systemd-run"',
         f'NIX_ENV = "{STORE}-nix/bin/nix-env"',
         f'NIX_STORE = "{STORE}-nix/bin/nix-store"',
+        f'NIX = "{STORE}-nix/bin/nix"',
         f'BOOTCTL = "{STORE}-systemd/bin/bootctl"',
     ]
     # Only the assignments change: a comparison with a placeholder stays.

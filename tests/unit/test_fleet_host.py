@@ -28,6 +28,9 @@ def tk(name: str) -> str:
 # helper's bookkeeping observable. Real systemd and Nix are exercised in the lab tests.
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "systemctl $*" >> "$FLEET_HOST_ROOT/calls"
+if [ -n "$FAKE_ACTIVE" ] && [ "$1" = show ]; then
+  printf 'ActiveState=active\\nActiveEnterTimestampMonotonic=1\\n'
+fi
 exit 0
 """
 FAKE_SYSTEMD_RUN = """#!/bin/sh
@@ -263,3 +266,209 @@ def test_generation_numbers() -> None:
 def test_a_token_is_hex_only(host: Path) -> None:
     code, _ = helper(host, "commit", "--token", "x; rm -rf /", stdin="{}")
     assert code == fh.Exit.USAGE
+
+
+# A stand-in for `nix path-info --json` and `nix store verify --sigs-needed 1`: a system is
+# signed when its folder holds a file named "signed", content-addressed when "ca".
+FAKE_NIX = """#!/bin/sh
+echo "nix $*" >> "$FLEET_HOST_ROOT/calls"
+for last; do :; done
+case "$*" in
+  *path-info*)
+    if [ -e "$last/ca" ]; then ca='"fixed:r:sha256:0"'; else ca=null; fi
+    printf '[{"path": "%s", "ca": %s}]\\n' "$last" "$ca" ;;
+  *) [ -e "$last/signed" ] ;;
+esac
+"""
+
+
+@pytest.fixture()
+def deploy_user(host: Path) -> dict[str, str]:
+    """fleet-host as sudo runs it for a deploy user other than root."""
+    _script(host.parent / "bin/nix", FAKE_NIX)
+    return {"SUDO_UID": "1500", "SUDO_USER": "deploy", "NIX_STORE_DIR": str(host / "store")}
+
+
+def begin_as(host: Path, token: str, env: dict[str, str], target: str = "sys-b"):
+    return helper(
+        host, "begin", "--token", token, "--holder", "{}", "--mode", "switch",
+        "--target", str(host / "store" / target), "--deadline", "30", "--confirm", "20",
+        env=env,
+    )  # fmt: skip
+
+
+def test_a_deploy_user_may_switch_to_a_signed_system(host: Path, deploy_user) -> None:
+    (host / "store/sys-b/signed").touch()
+    code, out = begin_as(host, tk("s"), deploy_user)
+    assert code == 0 and out["begun"], out
+    assert "store verify --no-contents --sigs-needed 1" in (host / "calls").read_text()
+
+
+def test_a_deploy_user_may_not_switch_to_an_unsigned_system(host: Path, deploy_user) -> None:
+    code, out = begin_as(host, tk("u"), deploy_user)
+    assert code == 1 and "signed by no key this host trusts" in out["error"]
+    assert not (host / "var/lib/fleet/txn.json").exists()
+    assert "switch" not in (host / "calls").read_text()
+
+
+def test_a_content_addressed_path_proves_no_author(host: Path, deploy_user) -> None:
+    """`nix-store --add` needs no trust, and Nix counts such a path as valid unsigned."""
+    (host / "store/sys-b/signed").touch()
+    (host / "store/sys-b/ca").touch()
+    code, out = begin_as(host, tk("c"), deploy_user)
+    assert code == 1 and "signed by no key this host trusts" in out["error"]
+    assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_root_is_not_asked_for_signatures(host: Path) -> None:
+    code, out = begin(host, tk("r"))
+    assert code == 0 and out["begun"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/tmp/evil",  # outside the store
+        "{store}/sys-b/../sys-b",  # not a store path as written
+        "{store}/sys-b/bin",  # inside a store path
+        "{store}/link",  # a symlink in the store to elsewhere
+    ],
+)
+def test_a_deploy_user_names_store_paths_only(host: Path, deploy_user, target: str) -> None:
+    (host / "store/link").symlink_to("/tmp")
+    _script(Path(host / "evil-root/bin/switch-to-configuration"), SWITCH)
+    target = target.format(store=host / "store")
+    code, out = helper(
+        host, "begin", "--token", tk("p"), "--holder", "{}", "--mode", "switch",
+        "--target", target, "--deadline", "30", "--confirm", "20", env=deploy_user,
+    )  # fmt: skip
+    assert code in (1, 2) and not out["ok"], out
+    assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_a_deploy_user_may_go_back_to_any_generation(host: Path, deploy_user) -> None:
+    """Generations were made by root (an unsigned system installed locally included)."""
+    profiles = host / "nix/var/nix/profiles"
+    (profiles / "system-2-link").symlink_to(host / "store/sys-b")
+    code, out = helper(
+        host, "begin", "--token", tk("g"), "--holder", "{}", "--mode", "switch",
+        "--target", str(host / "store/sys-b"), "--generation", "2",
+        "--deadline", "30", "--confirm", "20", env=deploy_user,
+    )  # fmt: skip
+    assert code == 0 and out["begun"], out
+
+
+@pytest.mark.parametrize("command", ["watch", "boot"])
+def test_what_only_the_host_runs_is_refused_to_a_deploy_user(
+    host: Path, deploy_user, command: str
+) -> None:
+    args = ["--token", tk("w")] if command == "watch" else []
+    code, out = helper(host, command, *args, env=deploy_user)
+    assert code == 2 and "run by the host only" in out["error"]
+
+
+# -- secrets --------------------------------------------------------------------------
+
+
+def with_manifest(host: Path, system: str, secrets: list[dict[str, str]]) -> None:
+    (host / "store" / system / "etc/fleet").mkdir(parents=True, exist_ok=True)
+    (host / "store" / system / "etc/fleet/manifest.json").write_text(
+        json.dumps({"services": {"web": {"unit": "web.service"}}, "secrets": secrets})
+    )
+
+
+def given(*items: tuple[str, str, bytes]) -> str:
+    import base64
+
+    return json.dumps(
+        [{"service": s, "name": n, "data": base64.b64encode(d).decode()} for s, n, d in items]
+    )
+
+
+def begin_with(host: Path, token: str, secrets: str, target: str = "sys-b", **env: str):
+    return helper(
+        host, "begin", "--token", token, "--holder", "{}", "--mode", "switch",
+        "--target", str(host / "store" / target), "--deadline", "30", "--confirm", "20",
+        "--secrets", stdin=secrets, env=env,
+    )  # fmt: skip
+
+
+def test_secrets_are_delivered_root_only_and_restart_what_loads_them(host: Path) -> None:
+    with_manifest(host, "sys-b", [])
+    code, out = begin_with(host, tk("s1"), given(("web", "token", b"\x00one")), FAKE_ACTIVE="1")
+    assert code == 0 and out["begun"], out
+    path = host / "var/lib/fleet/secrets/web/token"
+    assert path.read_bytes() == b"\x00one"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
+    assert txn["restart"] == ["web.service"]
+    code, out = helper(
+        host, "activate", "--token", tk("s1"), "--health", "5", "--confirm", "5",
+        env={"FAKE_ACTIVE": "1"},
+    )  # fmt: skip
+    assert code == 0 and out["restarted"] == ["web.service"], out
+    assert "systemctl try-restart web.service" in (host / "calls").read_text()
+
+
+def test_an_unchanged_secret_restarts_nothing(host: Path) -> None:
+    with_manifest(host, "sys-a", [])
+    secret = given(("web", "token", b"same"))
+    # The running system already: a no-op that still delivers.
+    code, out = begin_with(host, tk("n1"), secret, target="sys-a", FAKE_ACTIVE="1")
+    assert code == 0 and out["noop"] and out["restarted"] == ["web.service"]
+    code, out = begin_with(host, tk("n2"), secret, target="sys-a", FAKE_ACTIVE="1")
+    assert code == 0 and out["noop"] and out["restarted"] == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [{"service": "../etc", "name": "x", "data": ""}],
+        [{"service": "web", "name": "a/b", "data": ""}],
+        [{"service": "web", "name": ".hidden", "data": ""}],
+        [{"service": "web", "name": "x", "data": "not base64!"}],
+        [{"service": "web", "name": "x"}],
+        {"service": "web"},
+        ["web"],
+    ],
+)
+def test_bad_secrets_change_nothing(host: Path, bad) -> None:
+    code, out = begin_with(host, tk("b"), json.dumps(bad))
+    assert code == 2 and not out["ok"], out
+    assert not (host / "var/lib/fleet/txn.json").exists()
+    assert not (host / "var/lib/fleet/secrets").exists()
+
+
+def test_secrets_declared_no_more_are_removed_at_the_commit(host: Path) -> None:
+    with_manifest(host, "sys-b", [])
+    begin_with(host, tk("p0"), given(("web", "old", b"1")), target="sys-a")
+    old = host / "var/lib/fleet/secrets/web/old"
+    assert old.exists()
+    code, out = helper(host, "state")
+    assert out["heldSecrets"] == ["web/old"]
+    code, out = begin_with(host, tk("p1"), given(("web", "new", b"2")))
+    assert code == 0 and out["begun"]
+    assert old.exists()  # the running system may still load it
+    helper(host, "activate", "--token", tk("p1"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "commit", "--token", tk("p1"), stdin="{}")
+    assert code == 0 and out["committed"], out
+    assert not old.exists() and (host / "var/lib/fleet/secrets/web/new").exists()
+
+
+def test_state_names_the_running_systems_missing_secrets(host: Path, tmp_path: Path) -> None:
+    present = tmp_path / "present"
+    present.write_text("x")
+    with_manifest(
+        host,
+        "sys-a",
+        [
+            {"service": "web", "name": "here", "path": str(present)},
+            {"service": "web", "name": "gone", "path": str(tmp_path / "gone")},
+        ],
+    )
+    code, out = helper(host, "state")
+    assert code == 0
+    assert out["missingSecrets"] == [
+        {"service": "web", "name": "gone", "path": str(tmp_path / "gone")}
+    ]

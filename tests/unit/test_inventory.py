@@ -12,7 +12,7 @@ from importlib import resources
 import pytest
 
 from fleet.errors import InventoryError, UsageError
-from fleet.inventory import CheckType, parse, select_names
+from fleet.inventory import CheckType, Secret, parse, select_names
 
 EXAMPLE = {
     "schemaVersion": 1,
@@ -25,6 +25,20 @@ EXAMPLE = {
             "system": "x86_64-linux",
             "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA==",
             "services": ["api"],
+            "secrets": [
+                {
+                    "service": "api",
+                    "name": "db-password",
+                    "file": "db-password",
+                    "path": "/var/lib/fleet/secrets/api/db-password",
+                },
+                {
+                    "service": "api",
+                    "name": "tls.key",
+                    "file": "api-tls.key",
+                    "path": "/var/lib/fleet/secrets/api/tls.key",
+                },
+            ],
             "checks": [
                 {
                     "name": "api",
@@ -79,6 +93,70 @@ def test_example_parses():
     assert inv.deploy.batch_size == "50%"
 
 
+def test_secrets_the_tool_uploads():
+    inv = parse(EXAMPLE, "example")
+    assert inv.hosts["web1"].secrets == (
+        Secret("api", "db-password", "db-password", "/var/lib/fleet/secrets/api/db-password"),
+        Secret("api", "tls.key", "api-tls.key", "/var/lib/fleet/secrets/api/tls.key"),
+    )
+    # A host without the field (an older producer) uploads nothing.
+    assert "secrets" not in EXAMPLE["hosts"]["db1"]
+    assert inv.hosts["db1"].secrets == ()
+
+
+def _secret(data, **changes):
+    data["hosts"]["web1"]["secrets"][0].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: _secret(d, name="../x"), "hosts.web1.secrets.0.name"),
+        (lambda d: _secret(d, name="a:b"), "hosts.web1.secrets.0.name"),
+        (lambda d: _secret(d, name="x\n"), "hosts.web1.secrets.0.name"),
+        (lambda d: _secret(d, file="../../.ssh/id_ed25519"), "hosts.web1.secrets.0.file"),
+        (lambda d: _secret(d, file="sub/file"), "hosts.web1.secrets.0.file"),
+        (lambda d: _secret(d, file=".hidden"), "hosts.web1.secrets.0.file"),
+        (lambda d: _secret(d, file=None), "hosts.web1.secrets.0.file"),
+        (lambda d: _secret(d, service="-x"), "hosts.web1.secrets.0.service"),
+        (lambda d: _secret(d, path="/etc/shadow"), "hosts.web1.secrets.0.path"),
+        (
+            lambda d: _secret(d, path="/var/lib/fleet/secrets/api/../../txn.json"),
+            "hosts.web1.secrets.0.path",
+        ),
+        (
+            lambda d: _secret(d, path="/var/lib/fleet/secrets/api/db-password\n"),
+            "hosts.web1.secrets.0.path",
+        ),
+        (lambda d: _secret(d, upload=True), "upload"),
+        (lambda d: d["hosts"]["web1"]["secrets"][0].pop("file"), "'file' is a required property"),
+        # Valid on its own, but not where the host's unit loads the credential from.
+        (
+            lambda d: _secret(d, path="/var/lib/fleet/secrets/web/db-password"),
+            "secret 'db-password' of service 'api' goes to "
+            "'/var/lib/fleet/secrets/web/db-password', not "
+            "'/var/lib/fleet/secrets/api/db-password'",
+        ),
+        (
+            lambda d: d["hosts"]["web1"]["secrets"].append(d["hosts"]["web1"]["secrets"][0]),
+            "hosts.web1.secrets: secret 'db-password' of service 'api' is listed twice",
+        ),
+    ],
+)
+def test_bad_secrets_name_the_field(mutate, message):
+    assert_refused(mutate, message)
+
+
+def assert_refused(mutate, message: str) -> None:
+    """The example, changed by ``mutate``, is refused with one line holding ``message``."""
+    data = copy.deepcopy(EXAMPLE)
+    mutate(data)
+    with pytest.raises(InventoryError) as error:
+        parse(data, "example")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -105,12 +183,7 @@ def test_example_parses():
     ],
 )
 def test_bad_inventory_names_the_field(mutate, message):
-    data = copy.deepcopy(EXAMPLE)
-    mutate(data)
-    with pytest.raises(InventoryError) as error:
-        parse(data, "example")
-    assert message in str(error.value)
-    assert "\n" not in str(error.value)
+    assert_refused(mutate, message)
 
 
 NAMES = ["web1", "web2", "db1"]
@@ -163,3 +236,4 @@ def test_inventory_nix_fills_defaults_to_the_schema():
     inv = parse(json.loads(out), "inventory.nix")
     assert inv.hosts["a"].ssh_user == "root"
     assert inv.hosts["a"].checks[0].path == "/"
+    assert inv.hosts["a"].secrets == ()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet import config, report
+from fleet import config, flows, report
 from fleet.errors import UsageError
+from fleet.inventory import DeployPolicy, Inventory
 from fleet.ssh import Endpoint, SshConfig, Transport
 
 
@@ -20,8 +21,12 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("line", ["jumpHost: '$(id>x)'", "jumpHost: bastion", "flake: /x"])
-def test_a_checkout_may_not_choose_the_jump_host_or_the_flake(home: Path, line: str) -> None:
+@pytest.mark.parametrize(
+    "line", ["jumpHost: '$(id>x)'", "jumpHost: bastion", "flake: /x", "signingKey: /x"]
+)
+def test_a_checkout_may_not_choose_the_jump_host_the_flake_or_the_signing_key(
+    home: Path, line: str
+) -> None:
     (home / "flake/fleet.yaml").write_text(line + "\n")
     with pytest.raises(UsageError, match=r"jumpHost|may only be set in the operator.s own"):
         config.load(str(home / "flake"))
@@ -91,3 +96,103 @@ def test_a_long_host_name_keeps_the_control_socket_short() -> None:
     with Transport(SshConfig()) as transport:
         remote = transport.remote(Endpoint("h" * 63, "192.0.2.1"))
         assert len(str(remote.control_path)) < 100  # sun_path holds 108 bytes
+
+
+NO_HOSTS = Inventory({}, DeployPolicy(1, 1, 1, 0, 1.0, 1.0))
+JUMP_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq6tuZ1bUQsAdDLPz2JvNTMJ2cTSVjUnQ5O0Ut1UcVQ"
+
+
+def test_a_checkout_may_not_pin_the_jump_hosts_key(home: Path) -> None:
+    (home / "flake/fleet.yaml").write_text(f"jumpHostKeys: {{bastion: {JUMP_KEY}}}\n")
+    with pytest.raises(UsageError, match=r"jumpHostKeys.*may only be set in the operator.s own"):
+        config.load(str(home / "flake"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"'bastion {JUMP_KEY}'",  # not a mapping
+        "{}",
+        f"{{'-oProxyCommand=x': {JUMP_KEY}}}",
+        f"{{'bastion;id': {JUMP_KEY}}}",
+        "{bastion: ssh-ed25519}",
+        "{bastion: 'ssh-ed25519 AAAA$(id)'}",
+        f"{{bastion: '{JUMP_KEY} comment'}}",
+        f'{{bastion: "{JUMP_KEY}\\n@cert-authority * {JUMP_KEY}"}}',
+        f"{{bastion: [{JUMP_KEY}]}}",
+        f"{{22: {JUMP_KEY}}}",
+    ],
+)
+def test_a_pinned_jump_host_key_is_a_host_and_a_key_and_nothing_else(
+    home: Path, value: str
+) -> None:
+    (home / "xdg/fleet/config.yaml").write_text(f"jumpHostKeys: {value}\n")
+    with pytest.raises(UsageError, match="jumpHostKeys"):
+        config.load_user()
+
+
+def test_good_pinned_jump_host_keys_pass(home: Path) -> None:
+    (home / "xdg/fleet/config.yaml").write_text(
+        "jumpHost: ops@bastion.example.org:2222,[2001:db8::1]\n"
+        f"jumpHostKeys:\n  bastion.example.org: {JUMP_KEY}\n  '[2001:db8::1]': {JUMP_KEY}\n"
+    )
+    cfg = config.load(str(home / "flake"))
+    session = flows.Session(str(home / "flake"), cfg, NO_HOSTS)
+    hops = session.ssh_config().jump_hosts
+    assert [(h.host, h.port, h.host_key) for h in hops] == [
+        ("bastion.example.org", 2222, JUMP_KEY),
+        ("2001:db8::1", None, JUMP_KEY),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (f"jumpHostKeys: {{bastion: {JUMP_KEY}}}\n", "jumpHost is not"),
+        (f"jumpHost: bastion\njumpHostKeys: {{bastlon: {JUMP_KEY}}}\n", "not a jump host"),
+    ],
+)
+def test_a_pinned_key_for_no_jump_host_is_an_error(home: Path, lines: str, message: str) -> None:
+    """A typo in a host name must not leave the jump host it meant unpinned."""
+    (home / "xdg/fleet/config.yaml").write_text(lines)
+    session = flows.Session(str(home / "flake"), config.load(str(home / "flake")), NO_HOSTS)
+    with pytest.raises(UsageError, match=message):
+        session.ssh_config()
+
+
+def test_a_jump_host_is_verified_like_every_other_host(home: Path) -> None:
+    """No option for the jump host rides on the command line, where ssh would not pass it on
+    to the jump host's own ssh: it is in the run's ssh_config, given with -F."""
+    (home / "xdg/fleet/config.yaml").write_text(
+        f"jumpHost: ops@bastion\njumpHostKeys: {{bastion: {JUMP_KEY}}}\n"
+    )
+    session = flows.Session(str(home / "flake"), config.load(str(home / "flake")), NO_HOSTS)
+    with session.transport() as transport:
+        opts = transport.remote(Endpoint("h", "192.0.2.1")).options()
+        assert transport.jump_config is not None
+        text = transport.jump_config.read_text()
+    assert opts[-2:] == ["-F", str(transport.jump_config)]
+    block = text.split("Host bastion\n", 1)[1].split("Match all", 1)[0]
+    for option in (
+        "StrictHostKeyChecking yes", "BatchMode yes", "KnownHostsCommand none",
+        "GlobalKnownHostsFile /dev/null", "HostKeyAlias bastion", "ProxyJump none",
+    ):  # fmt: skip
+        assert f"  {option}\n" in block
+    assert "-l ops -W '[%h]:%p' bastion 2>" in text
+
+
+def test_a_checkouts_known_hosts_never_vouch_for_the_jump_host(home: Path) -> None:
+    """fleet.yaml may name a known_hosts file for the fleet's hosts, not for the jump host
+    the operator chose: that one is looked up where the operator's own config says."""
+    (home / "flake/fleet.yaml").write_text(f"knownHostsFile: {home}/checkout_known_hosts\n")
+    (home / "xdg/fleet/config.yaml").write_text("jumpHost: bastion\n")
+    session = flows.Session(str(home / "flake"), config.load(str(home / "flake")), NO_HOSTS)
+    ssh_config = session.ssh_config()
+    assert ssh_config.known_hosts_file == home / "checkout_known_hosts"
+    assert ssh_config.jump_known_hosts_file is None
+    with Transport(ssh_config) as transport:
+        assert transport.jump_config is not None
+        assert "checkout_known_hosts" not in transport.jump_config.read_text()
+    (home / "xdg/fleet/config.yaml").write_text(f"jumpHost: bastion\nknownHostsFile: {home}/mine\n")
+    session = flows.Session(str(home / "flake"), config.load(str(home / "flake")), NO_HOSTS)
+    assert session.ssh_config().jump_known_hosts_file == home / "mine"

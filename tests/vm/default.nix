@@ -50,6 +50,11 @@ let
       // releases.${release}.environment or { };
       ports = [ 8080 ];
       placement.tags = [ "app" ];
+      # allowFrom stays the default, the fleet's hosts: declared by name here,
+      # they cannot be matched, so 8080 is open to loopback only (the tool's
+      # checks come through ssh).
+      # A secret already on the host, as agenix leaves one (fleetTestSecret).
+      secrets.api-token.path = "/run/fleet-test/api-token";
       healthCheck = {
         type = "http";
         path = "/health";
@@ -97,6 +102,25 @@ let
         };
 
         environment.systemPackages = [ pkgs.curl ];
+
+        # The API's secret, made at boot on the host and never built: the
+        # test checks that the unit gets it as a credential.
+        systemd.services.fleet-test-secret = {
+          description = "Write the API's secret, as agenix would";
+          wantedBy = [ "multi-user.target" ];
+          requiredBy = [ "fleet-api.service" ];
+          before = [ "fleet-api.service" ];
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            UMask = "0077";
+          };
+          script = ''
+            mkdir -p /run/fleet-test
+            test -s /run/fleet-test/api-token ||
+              head -c 24 /dev/urandom | base64 > /run/fleet-test/api-token
+          '';
+        };
 
         # The generations the tests deploy, built from this same configuration.
         specialisation = lib.mapAttrs (release: spec: {
@@ -300,6 +324,29 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
         runs("v2", *TARGETS)
         assert report["release"] in release_ids(), report
         fleet("status")
+
+    with subtest("the service reads its secret as a credential, and it is not in the store"):
+        for machine in TARGETS:
+            token = machine.succeed("cat /run/fleet-test/api-token").strip()
+            pid = machine.succeed("systemctl show -P MainPID fleet-api.service").strip()
+            uid = machine.succeed(f"stat -c %u /proc/{pid}").strip()
+            gid = machine.succeed(f"stat -c %g /proc/{pid}").strip()
+            environ = machine.succeed(f"tr '\\0' '\\n' < /proc/{pid}/environ")
+            assert "CREDENTIALS_DIRECTORY=/run/credentials/fleet-api.service" in environ, environ
+            # In the service's namespace, as its (dynamic) user.
+            seen = machine.succeed(
+                f"nsenter -t {pid} -m setpriv --reuid={uid} --regid={gid} --clear-groups"
+                " cat /run/credentials/fleet-api.service/api-token"
+            )
+            assert seen.strip() == token
+            unit = machine.succeed("readlink -f /etc/systemd/system/fleet-api.service").strip()
+            machine.fail(
+                f"nix-store -qR {unit} | xargs grep -rlsF -- {shlex.quote(token)} | grep -q ."
+            )
+
+    with subtest("the API's port refuses a source outside the fleet"):
+        target1.succeed("curl -sf --max-time 5 http://127.0.0.1:8080/health")
+        deployer.fail("curl -sf --max-time 5 http://target1:8080/health")
   '';
 
   # (b) A generation whose service fails its health check is rolled back.

@@ -21,6 +21,16 @@ brokenArgs=" --start-delay $startDelay"
 if [ -n "$broken" ]; then
   brokenArgs="$brokenArgs --broken $broken"
 fi
+# The secret, when the release has one: loaded as a credential by a unit of no fixed
+# user, from where fleet-host delivers it; the manifest says so, as on NixOS.
+secretUnit=
+secretManifest=
+if [ -n "$secret" ]; then
+  brokenArgs="$brokenArgs --secret token"
+  secretUnit="DynamicUser=yes
+LoadCredential=token:/var/lib/fleet/secrets/lab-web/token"
+  secretManifest='{"service": "lab-web", "name": "token", "path": "/var/lib/fleet/secrets/lab-web/token", "upload": true, "file": "lab-token"}'
+fi
 cat > "$out/etc/systemd/system/lab-web.service" <<UNIT
 [Unit]
 Description=fleet lab web service, release $releaseVersion
@@ -30,4 +40,11 @@ Type=notify
 ExecStart=$out/bin/lab-web --release $releaseVersion --port $port$brokenArgs
 Restart=no
 TimeoutStartSec=120
+$secretUnit
 UNIT
+mkdir -p "$out/etc/fleet"
+cat > "$out/etc/fleet/manifest.json" <<MANIFEST
+{"manifestVersion": 1, "host": "$hostName",
+ "services": {"lab-web": {"unit": "lab-web.service"}},
+ "secrets": [$secretManifest]}
+MANIFEST

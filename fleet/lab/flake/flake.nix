@@ -31,6 +31,18 @@
           // {
             services = [ "lab-web" ];
             checks = [ webCheck ];
+            secrets =
+              if release.secret or false then
+                [
+                  {
+                    service = "lab-web";
+                    name = "token";
+                    file = "lab-token";
+                    path = "/var/lib/fleet/secrets/lab-web/token";
+                  }
+                ]
+              else
+                [ ];
           }
         ) lab.hosts;
         deploy = lab.deploy or { };

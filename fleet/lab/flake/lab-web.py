@@ -3,11 +3,13 @@
 
 --start-delay S sleeps before it is ready, as a slow service does;
 --broken start exits before telling systemd it is ready (the unit fails to start);
---broken health starts fine but answers 503 on /health.
+--broken health starts fine but answers 503 on /health;
+--secret NAME answers the SHA-256 of its credential NAME on /secret.
 """
 
 import argparse
 import errno
+import hashlib
 import os
 import socket
 import socketserver
@@ -33,7 +35,13 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--broken", choices=["start", "health"])
     parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument("--secret")
     args = parser.parse_args()
+    digest = "none"
+    if args.secret:
+        credentials = os.environ["CREDENTIALS_DIRECTORY"]
+        with open(os.path.join(credentials, args.secret), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
 
     time.sleep(args.start_delay)  # a slow service: activation waits for READY=1
     if args.broken == "start":
@@ -46,6 +54,8 @@ def main() -> int:
         def do_GET(self) -> None:
             if self.path == "/version":
                 status, body = 200, args.release
+            elif self.path == "/secret":
+                status, body = 200, digest
             elif self.path == "/health":
                 status, body = (200, "ok") if healthy else (503, "unhealthy")
             else:

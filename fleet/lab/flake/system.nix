@@ -23,6 +23,7 @@ derivation {
     if release.broken == null || !onHost then "" else release.broken;
   port = toString webPort;
   startDelay = toString (release.startDelay or 0);
+  secret = if release.secret or false then "1" else "";
   switchScript = ./switch-to-configuration.py;
   webScript = ./lab-web.py;
   hostHelper = ./fleet-host.py;
