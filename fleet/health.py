@@ -94,13 +94,22 @@ def _tcp(remote: Remote, check: Check) -> tuple[bool, str]:
     return False, str(answer.get("error") or result.last_error_line())
 
 
+# timeout(1)'s exit codes when it stopped the command.
+_TIMED_OUT = (124, 137)
+
+
 def _command(remote: Remote, check: Check) -> tuple[bool, str]:
+    """The host stops a command that outlives its time-out (coreutils' timeout): one
+    that hangs must not outlive the check on the host either."""
+    argv = ["timeout", "--kill-after=2", f"{check.timeout:g}", *check.command]
     try:
-        result = remote.run(check.command, check=False, timeout=check.timeout)
+        result = remote.run(argv, check=False, timeout=check.timeout + 15)
     except SshError as exc:
         return False, str(exc)
     if result.ok:
         return True, "exit 0"
+    if result.returncode in _TIMED_OUT:
+        return False, f"no exit within {check.timeout:g} s"
     return False, f"exit {result.returncode}: {result.last_error_line()}"
 
 

@@ -182,6 +182,44 @@ def test_tcp_checks_over_a_slow_link_prove_the_connection(lab):
     assert not found["closed"].ok and "refused" in found["closed"].message.lower()
 
 
+def test_every_check_kind_fails_and_passes(lab, lab_remotes):
+    """Each kind of check, against the lab's real service, passes when it should and fails
+    when it should, in its own words, within its time-out."""
+    http = Check("http", None, CheckType.HTTP, timeout=2, interval=0.2, retries=1, port=8080,
+                 path="/health", expect_status=200, expect_body="ok")  # fmt: skip
+    tcp = Check("tcp", None, CheckType.TCP, timeout=2, interval=0.2, retries=1, port=8080)
+    command = Check("command", None, CheckType.COMMAND, timeout=5, interval=0.2, retries=1,
+                    command=("systemctl", "is-active", "lab-web.service"))  # fmt: skip
+    cases = {
+        http: (True, "HTTP 200"),
+        dataclasses.replace(http, name="http-status", path="/nowhere"): (False, "HTTP 404"),
+        dataclasses.replace(http, name="http-body", expect_body="elsewhere"): (False, "lacks"),
+        dataclasses.replace(http, name="http-closed", port=9): (False, ""),
+        tcp: (True, "connected"),
+        dataclasses.replace(tcp, name="tcp-closed", port=9): (False, "refused"),
+        command: (True, "exit 0"),
+        dataclasses.replace(
+            command, name="command-failing", command=("systemctl", "is-active", "nothing.service")
+        ): (False, "exit 3"),
+        dataclasses.replace(command, name="command-hung", timeout=2, command=("sleep", "60")): (
+            False,
+            "no exit within 2 s",
+        ),
+    }
+    start = time.monotonic()
+    verdict = health.run_checks(lab_remotes["lab1"], list(cases), time.monotonic() + 30)
+    assert time.monotonic() - start < 20
+    found = {c.name: c for c in verdict.checks}
+    for check, (ok, words) in cases.items():
+        result = found[check.name]
+        assert result.ok is ok, (check.name, result)
+        assert words.lower() in result.message.lower(), (check.name, result.message)
+    assert not verdict.ok
+    # The host stopped the hung command; nothing of it is left there.
+    left = lab_remotes["lab1"].run(["pgrep", "-f", "^sleep 60$"], check=False)
+    assert left.returncode == 1, left.stdout
+
+
 def test_tcp_checks_are_made_by_the_host(lab, lab_remotes):
     """A TCP check is a connection the host proves, never a channel left open."""
     web = Check("web", None, CheckType.TCP, timeout=2, interval=0.2, retries=1, port=8080)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 
-from fleet.lab import ops
-from tests.lab.fleetrun import assert_safe, run_fleet, set_release
+from fleet.lab import containers, ops
+from fleet.status import STATE_TIMEOUT
+from tests.lab.fleetrun import assert_safe, run_fleet, set_release, wait_until_safe
 
 pytestmark = pytest.mark.lab
 
@@ -48,3 +51,22 @@ def test_status_with_a_crashed_host_returns_promptly(lab):
     assert status["lab1"]["reachable"] and status["lab2"]["reachable"]
     assert elapsed < 15
     assert_safe(lab)
+
+
+def test_status_with_a_hung_host_returns_within_its_deadline(lab):
+    """The host accepts the connection, but its systemd is frozen: `fleet-host state` hangs
+    there (it asks systemd); the deadline on remote commands ends the wait."""
+    leader = containers.leader_pid(containers.nspawn_pid(lab, lab.host(3)) or 0)
+    assert leader is not None
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        code, status, err = run_fleet(lab, "status", timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(leader, signal.SIGCONT)
+    assert code == 4, err
+    assert status["lab3"]["reachable"] is False and "no answer within" in status["lab3"]["message"]
+    assert status["lab1"]["reachable"] and status["lab2"]["reachable"]
+    assert elapsed < STATE_TIMEOUT + 15
+    wait_until_safe(lab)
