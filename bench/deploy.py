@@ -1,6 +1,8 @@
 """`fleet deploy` on 16 lab hosts against a plain sequential ssh script doing the same steps.
 
-Usage (as root): python bench/deploy.py [--hosts 16]
+Usage (as root): python bench/deploy.py [--hosts 16] [--deploy-user]
+--deploy-user deploys as the lab's deploy user other than root: every closure signed with
+the lab's key first, every step through sudo and the host's signature check.
 Prints: wall time of one host alone, of all hosts in parallel, of the sequential script;
 the tool's CPU time per host (its own process and its ssh/nix children); and the time from
 a failed health check to every touched host running its recorded generation again.
@@ -24,6 +26,19 @@ os.environ.setdefault("NIX_CONFIG", "substituters =")
 from fleet import nix
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
+from fleet.lab.rootfs import DEPLOY_USER
+
+ENV: dict[str, str] = dict(os.environ)
+
+
+def as_deploy_user(lab: Lab) -> None:
+    """Every `fleet` run below with an operator config naming the deploy user and key."""
+    home = lab.state / "bench-xdg"
+    (home / "fleet").mkdir(parents=True, exist_ok=True)
+    (home / "fleet/config.yaml").write_text(
+        f"sshUser: {DEPLOY_USER}\nsigningKey: {lab.signing_key}\n"
+    )
+    ENV["XDG_CONFIG_HOME"] = str(home)
 
 
 def fleet(lab: Lab, *args: str) -> tuple[dict, float, float]:
@@ -31,7 +46,7 @@ def fleet(lab: Lab, *args: str) -> tuple[dict, float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     argv = [sys.executable, "-m", "fleet", "--flake", str(lab.flake), "--json", "deploy", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=ENV)
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -69,10 +84,13 @@ def sequential(lab: Lab, hosts: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--deploy-user", action="store_true")
     args = parser.parse_args()
     lab = Lab.from_env()
     ops.down(lab)
     ops.up(lab, args.hosts, lambda _m: None)
+    if args.deploy_user:
+        as_deploy_user(lab)
     names = [f"lab{i}" for i in range(1, args.hosts + 1)]
     try:
         flake.set_release(lab, flake.LabRelease("b1"))
@@ -91,7 +109,7 @@ def main() -> None:
         assert report["result"] == "rolled-back", report
         rollback = max(h["timings"]["rollback"] for h in report["hosts"].values())
         switch = max(h["timings"]["activate"] for h in report["hosts"].values())
-        print(f"hosts: {args.hosts}")
+        print(f"hosts: {args.hosts}, as {DEPLOY_USER if args.deploy_user else 'root'}")
         print(f"fleet deploy, one host alone:            {one:6.2f} s")
         print(
             f"fleet deploy --parallel {args.hosts}:            {wall:6.2f} s "
