@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from tabulate import tabulate
 
-from fleet import day2, flows, output
+from fleet import day2, flows, nix, output
 from fleet import report as html_report
 from fleet.errors import ExitCode, FleetError
 from fleet.errors import UsageError as FleetUsageError
@@ -22,6 +22,7 @@ from fleet.lab import ops as lab_ops
 from fleet.lab.layout import MAX_HOSTS
 from fleet.lab.layout import Lab as LabInstance
 from fleet.rollout import Report
+from fleet.waves import Order
 
 # The command line as typed, kept for `exec` (click drops the `--` that ends selectors).
 _ARGV: list[str] = []
@@ -58,12 +59,21 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Say more about what is done.")
+@click.option(
+    "--show-trace",
+    is_flag=True,
+    help="When the declaration does not evaluate, print Nix's whole trace.",
+)
 @click.version_option(package_name="fleet")
 @click.pass_context
-def cli(click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool) -> None:
+def cli(
+    click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool, show_trace: bool
+) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
     argv = list(_ARGV)
     click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose, argv=argv)
+    _JSON[0] = as_json
+    nix.TRACE[:] = ["--show-trace"] if show_trace else []
 
 
 def _report(ctx: Context, report: Report) -> NoReturn:
@@ -85,13 +95,19 @@ def rollout_options(command: F) -> F:
     options = [
         click.option("--parallel", type=click.IntRange(1), help="Hosts worked on at once."),
         click.option("--canary", type=click.IntRange(0),
-                     help="Hosts done first, alone (default 1)."),
-        click.option("--batch-size", metavar="N|P%", help="Hosts per wave after the canary."),
+                     help="Hosts done first, alone: those tagged with the policy's canaryTag "
+                     "(default canary), else the first in order (default: the fleet's "
+                     "deploy.canary)."),
+        click.option("--batch-size", metavar="N|P%",
+                     help="Hosts per wave after the canary (default: the fleet's "
+                     "deploy.batchSize)."),
         click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S",
-                     help="Seconds a host's checks may take to pass."),
-        click.option("--confirm-timeout", type=click.FloatRange(min=1), metavar="S",
-                     help="Seconds before an unconfirmed host re-activates its recorded "
-                     "generation."),
+                     help="Seconds from the start of activation for systemd to settle and "
+                     "every check to pass."),
+        click.option("--confirm-timeout", type=click.FloatRange(min=2), metavar="S",
+                     help="Seconds past the health timeout the host waits for the commit; "
+                     "then its dead-man switch re-activates the recorded generation (it "
+                     "fires at activation start + health + confirm timeout)."),
         click.option("--break-lock", is_flag=True,
                      help="Take deploy locks even if held (on purpose)."),
     ]  # fmt: skip
@@ -132,6 +148,12 @@ def rollout_options(command: F) -> F:
     metavar="S",
     help="With --reboot: seconds a host may take to come back (default 300).",
 )
+@click.option(
+    "--order",
+    type=click.Choice([o.value for o in Order]),
+    help="Waves by dependencies (default: a dependency's hosts before its dependents') "
+    "or by the inventory's order of names alone.",
+)
 @click.pass_obj
 def deploy(
     ctx: Context, /, selectors: tuple[str, ...], batch_size: str | None, **overrides: Any
@@ -153,8 +175,10 @@ def deploy(
                 "change": ("unreachable: " + p.message)
                 if not p.reachable
                 else ("switch" if p.changed else "none"),
+                "wave": p.wave,
+                "why": p.why,
             }
-            for p in outcome
+            for p in sorted(outcome, key=lambda p: p.wave)
         ]
         _emit(
             ctx,
@@ -166,6 +190,8 @@ def deploy(
                         "desired": p.desired,
                         "changed": p.changed,
                         "reachable": p.reachable,
+                        "wave": p.wave,
+                        "why": p.why,
                     }
                     for p in outcome
                 },
@@ -431,7 +457,9 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
         rows = [{"host": h, "exit": r.returncode} for h, r in good.items()]
         rows += [{"host": h, "exit": f"unreachable: {why}"} for h, why in bad.items()]
         click.echo(tabulate(rows, headers="keys"), err=True)
-    if bad or any(r.returncode != 0 for r in good.values()):
+    if bad:
+        sys.exit(ExitCode.ATTENTION)  # as every command: an unreachable host needs attention
+    if any(r.returncode != 0 for r in good.values()):
         sys.exit(ExitCode.ERROR)
 
 
@@ -460,6 +488,11 @@ def report(ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int)
         Path(html_file), html_report.render(session.flake, statuses, releases, unread)
     )
     ctx.say(f"wrote {html_file}")
+    attention = sorted(s.name for s in statuses if not s.ok)
+    if ctx.json:
+        click.echo(json.dumps({"file": html_file, "attention": attention}, indent=2))
+    if attention:
+        sys.exit(ExitCode.ATTENTION)  # the page says why, as status would
 
 
 @cli.group()
@@ -571,8 +604,16 @@ def lab_release(
     ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
 
 
+# --json, once the command line is parsed (before that: whether it was typed).
+_JSON: list[bool] = [False]
+
+
 def _fail(message: str, code: int) -> NoReturn:
+    """The error on stderr; with --json also one JSON document on stdout, so that a script
+    reading stdout always gets one."""
     click.echo(f"fleet: {message}", err=True)
+    if _JSON[0] or "--json" in _ARGV[: _ARGV.index("--") if "--" in _ARGV else None]:
+        click.echo(json.dumps({"error": message, "exitCode": int(code)}, indent=2))
     sys.exit(code)
 
 

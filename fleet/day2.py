@@ -27,9 +27,13 @@ def list_generations(
 def check_health(
     session: Session, selectors: Sequence[str], timeout: float | None = None
 ) -> dict[str, health.Health | FleetError]:
-    """Every declared check, with its retries, as after a deploy."""
-    limit = timeout or session.inventory.deploy.health_timeout
-    return session.each(selectors, lambda h, ops: health.check_host(ops, h.checks, limit))
+    """Every check the running system declares, with its retries, as after a deploy."""
+    limit = float(
+        timeout or session.config.get("healthTimeout") or session.inventory.deploy.health_timeout
+    )
+    return session.each(
+        selectors, lambda _h, ops: health.check_host(ops, ops.state().declared, limit)
+    )
 
 
 def diff(

@@ -35,6 +35,10 @@ class NixError(FleetError):
     """A local Nix command failed."""
 
 
+class DeclarationError(UsageError, NixError):
+    """The fleet's declaration does not evaluate: bad input, nothing was touched."""
+
+
 class SshError(FleetError):
     """A remote command could not be run: connection, authentication or host key."""
 

@@ -17,9 +17,20 @@ from fleet.hostops import HostOps, HostState
 from fleet.inventory import Host, Inventory
 from fleet.models import Generation, HostReport, HostResult, Phase
 from fleet.output import Reporter
-from fleet.rollout import DeployOptions, Plan, Release, Report, Rollout, dry_run, endpoint
+from fleet.rollout import (
+    DeployOptions,
+    Plan,
+    Release,
+    Report,
+    Rollout,
+    check_timeouts,
+    dry_run,
+    endpoint,
+    waves_for,
+)
 from fleet.ssh import SshConfig, Transport, jump_chain
 from fleet.status import HostStatus, probe
+from fleet.waves import Order
 
 # Status must not stall on a dead host: it reports it unreachable instead.
 STATUS_CONNECT_TIMEOUT = 5.0
@@ -133,6 +144,8 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         reboot=bool(overrides.get("reboot", False)),
         boot_timeout=float(overrides.get("boot_timeout") or 300),
         break_lock=bool(overrides.get("break_lock", False)),
+        canary_tag=policy.canary_tag,
+        order=Order(overrides.get("order") or Order.DEPENDENCIES),
     )
 
 
@@ -186,6 +199,7 @@ def deploy(
 ) -> Report | list[Plan]:
     """Build every selected host in one Nix call, then roll out (or only show, with dry_run)."""
     hosts = session.inventory.select(selectors)
+    check_timeouts(options, hosts)
     delivered = secrets.payloads(hosts, session.config.get("secretsDir"))
     reporter.note(f"building {len(hosts)} host{'s' if len(hosts) != 1 else ''}")
     paths = nix.build_systems(session.flake, [h.name for h in hosts])
@@ -199,10 +213,20 @@ def deploy(
                 paths,
                 lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
                 options.parallel,
+                waves_for(hosts, options, session.inventory.depends_on),
             )
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")
-        rollout = Rollout(hosts, options, release, transport, reporter, user, secrets=delivered)
+        rollout = Rollout(
+            hosts,
+            options,
+            release,
+            transport,
+            reporter,
+            user,
+            secrets=delivered,
+            depends_on=session.inventory.depends_on,
+        )
         return rollout.run(paths, [h.name for h in hosts])
 
 
@@ -270,6 +294,7 @@ def rollback(
     """Roll hosts back through the deploy protocol; unreachable hosts are reported as such."""
     order = [n for n in session.inventory.hosts if n in plan.targets]
     hosts = [session.inventory.hosts[n] for n in order]
+    check_timeouts(options, hosts)
     release = Release.new("rollback", session.flake, None)
     reporter.note(f"release {release.id} (rollback)")
     rollout = Rollout(hosts, options, release, transport, reporter,

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fleet.errors import SshError
-from fleet.hostops import RUNNING_HELPER, HostOps
+from fleet.hostops import RUNNING_HELPER, Declared, HostOps
 from fleet.inventory import Check, CheckType
 from fleet.ssh import Remote
 
@@ -137,7 +137,14 @@ def run_checks(remote: Remote, checks: Sequence[Check], deadline: float) -> Heal
     return Health(all(r.ok for r in results), (), results)
 
 
-def check_host(ops: HostOps, checks: Sequence[Check], timeout: float) -> Health:
+def prove(remote: Remote, declared: Declared, deadline: float) -> Health:
+    """A generation's own checks (its manifest); unreadable ones fail, never vanish."""
+    if declared.problem is not None:
+        return Health(False, (), (CheckResult("manifest", False, 0, declared.problem),))
+    return run_checks(remote, declared.checks, deadline)
+
+
+def check_host(ops: HostOps, checks: Sequence[Check] | Declared, timeout: float) -> Health:
     """Settle, then look for failed units, then run every check concurrently."""
     deadline = time.monotonic() + timeout
     settled, failed = ops.settle(timeout)
@@ -145,4 +152,6 @@ def check_host(ops: HostOps, checks: Sequence[Check], timeout: float) -> Health:
         return Health(False, failed, ())
     if not settled:
         return Health(False, ("(systemd jobs still running)",), ())
-    return run_checks(ops.remote, checks, deadline)
+    if not isinstance(checks, Declared):
+        checks = Declared(tuple(checks), manifest=True)
+    return prove(ops.remote, checks, deadline)

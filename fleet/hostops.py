@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from fleet.errors import FleetError
+from fleet.errors import FleetError, InventoryError
+from fleet.inventory import Check, parse_checks
 from fleet.models import Generation
 from fleet.ssh import Remote
 
@@ -78,6 +79,31 @@ def describe_holder(holder: Any) -> str:
 def printable(text: str) -> str:
     """No terminal escapes from another operator's strings."""
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+
+@dataclass(frozen=True)
+class Declared:
+    """The checks a system declares in its own manifest, which prove that generation.
+
+    ``manifest`` False: the system has none (plain nixos-rebuild, or from before the
+    fleet): its units alone prove it. ``problem``: the manifest's checks are unreadable,
+    which fails the proof rather than dropping them."""
+
+    checks: tuple[Check, ...] = ()
+    manifest: bool = False
+    problem: str | None = None
+
+    def names(self) -> list[str] | None:
+        return [c.name for c in self.checks] if self.manifest else None
+
+
+def declared(raw: Any, where: str) -> Declared:
+    if raw is None:
+        return Declared()
+    try:
+        return Declared(parse_checks(raw, where), manifest=True)
+    except InventoryError as exc:
+        return Declared(manifest=True, problem=printable(str(exc)))
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,7 @@ class HostState:
     # "service/name" of each secret delivered to the host (only a helper that delivers
     # secrets reports any)
     held_secrets: tuple[str, ...] = ()
+    declared: Declared = field(default_factory=Declared)  # the running system's checks
 
     def path_of(self, number: int | None) -> str | None:
         return next((g.path for g in self.generations if g.number == number), None)
@@ -306,6 +333,7 @@ def parse_state(data: dict[str, Any]) -> HostState:
             if isinstance(m, dict)
         ),
         held_secrets=tuple(printable(str(h)) for h in data.get("heldSecrets") or []),
+        declared=declared(data.get("checks"), "the running system's manifest"),
     )
 
 
@@ -322,6 +350,7 @@ class Activation:
     settled: bool
     failed_units: tuple[str, ...]
     deadline: float
+    declared: Declared = field(default_factory=Declared)  # the activated system's checks
 
 
 class HostOps:
@@ -451,6 +480,7 @@ class HostOps:
             settled=bool(data.get("settled")),
             failed_units=tuple(data.get("failedUnits", [])),
             deadline=float(data["deadline"]),
+            declared=declared(data.get("checks"), "the new system's manifest"),
         )
 
     def commit(self, helper: str, token: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 from importlib import resources
@@ -85,12 +85,15 @@ class DeployPolicy:
     max_failures: int
     health_timeout: float
     confirm_timeout: float
+    canary_tag: str | None = None  # hosts with this tag are the canaries, when any is
 
 
 @dataclass(frozen=True)
 class Inventory:
     hosts: Mapping[str, Host]
     deploy: DeployPolicy
+    # service -> the services it depends on: a dependency's hosts are deployed first
+    depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def select(self, selectors: Sequence[str]) -> list[Host]:
         """Hosts matching any selector, in inventory order; no selector means all."""
@@ -133,6 +136,25 @@ def _check(raw: Mapping[str, Any]) -> Check:
         expect_body=raw.get("expectBody"),
         command=tuple(raw.get("command", ())),
     )
+
+
+def parse_checks(raw: Any, source: str) -> tuple[Check, ...]:
+    """Checks as a system's own manifest declares them, held to the inventory's schema."""
+    if not isinstance(raw, list):
+        raise InventoryError(f"checks from {source}: expected a list")
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/$defs/check", "$defs": schema()["$defs"]}
+    )
+    names: set[str] = set()
+    for index, entry in enumerate(raw):
+        error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
+        if error is not None:
+            where = ".".join(str(p) for p in (index, *error.absolute_path))
+            raise InventoryError(f"checks from {source}: {where}: {error.message}")
+        if entry["name"] in names:
+            raise InventoryError(f"checks from {source}: check name {entry['name']!r} twice")
+        names.add(entry["name"])
+    return tuple(_check(entry) for entry in raw)
 
 
 def _secret(raw: Mapping[str, Any]) -> Secret:
@@ -192,8 +214,12 @@ def parse(data: Any, source: str) -> Inventory:
         max_failures=d["maxFailures"],
         health_timeout=float(d["healthTimeout"]),
         confirm_timeout=float(d["confirmTimeout"]),
+        canary_tag=d.get("canaryTag"),
     )
-    return Inventory(hosts=hosts, deploy=policy)
+    depends_on = {
+        name: tuple(service["dependsOn"]) for name, service in data.get("services", {}).items()
+    }
+    return Inventory(hosts=hosts, deploy=policy, depends_on=depends_on)
 
 
 def select_names(

@@ -67,6 +67,9 @@ class HostReport:
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     record_error: str | None = None  # the host could not write its release record
+    # The checks that proved (or failed) the generation the host ended on, from that
+    # generation's own manifest; None when it has none (its units alone proved it).
+    checks: list[str] | None = None
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message
@@ -81,4 +84,5 @@ class HostReport:
             "message": self.message,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "recordError": self.record_error,
+            "checks": self.checks,
         }

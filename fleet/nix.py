@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fleet import process
-from fleet.errors import NixError
+from fleet import config, process
+from fleet.errors import DeclarationError, NixError
 from fleet.ssh import Remote
 
 # Flakes are enabled per call: the operator's nix.conf is theirs, not ours.
@@ -23,13 +23,32 @@ def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# `--show-trace` of the command line: Nix's whole trace, as Nix prints it.
+TRACE: list[str] = []
+
+
+def evaluate(argv: Sequence[str], what: str, flake: str) -> process.Result:
+    """A ``nix eval``: its failure is the declaration's (exit 2), in full (every problem,
+    file and hint in one line; with --show-trace, Nix's own lines)."""
+    result = process.run([*argv, *TRACE], check=False)
+    if result.ok:
+        return result
+    if TRACE:
+        raise DeclarationError(f"{what}:\n{result.stderr.rstrip()}")
+    text = result.error_text()
+    root = config.flake_root(flake)
+    if "No such file or directory" in text and root is not None and (root / ".git").exists():
+        text += (
+            " (a flake in a git repository sees only the files git tracks: `git add` the"
+            " file, even uncommitted)"
+        )
+    raise DeclarationError(f"{what}: {text}")
+
+
 def eval_json(flake: str, attribute: str) -> Any:
     """``nix eval --json FLAKE#ATTR``, decoded."""
-    result = process.run(
-        [*NIX, "eval", "--json", f"{flake}#{attribute}"],
-        error=NixError,
-        what=f"nix eval {flake}#{attribute}",
-    )
+    what = f"nix eval {flake}#{attribute}"
+    result = evaluate([*NIX, "eval", "--json", f"{flake}#{attribute}"], what, flake)
     return json.loads(result.stdout)
 
 
@@ -74,16 +93,16 @@ def build_systems(
     """
     names = json.dumps({h: None for h in hosts})
     apply = _SYSTEMS.format(names=nix_string(names))
-    result = process.run(
+    result = evaluate(
         [*NIX, "eval", *_options(options or {}), "--json", f"{flake}#nixosConfigurations",
          "--apply", apply],
-        error=NixError,
-        what="nix eval of the systems",
+        "nix eval of the systems",
+        flake,
     )  # fmt: skip
     systems: dict[str, dict[str, str]] = json.loads(result.stdout)
     missing = [h for h in hosts if h not in systems]
     if missing:
-        raise NixError(f"{flake}: no nixosConfigurations for {', '.join(missing)}")
+        raise DeclarationError(f"{flake}: no nixosConfigurations for {', '.join(missing)}")
     realise = ["nix-store", *_options(options or {}), "--realise",
                *sorted({s["drv"] for s in systems.values()})]  # fmt: skip
     process.run(realise, error=NixError, what="nix build")

@@ -38,6 +38,17 @@ class Result:
             builder_log = [lines[first - 1]]
         return lines[first] + (f" ({builder_log[-1]})" if builder_log else "")
 
+    def error_text(self, limit: int = 2000) -> str:
+        """All that Nix says from its first ``error:`` on, in one line: every problem of a
+        declaration, the file, a "did you mean"; not the pointer to ``--show-trace``."""
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+        if first is None:
+            return self.last_error_line()
+        kept = [line for line in lines[first:] if not line.startswith("(use '--show-trace'")]
+        text = " ".join(kept)
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 def run(
     argv: Sequence[str],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import math
 import secrets
 import socket
 import time
@@ -28,8 +27,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet import health, nix, testhook
-from fleet.errors import ExitCode, FleetError, NixError, SshError
+from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
 from fleet.hostops import (
+    Declared,
     Expired,
     Fenced,
     HelperError,
@@ -37,6 +37,7 @@ from fleet.hostops import (
     HostState,
     LockHeld,
     clock,
+    declared,
     helper_of,
     new_token,
     printable,
@@ -45,6 +46,8 @@ from fleet.inventory import Host
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
 from fleet.output import Reporter
 from fleet.ssh import Endpoint, Remote, Transport
+from fleet.waves import Order, Wave
+from fleet.waves import plan as plan_waves
 
 # switch-to-configuration exit codes, as NixOS defines them.
 SWITCH_MESSAGES = {
@@ -70,10 +73,37 @@ class DeployOptions:
     reboot: bool = False
     boot_timeout: float = 300.0  # --reboot: how long a host may take to come back
     break_lock: bool = False
+    canary_tag: str | None = None  # hosts with this tag are the canaries, when any is
+    order: Order = Order.DEPENDENCIES
 
     @property
     def mode(self) -> str:
         return "reboot" if self.reboot else "boot" if self.boot else "switch"
+
+
+MIN_CONFIRM = 2.0  # the commit's own round trip, over a new connection, must fit
+
+
+def check_timeouts(options: DeployOptions, hosts: Sequence[Host]) -> None:
+    """Timeouts that cannot add up are bad input (exit 2), before any host is touched.
+
+    The health timeout runs from the start of activation and bounds every check; the
+    dead-man switch fires at activation start + health timeout + confirm timeout.
+    """
+    if options.confirm_timeout < MIN_CONFIRM:
+        raise UsageError(
+            f"confirm timeout {options.confirm_timeout:g} s: at least {MIN_CONFIRM:g} s, "
+            "or no commit could reach the host before its dead-man switch fires"
+        )
+    for host in hosts:
+        for check in host.checks:
+            if check.timeout >= options.health_timeout:
+                raise UsageError(
+                    f"host {host.name}: check {check.name!r} waits up to {check.timeout:g} s "
+                    f"for one answer, not less than the health timeout "
+                    f"{options.health_timeout:g} s: it could never pass in time; raise "
+                    "healthTimeout (or --health-timeout) or lower the check's timeout"
+                )
 
 
 @dataclass(frozen=True)
@@ -161,22 +191,6 @@ class Report:
         }
 
 
-def batch_count(total: int, batch_size: int | str) -> int:
-    if isinstance(batch_size, str):
-        return max(1, math.ceil(total * int(batch_size.rstrip("%")) / 100))
-    return max(1, batch_size)
-
-
-def plan_waves(names: Sequence[str], canary: int, batch_size: int | str) -> list[list[str]]:
-    """Canary hosts alone first, then batches of the rest (a share counts the whole selection)."""
-    names = list(names)
-    waves = [names[:canary]] if canary > 0 and names else []
-    rest = names[canary:] if canary > 0 else names
-    size = batch_count(len(names), batch_size)
-    waves += [rest[i : i + size] for i in range(0, len(rest), size)]
-    return [w for w in waves if w]
-
-
 class _Failed(Exception):
     """A protocol step failed; the host's transaction is still ours to undo."""
 
@@ -213,6 +227,7 @@ class Rollout:
         ssh_user: str | None = None,
         generations: Mapping[str, int] | None = None,
         secrets: Mapping[str, Sequence[dict[str, str]]] | None = None,
+        depends_on: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
         # Rollback targets: existing generation numbers to switch the profile back to.
@@ -220,6 +235,7 @@ class Rollout:
         # A deploy: all that each host gets delivered at begin (fleet/secrets.py), [] for
         # none; None (a rollback, which does not read the declaration): nothing changes.
         self.secrets = dict(secrets) if secrets is not None else None
+        self.depends_on = dict(depends_on or {})  # service -> the services it needs
         self.options = options
         self.release = release
         self.transport = transport
@@ -265,7 +281,7 @@ class Rollout:
                 and state.current_path == path
                 and not (self.secrets or {}).get(name)  # the host delivers them even then
             ):
-                self._unchanged(ops, report)
+                self._unchanged(ops, report, state)
                 return self._done(report)
         report.changed = True
         try:
@@ -280,13 +296,15 @@ class Rollout:
         self._transaction(ops, report, target, secrets=delivered)
         return self._done(report)
 
-    def _unchanged(self, ops: HostOps, report: HostReport) -> None:
-        """Nothing to change; the host still has to prove itself healthy."""
+    def _unchanged(self, ops: HostOps, report: HostReport, state: HostState | None) -> None:
+        """Nothing to change; the host still has to prove itself healthy, by the checks of
+        the system it runs."""
         report.new = report.previous
         with self._phase(report, Phase.HEALTH):
-            verdict = health.check_host(
-                ops, self.hosts[report.name].checks, self.options.health_timeout
-            )
+            if state is None:
+                state = ops.state()
+            report.checks = state.declared.names()
+            verdict = health.check_host(ops, state.declared, self.options.health_timeout)
         if verdict.ok:
             report.result = HostResult.DEPLOYED
         else:
@@ -341,7 +359,7 @@ class Rollout:
             self._undo(ops, report, txn, Phase.LOCK, f"unexpected error: {exc!r}")
             return
         if answer.get("noop"):
-            self._unchanged(ops, report)
+            self._unchanged(ops, report, None)
             return
         txn.helper = str(answer.get("helper", txn.helper))
         recorded = answer.get("recorded") or {}
@@ -385,12 +403,14 @@ class Rollout:
             raise _Failed(Phase.HEALTH, f"failed units: {', '.join(activation.failed_units)}")
         if not activation.settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
-        self._prove(ops, report, started + self.options.health_timeout)
+        self._prove(ops, report, activation.declared, started + self.options.health_timeout)
         self._commit(ops, report, txn)
 
-    def _prove(self, ops: HostOps, report: HostReport, deadline: float) -> None:
+    def _prove(self, ops: HostOps, report: HostReport, declared: Declared, deadline: float) -> None:
+        """The new generation's own checks (its manifest), not today's declaration's."""
         with self._phase(report, Phase.HEALTH):
-            verdict = health.run_checks(ops.remote, self.hosts[report.name].checks, deadline)
+            report.checks = declared.names()
+            verdict = health.prove(ops.remote, declared, deadline)
         if not verdict.ok:
             raise _Failed(Phase.HEALTH, verdict.message)
 
@@ -419,7 +439,7 @@ class Rollout:
             raise _Failed(Phase.HEALTH, f"failed units after the reboot: {', '.join(failed)}")
         if not settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
-        self._prove(ops, report, started + self.options.health_timeout)
+        self._prove(ops, report, state.declared, started + self.options.health_timeout)
         self._commit(ops, report, txn)
 
     def _wait_for_boot(self, ops: HostOps, txn: _Txn) -> HostState | None:
@@ -505,11 +525,13 @@ class Rollout:
             if data.get(key):
                 problems.append(str(data[key]))
         if not problems:
+            # The restored generation is proven by its own checks: today's may name a
+            # service it never had.
+            restored = declared(data.get("checks"), "the restored system's manifest")
+            report.checks = restored.names()
             try:
-                verdict = health.run_checks(
-                    ops.remote,
-                    self.hosts[report.name].checks,
-                    time.monotonic() + self.options.health_timeout,
+                verdict = health.prove(
+                    ops.remote, restored, time.monotonic() + self.options.health_timeout
                 )
             except FleetError as exc:
                 problems.append(f"its health could not be checked: {exc}")
@@ -642,16 +664,19 @@ class Rollout:
             )
             return self._done(report)
 
+    def waves(self, order: Sequence[str]) -> list[Wave]:
+        return waves_for([self.hosts[n] for n in order], self.options, self.depends_on)
+
     def run(self, paths: dict[str, str], order: Sequence[str]) -> Report:
         start = time.monotonic()
         reports = {n: HostReport(n) for n in order}
         report = Report(self.release, [reports[n] for n in order])
-        waves = plan_waves(order, self.options.canary, self.options.batch_size)
+        waves = self.waves(order)
         self.reporter.start(list(order))
         failures = 0
         with ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool:
             for number, wave in enumerate(waves, 1):
-                done = list(pool.map(lambda n: self._guarded(n, paths[n]), wave))
+                done = list(pool.map(lambda n: self._guarded(n, paths[n]), wave.hosts))
                 for r in done:
                     reports[r.name] = r
                 failures += sum(not r.result.succeeded for r in done)
@@ -678,28 +703,51 @@ def _tail(output: str, lines: int = 3) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a dry run shows: per host, the running system and what the flake builds now."""
+    """What a dry run shows: per host, the running system, what the flake builds now, and
+    the wave the host would go in, and why."""
 
     host: str
     running: str | None
     desired: str
     reachable: bool
     message: str = ""
+    wave: int = 0
+    why: str = ""
 
     @property
     def changed(self) -> bool:
         return self.running != self.desired
 
 
+def waves_for(
+    hosts: Sequence[Host], options: DeployOptions, depends_on: Mapping[str, Sequence[str]]
+) -> list[Wave]:
+    return plan_waves(
+        hosts,
+        canary=options.canary,
+        batch_size=options.batch_size,
+        canary_tag=options.canary_tag,
+        depends_on=depends_on,
+        order=options.order,
+    )
+
+
 def dry_run(
-    hosts: Sequence[Host], paths: dict[str, str], remote: Callable[[str], Remote], parallel: int
+    hosts: Sequence[Host],
+    paths: dict[str, str],
+    remote: Callable[[str], Remote],
+    parallel: int,
+    waves: Sequence[Wave] = (),
 ) -> list[Plan]:
+    place = {n: (i, w.why.get(n, "")) for i, w in enumerate(waves, 1) for n in w.hosts}
+
     def one(host: Host) -> Plan:
+        wave, why = place.get(host.name, (0, ""))
         try:
             state: HostState = HostOps(remote(host.name)).state()
         except SshError as exc:
-            return Plan(host.name, None, paths[host.name], False, str(exc))
-        return Plan(host.name, state.running, paths[host.name], True)
+            return Plan(host.name, None, paths[host.name], False, str(exc), wave, why)
+        return Plan(host.name, state.running, paths[host.name], True, "", wave, why)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(one, hosts))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import health
-from fleet.hostops import Breach, BreachKind, HostOps, HostState, clock
+from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock
 from fleet.inventory import Host
 from fleet.models import Generation
 from fleet.output import generation_cell, short_path
@@ -111,17 +111,18 @@ class HostStatus:
 STATE_TIMEOUT = 15.0
 
 
-def one_attempt(host: Host) -> Host:
+def one_attempt(declared: Declared) -> Declared:
     """Status reports health as it is now: each check once, no retries."""
-    checks = tuple(dataclasses.replace(c, retries=1) for c in host.checks)
-    return dataclasses.replace(host, checks=checks)
+    checks = tuple(dataclasses.replace(c, retries=1) for c in declared.checks)
+    return dataclasses.replace(declared, checks=checks)
 
 
 def probe(host: Host, ops: HostOps) -> HostStatus:
-    """One host's status: one round trip for its state, then each check once."""
+    """One host's status: one round trip for its state, then each check the running
+    system declares, once."""
     state = ops.state(timeout=STATE_TIMEOUT)
     if state.failed_units:
         verdict = health.Health(False, state.failed_units, ())
     else:
-        verdict = health.run_checks(ops.remote, one_attempt(host).checks, time.monotonic() + 10)
+        verdict = health.prove(ops.remote, one_attempt(state.declared), time.monotonic() + 10)
     return HostStatus(host.name, True, state=state, health=verdict)

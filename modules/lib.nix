@@ -16,6 +16,7 @@ let
     optional
     replaceStrings
     splitString
+    stringLength
     toInt
     toUpper
     ;
@@ -68,6 +69,41 @@ let
 
   isAddress = s: isIPv4 s || isIPv6 s;
 
+  # A host name as NixOS's networking.hostName takes it and DNS resolves
+  # it: one label of letters, digits and `-`, at most 63 characters, not
+  # starting or ending with `-`.
+  hostNamePattern = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+
+  # A DNS name: labels as above, separated by dots, at most 253 characters;
+  # the last label is not all digits (that would be a malformed IPv4
+  # address).
+  isDnsName =
+    s:
+    let
+      labels = splitString "." s;
+    in
+    stringLength s <= 253
+    && all (label: builtins.match hostNamePattern label != null) labels
+    && builtins.match "[0-9]+" (last labels) == null;
+
+  # Where the tool and the other hosts reach a host: a DNS name, an IPv4
+  # address or a bare IPv6 address (no brackets, no port: that is sshPort).
+  isHostAddress = s: isIPv4 s || isIPv6 s || isDnsName s;
+
+  # What systemd's MemoryMax= takes: a size in bytes, with an optional K, M,
+  # G or T suffix (1024-based), a percentage of the host's memory above 0
+  # and at most 100 (at most two decimals), or "infinity"; zero is refused.
+  isMemoryLimit =
+    s:
+    s == "infinity"
+    || (builtins.match "[0-9]+[KMGT]?" s != null && builtins.match "0+[KMGT]?" s == null)
+    || (isPercent s && builtins.match "0*(100(\\.0{1,2})?|[0-9]{1,2}(\\.[0-9]{1,2})?)%" s != null);
+
+  # What systemd's CPUQuota= takes: a positive percentage (at most two
+  # decimals), 100% being one core.
+  isPercent =
+    s: builtins.match "[0-9]+(\\.[0-9]{1,2})?%" s != null && builtins.match "[0.]*%" s == null;
+
   isSource =
     s:
     let
@@ -93,6 +129,11 @@ in
     isIPv4
     isIPv6
     isAddress
+    hostNamePattern
+    isDnsName
+    isHostAddress
+    isMemoryLimit
+    isPercent
     isSource
     secretNamePattern
     secretsDir
@@ -102,6 +143,25 @@ in
   sourceType = lib.types.addCheck lib.types.str isSource // {
     name = "fleetSource";
     description = "IPv4 or IPv6 address or CIDR prefix (such as 192.0.2.10, 192.0.2.0/24, 2001:db8::/32)";
+    descriptionClass = "noun";
+  };
+
+  # A host's address: a DNS name, an IPv4 address or a bare IPv6 address.
+  hostAddressType = lib.types.addCheck lib.types.str isHostAddress // {
+    name = "fleetHostAddress";
+    description = "DNS name, IPv4 address or IPv6 address without brackets and without a port (the port is `sshPort`)";
+    descriptionClass = "noun";
+  };
+
+  # systemd's MemoryMax= and CPUQuota= values.
+  memoryLimitType = lib.types.addCheck lib.types.str isMemoryLimit // {
+    name = "systemdMemoryLimit";
+    description = "memory size for systemd's MemoryMax= (bytes with an optional K, M, G or T suffix, 1024-based, such as 512M; a percentage of the host's memory up to 100%, such as 25%; or \"infinity\")";
+    descriptionClass = "noun";
+  };
+  cpuQuotaType = lib.types.addCheck lib.types.str isPercent // {
+    name = "systemdCPUQuota";
+    description = "CPU quota for systemd's CPUQuota= (a positive percentage with at most two decimals, 100% being one core, such as 50% or 250%)";
     descriptionClass = "noun";
   };
 

@@ -99,7 +99,10 @@ let
       timeout = mkOption {
         type = types.numbers.positive;
         default = checkDefaults.timeout;
-        description = "Seconds one probe may take.";
+        description = ''
+          Seconds one probe may take. In a fleet declaration it must be below
+          `deploy.healthTimeout`: a longer probe could never pass in time.
+        '';
       };
       interval = mkOption {
         type = types.numbers.positive;
@@ -214,9 +217,10 @@ in
       default = "fleet-${name}";
       example = "redis-main";
       description = ''
-        The systemd service (without `.service`) that runs the service. Set
-        it to the unit a NixOS module creates when the service comes from
-        such a module (see `nixosModule`).
+        The systemd service (without `.service`) that runs the service. A
+        service run by a NixOS module (see `nixosModule`) must set it to the
+        unit that module creates; no two services of one host may share a
+        unit.
       '';
     };
 
@@ -228,16 +232,25 @@ in
 
     limits = {
       memory = mkOption {
-        type = types.nullOr (types.strMatching "[0-9]+[KMGT]?");
+        type = types.nullOr fleetLib.memoryLimitType;
         default = null;
         example = "512M";
-        description = "Memory limit (systemd's MemoryMax), or null for none.";
+        description = ''
+          Memory limit of the unit (systemd's MemoryMax=), or null for none: a
+          size in bytes with an optional K, M, G or T suffix (1024-based:
+          "512M", "2G"), a percentage of the host's memory ("25%"), or
+          "infinity". Anything else ("256MB", "0.5G") fails evaluation.
+        '';
       };
       cpu = mkOption {
-        type = types.nullOr (types.strMatching "[0-9]+%");
+        type = types.nullOr fleetLib.cpuQuotaType;
         default = null;
         example = "150%";
-        description = "CPU quota, 100% being one core (systemd's CPUQuota), or null for none.";
+        description = ''
+          CPU quota of the unit (systemd's CPUQuota=), or null for none: a
+          positive percentage, 100% being one core ("50%", "250%"). A plain
+          number ("0.5") fails evaluation.
+        '';
       };
     };
 

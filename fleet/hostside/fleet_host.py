@@ -597,7 +597,11 @@ def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str
     finished by the next one. Runs under the host lock."""
     recorded = Generation.from_json(txn.recorded)
     assert recorded is not None
-    out: dict[str, Any] = {"undone": True, "recorded": txn.recorded}
+    out: dict[str, Any] = {
+        "undone": True,
+        "recorded": txn.recorded,
+        "checks": declared_checks(recorded.path),
+    }
     if txn.switch_unit:
         systemctl("stop", f"{txn.switch_unit}.service")
     if txn.mode == "reboot":
@@ -696,6 +700,7 @@ def state_json(paths: Paths) -> dict[str, Any]:
         "lastRecord": last_record(paths),
         "missingSecrets": missing_secrets(running),
         "heldSecrets": undeclared_secrets(paths, []),
+        "checks": declared_checks(running),
         "now": now(),
     }
 
@@ -791,6 +796,15 @@ def manifest(system: str | None) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
+
+
+def declared_checks(system: str | None) -> list[Any] | None:
+    """The health checks a system declares, from its own manifest: a generation is proven
+    by its own checks, not by today's declaration. None: the system has no manifest (one
+    from before the fleet, or from plain nixos-rebuild), proven by its units alone."""
+    found = manifest(system)
+    checks = found.get("checks") if found else None
+    return checks if isinstance(checks, list) else None
 
 
 def units_of(system: str | None, services: list[str]) -> list[str]:
@@ -1012,6 +1026,7 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         "deadline": current.deadline,
         "started": started,
         "restarted": restarted,
+        "checks": declared_checks(txn.target["path"]),
     }
 
 

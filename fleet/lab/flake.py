@@ -117,6 +117,10 @@ class LabRelease:
     # lab-web loads the credential `token` (the operator's secret file `lab-token`), as a
     # DynamicUser, and answers its digest on /secret.
     secret: bool = False
+    # A second service with a TCP check: "passing" (lab-web listens on its port) or
+    # "failing" (nothing does); None: no second service.
+    extra: str | None = None
+    healthy_after: float = 0.0  # lab-web answers 503 on /health this long after it starts
 
     def validate(self) -> None:
         if not _VERSION.match(self.version):
@@ -125,6 +129,8 @@ class LabRelease:
             )
         if self.broken is not None and self.broken not in BROKEN_KINDS:
             raise UsageError(f"--broken {self.broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
+        if self.extra not in (None, "passing", "failing"):
+            raise UsageError(f"extra {self.extra!r}: expected passing or failing")
         if not 0 <= self.start_delay <= 60:
             raise UsageError(f"--start-delay {self.start_delay:g}: expected 0 to 60 seconds")
 
@@ -137,6 +143,8 @@ def set_release(lab: Lab, release: LabRelease) -> None:
         "startDelay": release.start_delay,
         "brokenHosts": list(release.broken_hosts),
         "secret": release.secret,
+        "extra": release.extra,
+        "healthyAfter": release.healthy_after,
     })  # fmt: skip
     (lab.flake / "release.json").write_text(text + "\n")
 

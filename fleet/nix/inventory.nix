@@ -8,9 +8,11 @@
 #   hosts:  attrset of name -> { address; sshPort?; sshUser?; tags?; system?;
 #           hostKey?; services?; checks?; secrets? }
 #   deploy: partial deploy policy; missing fields take the defaults below.
+#   services: attrset of name -> { dependsOn?; }: what orders the waves.
 {
   hosts,
   deploy ? { },
+  services ? { },
 }:
 let
   checkDefaults = {
@@ -51,9 +53,13 @@ in
 {
   schemaVersion = 1;
   hosts = builtins.mapAttrs normaliseHost hosts;
+  services = builtins.mapAttrs (_name: service: {
+    dependsOn = service.dependsOn or [ ];
+  }) services;
   deploy = {
     parallel = 8;
     canary = 1;
+    canaryTag = "canary";
     batchSize = "25%";
     maxFailures = 0;
     healthTimeout = 60;

@@ -12,11 +12,13 @@ let
   hostOptions = {
     options = {
       address = mkOption {
-        type = types.strMatching "[^[:space:]@/]+";
+        type = fleetLib.hostAddressType;
         example = "192.0.2.10";
         description = ''
-          Address (IP or DNS name) the fleet tool connects to, and where other
-          hosts reach the services placed here.
+          Address the fleet tool connects to, and where other hosts reach the
+          services placed here: a DNS name, an IPv4 address or an IPv6
+          address, without brackets and without a port (the port of sshd is
+          `sshPort`; those of the services are their `ports`).
         '';
       };
       sshPort = mkOption {
@@ -62,49 +64,61 @@ let
     };
   };
 
-  fleetServiceOptions = {
-    options = {
-      placement = {
-        hosts = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          description = "If not empty, only these hosts may run the service.";
+  fleetServiceOptions =
+    { options, ... }:
+    {
+      options = {
+        placement = {
+          hosts = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = "If not empty, only these hosts may run the service.";
+          };
+          tags = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = "Hosts that run the service must carry all these tags.";
+          };
+          replicas = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = ''
+              How many of the matching hosts run the service; null for all of
+              them. The choice is deterministic (rendezvous hashing of service
+              and host names), so adding a host moves few instances.
+            '';
+          };
         };
-        tags = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          description = "Hosts that run the service must carry all these tags.";
-        };
-        replicas = mkOption {
-          type = types.nullOr types.ints.positive;
+        nixosModule = mkOption {
+          type = types.nullOr types.deferredModule;
           default = null;
+          example = literalExpression ''
+            {
+              services.redis.servers.main = {
+                enable = true;
+                port = 6379;
+              };
+            }
+          '';
           description = ''
-            How many of the matching hosts run the service; null for all of
-            them. The choice is deterministic (rendezvous hashing of service
-            and host names), so adding a host moves few instances.
+            A NixOS module that runs the service instead of a generated unit,
+            for services nixpkgs already has a module for. It is added to every
+            host the service is placed on. `unit` must then be set to the
+            systemd service the module creates (such as "redis-main" for
+            `services.redis.servers.main`), so that ordering, environment,
+            limits and credentials apply to it.
           '';
         };
+        unitIsSet = mkOption {
+          type = types.bool;
+          internal = true;
+          readOnly = true;
+          description = "Whether the declaration sets `unit`, rather than leaving its default.";
+        };
       };
-      nixosModule = mkOption {
-        type = types.nullOr types.deferredModule;
-        default = null;
-        example = literalExpression ''
-          {
-            services.redis.servers.main = {
-              enable = true;
-              port = 6379;
-            };
-          }
-        '';
-        description = ''
-          A NixOS module that runs the service instead of a generated unit,
-          for services nixpkgs already has a module for. It is added to every
-          host the service is placed on; set `unit` to the systemd service it
-          creates so that ordering, environment and limits apply to it.
-        '';
-      };
+      # A definition of `unit` above its default's priority (mkOptionDefault).
+      config.unitIsSet = options.unit.highestPrio < (lib.mkOptionDefault null).priority;
     };
-  };
 in
 {
   options = {
@@ -147,7 +161,15 @@ in
       canary = mkOption {
         type = types.ints.unsigned;
         default = deploy.canary;
-        description = "Hosts deployed and checked alone before the others.";
+        description = ''
+          Hosts deployed and checked alone before the others: those tagged
+          `canaryTag`, or, when no selected host is, the first ones in order.
+        '';
+      };
+      canaryTag = mkOption {
+        type = types.nullOr (types.strMatching "[A-Za-z0-9][A-Za-z0-9_.-]*");
+        default = deploy.canaryTag;
+        description = "The tag that marks the hosts to deploy first, alone; null: none.";
       };
       batchSize = mkOption {
         type = types.either types.ints.positive (types.strMatching "([1-9][0-9]?|100)%");
@@ -162,12 +184,21 @@ in
       healthTimeout = mkOption {
         type = types.numbers.positive;
         default = deploy.healthTimeout;
-        description = "Seconds a host's checks have to pass after activation.";
+        description = ''
+          Seconds from the start of an activation within which systemd must
+          settle and every check pass. Each check's `healthCheck.timeout` must
+          be below it.
+        '';
       };
       confirmTimeout = mkOption {
         type = types.numbers.positive;
         default = deploy.confirmTimeout;
-        description = "Seconds after which a host that was not confirmed reactivates its previous generation by itself.";
+        description = ''
+          Seconds a host waits for the confirmation after its health timeout:
+          its dead-man switch reactivates the previous generation at
+          activation start + `healthTimeout` + `confirmTimeout` unless the
+          fleet tool has confirmed the new one. At least 2.
+        '';
       };
     };
   };

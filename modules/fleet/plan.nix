@@ -31,6 +31,14 @@ let
 
   quote = s: ''"${s}"'';
   listing = names: if names == [ ] then "none" else concatMapStringsSep ", " quote names;
+  # `"a"`, `"a" and "b"`, `"a", "b" and "c"`
+  enumeration =
+    names:
+    if length names < 2 then
+      listing names
+    else
+      "${listing (lib.init names)} and ${quote (lib.last names)}";
+  seconds = n: "${builtins.toJSON n} s";
   anyOf = names: if names == [ ] then "any" else listing names;
   validName = n: builtins.match fleetLib.namePattern n != null;
 
@@ -113,7 +121,11 @@ let
     ++ fleetLib.secretProblems where s
     ++ optional (
       s.nixosModule == null && s.command == [ ]
-    ) "${where}: nothing to run: set package, command or nixosModule";
+    ) "${where}: nothing to run: set package, command or nixosModule"
+    # Else the plan would generate an empty `fleet-<name>` unit, and
+    # environment, limits and credentials would miss the module's unit.
+    ++ optional (s.nixosModule != null && !s.unitIsSet)
+      "${where}: it is run by its nixosModule, so set `unit` to the systemd service that module creates (e.g. unit = \"redis-main\" for services.redis.servers.main)";
 
   healthCheckProblems =
     where: s:
@@ -124,15 +136,29 @@ let
     in
     if check == null then
       [ ]
-    else if check.type == "command" then
-      optional (check.command == [ ]) "${where}: command health check has an empty healthCheck.command"
-    else if port == null then
-      [
-        "${where}: ${check.type} health check has no port: declare the service's ports or set healthCheck.port"
-      ]
     else
-      optional (!(elem port s.ports))
-        "${where}: ${check.type} health check on port ${toString port}, which the service does not declare (ports: ${ports})";
+      optional (check.timeout >= cfg.deploy.healthTimeout)
+        "${where}: healthCheck.timeout is ${seconds check.timeout}, not below deploy.healthTimeout (${seconds cfg.deploy.healthTimeout}): one attempt could outlast the whole health timeout and never pass; lower healthCheck.timeout or raise deploy.healthTimeout"
+      ++ (
+        if check.type == "command" then
+          optional (check.command == [ ]) "${where}: command health check has an empty healthCheck.command"
+        else if port == null then
+          # A service without ports: healthCheck.port would have to be one of
+          # them too.
+          [
+            "${where}: ${check.type} health check has no port to probe, as the service declares no ports: declare the port it listens on in `ports`, or use a command check (healthCheck.type = \"command\")"
+          ]
+        else
+          optional (!(elem port s.ports)) (
+            "${where}: ${check.type} health check on port ${toString port}, which the service does not declare (ports: ${ports}): "
+            + (
+              if s.ports == [ ] then
+                "add ${toString port} to `ports`"
+              else
+                "add ${toString port} to `ports`, or set healthCheck.port to one of them"
+            )
+          )
+      );
 
   hostProblems =
     host:
@@ -152,14 +178,30 @@ let
         }) (unique cfg.services.${s}.ports)
       ) (servicesOn host);
       clashes = filter (c: length c > 1) (attrValues (groupBy (c: toString c.port) claims));
+      sharedUnits = filter (services: length services > 1) (
+        attrValues (groupBy (s: cfg.services.${s}.unit) (servicesOn host))
+      );
     in
-    optional (!validName host) "host ${quote host}: the name must match ${fleetLib.namePattern}"
+    optional (builtins.match fleetLib.hostNamePattern host == null)
+      "host ${quote host}: the name is not a valid host name (networking.hostName): use letters, digits and '-' only, at most 63 characters, not starting or ending with '-'; rename the host (its address may still be a longer DNS name)"
     ++ map (
       c:
       "host ${quote host}: port ${toString (builtins.head c).port} is claimed twice, by ${
         concatMapStringsSep " and " (x: x.by) c
       }"
-    ) clashes;
+    ) clashes
+    ++ map (
+      services:
+      "host ${quote host}: services ${enumeration services} ${
+        if length services == 2 then "both" else "all"
+      } run as unit ${
+        quote cfg.services.${builtins.head services}.unit
+      }: give each its own `unit`, or place them on different hosts"
+    ) sharedUnits;
+
+  deployProblems =
+    optional (cfg.deploy.confirmTimeout < 2)
+      "deploy: confirmTimeout is ${seconds cfg.deploy.confirmTimeout}: set it to at least 2 s, the time a host gives the fleet tool to confirm a healthy generation before its dead-man switch reverts it";
 
   # A dependency cycle as a path that ends where it starts, or null.
   cycle =
@@ -194,6 +236,7 @@ let
   problems =
     concatMap hostProblems hostNames
     ++ concatMap serviceProblems serviceNames
+    ++ deployProblems
     ++ optional (cycle != null) (
       "service ${quote (builtins.head cycle)}: dependency cycle: "
       + concatMapStringsSep " -> " quote cycle
@@ -202,7 +245,7 @@ let
   # The options read only on the hosts are type-checked here too, so that
   # the inventory fails on them as the hosts' configurations would.
   hostOnly = map (s: {
-    inherit (cfg.services.${s}) allowFrom;
+    inherit (cfg.services.${s}) allowFrom limits;
     secrets = lib.mapAttrs (_: secret: { inherit (secret) file path; }) cfg.services.${s}.secrets;
   }) serviceNames;
 
@@ -242,6 +285,7 @@ let
         removeAttrs s [
           "placement"
           "nixosModule"
+          "unitIsSet"
         ]
         // {
           createUnit = s.nixosModule == null;
@@ -267,10 +311,13 @@ let
         nixpkgs.hostPlatform = lib.mkDefault h.system;
       }
     ]
-    ++ optional (builtins.match "[A-Za-z0-9-]+" host != null) {
-      _file = "fleet plan of host ${host}";
-      networking.hostName = lib.mkDefault host;
-    }
+    # Host names are valid networking.hostName values (a problem otherwise).
+    ++ [
+      {
+        _file = "fleet plan of host ${host}";
+        networking.hostName = lib.mkDefault host;
+      }
+    ]
     ++ h.modules
     ++ serviceModules;
 in
@@ -303,6 +350,7 @@ in
         }
       ) cfg.hosts;
       inherit (cfg) deploy;
+      services = mapAttrs (_: s: { inherit (s) dependsOn; }) cfg.services;
     }
   );
 

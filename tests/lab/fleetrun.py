@@ -80,7 +80,6 @@ def assert_safe(lab: Lab, hosts: list[str] | None = None) -> None:
     """The product's invariant: every host runs its profile's current generation, which its
     boot entry names too and which is healthy; no transaction (lock), no dead-man switch,
     nothing abandoned."""
-    inv = inventory(lab)
     with ops.transport(lab) as transport:
         for endpoint in ops.endpoints(lab):
             name = endpoint.name
@@ -99,7 +98,7 @@ def assert_safe(lab: Lab, hosts: list[str] | None = None) -> None:
             assert state.txn is None, f"{name}: transaction left behind: {state.txn}"
             assert state.watchers == (), f"{name}: dead-man switch left behind: {state.watchers}"
             assert state.breaches(name) == [], f"{name}: {state.breaches(name)}"
-            verdict = health.check_host(hostops, inv.hosts[name].checks, 20)
+            verdict = health.check_host(hostops, state.declared, 20)
             assert verdict.ok, f"{name}: unhealthy: {verdict.message}"
 
 

@@ -16,7 +16,7 @@ import pytest
 from fleet import health
 from fleet.inventory import Check, CheckType
 from fleet.lab import ops
-from tests.lab.fleetrun import host_states, run_fleet, set_release
+from tests.lab.fleetrun import faulted, host_states, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 
@@ -229,3 +229,14 @@ def test_tcp_checks_are_made_by_the_host(lab, lab_remotes):
     assert found["web"].ok and found["web"].message == "connected"
     assert not found["closed"].ok and "refused" in found["closed"].message.lower()
     assert not verdict.ok
+
+
+def test_an_unreachable_host_needs_attention_in_exec_and_report(lab, tmp_path):
+    """Exit 4, as every command says of a host it could not reach; the JSON names it."""
+    with faulted(lab, "lab3", ops.Fault.PARTITION):
+        code, data, err = run_fleet(lab, "exec", "--", "true", timeout=120)
+        assert code == 4, err
+        assert set(data["unreachable"]) == {"lab3"} and set(data["hosts"]) == {"lab1", "lab2"}
+        code, data, err = run_fleet(lab, "report", "--html", str(tmp_path / "r.html"))
+        assert code == 4, err
+        assert data["attention"] == ["lab3"] and (tmp_path / "r.html").exists()

@@ -99,7 +99,8 @@ def test_build_failure_touches_no_host(lab):
     before = host_states(lab)
     set_release(lab, "b1", broken="build", broken_hosts=("lab3",))
     code, report, err = run_fleet(lab, "deploy")
-    assert code == 1 and report is None
+    # With --json, stdout still has one document: the error.
+    assert code == 1 and report["exitCode"] == 1 and "broken at build time" in report["error"]
     [error] = [line for line in err.splitlines() if line.startswith("fleet:")]
     assert error.startswith("fleet: nix build: error: builder for")
     assert "broken at build time" in error
@@ -280,8 +281,8 @@ def test_boot_only_takes_effect_at_the_next_boot(lab, monkeypatch):
 def test_unknown_selector_is_an_error_before_anything(lab):
     before = host_states(lab)
     code, report, err = run_fleet(lab, "deploy", "lab9")
-    assert code == 2 and report is None
     assert err.strip() == "fleet: selector 'lab9': no host 'lab9' in the inventory"
+    assert code == 2 and report == {"error": err.strip()[len("fleet: ") :], "exitCode": 2}
     code, _, err = run_fleet(lab, "deploy", "--batch-size", "0")
     assert code == 2 and "--batch-size" in err
     assert host_states(lab) == before

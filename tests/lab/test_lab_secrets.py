@@ -119,7 +119,7 @@ def test_a_missing_secret_file_stops_the_deploy_before_any_host(lab, tmp_path):
     assert code == 2, err
     assert "lab-token" in err and "does not exist" in err
     assert len(err.strip().splitlines()) == 1, err
-    assert report is None
+    assert report["exitCode"] == 2 and "lab-token" in report["error"]
 
 
 def test_a_checkout_may_not_choose_the_secrets_folder(lab):

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +172,11 @@ def assert_refused(mutate, message: str) -> None:
         (lambda d: d["deploy"].update(batchSize="5%\n"), "deploy.batchSize"),
         (lambda d: d["hosts"]["web1"].update(address="-oProxyCommand=x"), "hosts.web1.address"),
         (lambda d: d["hosts"]["web1"].update(address="web1\n"), "hosts.web1.address"),
+        # A bare address: the port is sshPort, IPv6 has no brackets.
+        (lambda d: d["hosts"]["web1"].update(address="web1:22"), "hosts.web1.address"),
+        (lambda d: d["hosts"]["web1"].update(address="192.0.2.11:22"), "hosts.web1.address"),
+        (lambda d: d["hosts"]["web1"].update(address="[2001:db8::11]"), "hosts.web1.address"),
+        (lambda d: d["hosts"]["web1"].update(address="root@web1"), "hosts.web1.address"),
         (lambda d: d["hosts"]["db1"].update(sshUser="deploy\n"), "hosts.db1.sshUser"),
         (
             lambda d: d["hosts"]["web1"]["checks"][0].update(path="/h HTTP/1.0\r\nX: y"),
@@ -184,6 +190,15 @@ def assert_refused(mutate, message: str) -> None:
 )
 def test_bad_inventory_names_the_field(mutate, message):
     assert_refused(mutate, message)
+
+
+@pytest.mark.parametrize(
+    "address", ["192.0.2.11", "2001:db8::11", "::ffff:192.0.2.11", "web1", "web-1.example.org"]
+)
+def test_addresses_are_dns_names_or_bare_ip_addresses(address):
+    data = copy.deepcopy(EXAMPLE)
+    data["hosts"]["web1"]["address"] = address
+    assert parse(data, "example").hosts["web1"].address == address
 
 
 NAMES = ["web1", "web2", "db1"]
@@ -237,3 +252,12 @@ def test_inventory_nix_fills_defaults_to_the_schema():
     assert inv.hosts["a"].ssh_user == "root"
     assert inv.hosts["a"].checks[0].path == "/"
     assert inv.hosts["a"].secrets == ()
+
+
+def test_the_documented_example_is_a_valid_inventory():
+    """docs/inventory.md's example parses, and its services order the waves."""
+    text = (Path(__file__).parents[2] / "docs" / "inventory.md").read_text()
+    [block] = re.findall(r"## Example\n\n```json\n(.*?)```", text, re.S)
+    inventory = parse(json.loads(block), "docs/inventory.md")
+    assert inventory.depends_on == {"api": ("worker",), "worker": ()}
+    assert inventory.deploy.canary_tag == "canary"

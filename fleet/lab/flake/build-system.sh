@@ -17,7 +17,7 @@ chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web" "$out/sw/bin/fl
 printf '%s\n' "$releaseVersion" > "$out/nixos-version"
 printf '%s\n' "$hostName" > "$out/hostname"
 
-brokenArgs=" --start-delay $startDelay"
+brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter"
 if [ -n "$broken" ]; then
   brokenArgs="$brokenArgs --broken $broken"
 fi
@@ -25,6 +25,9 @@ fi
 # user, from where fleet-host delivers it; the manifest says so, as on NixOS.
 secretUnit=
 secretManifest=
+if [ -n "$extra" ]; then
+  brokenArgs="$brokenArgs --extra-port $((port + 1))"
+fi
 if [ -n "$secret" ]; then
   brokenArgs="$brokenArgs --secret token"
   secretUnit="DynamicUser=yes
@@ -46,5 +49,6 @@ mkdir -p "$out/etc/fleet"
 cat > "$out/etc/fleet/manifest.json" <<MANIFEST
 {"manifestVersion": 1, "host": "$hostName",
  "services": {"lab-web": {"unit": "lab-web.service"}},
- "secrets": [$secretManifest]}
+ "secrets": [$secretManifest],
+ "checks": $checksJSON}
 MANIFEST

@@ -22,6 +22,18 @@
         interval = 0.2;
         retries = 25;
       };
+      # A second service of some releases (`extra`): a TCP check on the extra port, on
+      # which lab-web listens when the release says "passing", and nothing when "failing".
+      extraCheck = {
+        name = "lab-extra";
+        service = "lab-extra";
+        type = "tcp";
+        port = lab.webPort + 1;
+        timeout = 1;
+        interval = 0.2;
+        retries = 5;
+      };
+      checks = [ webCheck ] ++ (if release.extra or null != null then [ extraCheck ] else [ ]);
     in
     {
       fleet = import ./inventory.nix {
@@ -29,8 +41,8 @@
           _name: host:
           host
           // {
-            services = [ "lab-web" ];
-            checks = [ webCheck ];
+            services = [ "lab-web" ] ++ (if release.extra or null != null then [ "lab-extra" ] else [ ]);
+            inherit checks;
             secrets =
               if release.secret or false then
                 [
@@ -50,7 +62,7 @@
 
       nixosConfigurations = builtins.mapAttrs (name: _host: {
         config.system.build.toplevel = mkSystem {
-          inherit name release;
+          inherit name release checks;
           inherit (lab) system webPort;
         };
       }) lab.hosts;

@@ -4,7 +4,10 @@
 --start-delay S sleeps before it is ready, as a slow service does;
 --broken start exits before telling systemd it is ready (the unit fails to start);
 --broken health starts fine but answers 503 on /health;
---secret NAME answers the SHA-256 of its credential NAME on /secret.
+--secret NAME answers the SHA-256 of its credential NAME on /secret;
+--extra-port P also accepts connections on P (a second service, for a TCP check);
+--healthy-after S answers 503 on /health for S seconds after it is ready (a service that
+warms up).
 """
 
 import argparse
@@ -14,6 +17,7 @@ import os
 import socket
 import socketserver
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +33,13 @@ def notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
+def accept_and_close(server: socket.socket) -> None:
+    """The second service: it accepts connections, which is all a TCP check asks."""
+    while True:
+        connection, _ = server.accept()
+        connection.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--release", required=True)
@@ -36,6 +47,8 @@ def main() -> int:
     parser.add_argument("--broken", choices=["start", "health"])
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--secret")
+    parser.add_argument("--extra-port", type=int)
+    parser.add_argument("--healthy-after", type=float, default=0.0)
     args = parser.parse_args()
     digest = "none"
     if args.secret:
@@ -49,6 +62,7 @@ def main() -> int:
         return 1
 
     healthy = args.broken != "health"
+    warm_at = time.monotonic() + args.healthy_after
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -57,7 +71,8 @@ def main() -> int:
             elif self.path == "/secret":
                 status, body = 200, digest
             elif self.path == "/health":
-                status, body = (200, "ok") if healthy else (503, "unhealthy")
+                warm = time.monotonic() >= warm_at
+                status, body = (200, "ok") if healthy and warm else (503, "unhealthy")
             else:
                 status, body = 404, "not found"
             data = (body + "\n").encode()
@@ -87,6 +102,9 @@ def main() -> int:
             if error.errno != errno.EADDRINUSE or attempt == 49:
                 raise
             time.sleep(0.1)
+    if args.extra_port:
+        extra = socket.create_server(("0.0.0.0", args.extra_port), reuse_port=True)
+        threading.Thread(target=accept_and_close, args=(extra,), daemon=True).start()
     notify(f"READY=1\nSTATUS=serving release {args.release}")
     server.serve_forever()
     return 0

@@ -5,6 +5,7 @@
   system,
   release,
   webPort,
+  checks,
 }:
 derivation {
   name = "lab-system-${name}-${release.version}";
@@ -23,7 +24,11 @@ derivation {
     if release.broken == null || !onHost then "" else release.broken;
   port = toString webPort;
   startDelay = toString (release.startDelay or 0);
+  healthyAfter = toString (release.healthyAfter or 0);
   secret = if release.secret or false then "1" else "";
+  extra = if release.extra or null == "passing" then "1" else "";
+  # The checks that prove this system, in its own manifest (as the host module writes).
+  checksJSON = builtins.toJSON checks;
   switchScript = ./switch-to-configuration.py;
   webScript = ./lab-web.py;
   hostHelper = ./fleet-host.py;

@@ -1,0 +1,105 @@
+"""The order of a rollout: canaries first, then the fleet's dependencies before what
+depends on them, in batches.
+
+A service's *tier* is 0 when it depends on no other service, else one more than the
+highest tier among its dependencies; a host's tier is the highest among its services. Hosts
+go tier by tier (a database's hosts before the applications that need it), each tier in
+batches of ``batch_size`` (a share counts the whole selection), never two tiers in one
+batch. The canaries go first and alone: the selected hosts tagged with the policy's canary
+tag, or, when none is, the first hosts of the first tier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from fleet.errors import UsageError
+from fleet.inventory import Host
+
+
+class Order(StrEnum):
+    DEPENDENCIES = "dependencies"  # a dependency's hosts before its dependents'
+    NAMES = "names"  # the inventory's order alone
+
+
+@dataclass(frozen=True)
+class Wave:
+    hosts: list[str]
+    why: dict[str, str] = field(default_factory=dict)  # host -> why it is in this wave
+
+
+def batch_count(total: int, batch_size: int | str) -> int:
+    if isinstance(batch_size, str):
+        return max(1, math.ceil(total * int(batch_size.rstrip("%")) / 100))
+    return max(1, batch_size)
+
+
+def service_tiers(depends_on: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Each service's tier; dependencies on services not in the map are not counted."""
+    tiers: dict[str, int] = {}
+
+    def tier(name: str, path: tuple[str, ...]) -> int:
+        if name in path:
+            cycle = " -> ".join((*path[path.index(name) :], name))
+            raise UsageError(f"services depend on each other in a cycle: {cycle}")
+        if name not in tiers:
+            deps = [d for d in depends_on.get(name, ()) if d in depends_on]
+            tiers[name] = 1 + max((tier(d, (*path, name)) for d in deps), default=-1)
+        return tiers[name]
+
+    for name in depends_on:
+        tier(name, ())
+    return tiers
+
+
+def _reason(host: Host, tier: int, depends_on: Mapping[str, Sequence[str]]) -> str:
+    needed = sorted({s for s in host.services for other, deps in depends_on.items() if s in deps})
+    needs = sorted({d for s in host.services for d in depends_on.get(s, ())})
+    parts = [f"tier {tier}"]
+    if needs:
+        parts.append(f"its services need {', '.join(needs)}")
+    if needed:
+        parts.append(f"{', '.join(needed)} needed by others")
+    return "; ".join(parts)
+
+
+def plan(
+    hosts: Sequence[Host],
+    *,
+    canary: int,
+    batch_size: int | str,
+    canary_tag: str | None = None,
+    depends_on: Mapping[str, Sequence[str]] | None = None,
+    order: Order = Order.DEPENDENCIES,
+) -> list[Wave]:
+    """The waves of a rollout of ``hosts`` (given in the inventory's order)."""
+    depends_on = depends_on or {}
+    tiers = service_tiers(depends_on) if order is Order.DEPENDENCIES else {}
+    host_tier = {h.name: max((tiers.get(s, 0) for s in h.services), default=0) for h in hosts}
+    ordered = sorted(hosts, key=lambda h: host_tier[h.name])  # stable: inventory order kept
+    waves: list[Wave] = []
+    if canary > 0 and ordered:
+        tagged = [h for h in ordered if canary_tag and canary_tag in h.tags]
+        chosen = (tagged or ordered)[:canary]
+        reason = (
+            f"canary: tagged {canary_tag}"
+            if tagged
+            else "canary: first in order"
+            + (f" (no selected host is tagged {canary_tag})" if canary_tag else "")
+        )
+        waves.append(Wave([h.name for h in chosen], {h.name: reason for h in chosen}))
+        ordered = [h for h in ordered if h not in chosen]
+    size = batch_count(len(hosts), batch_size)
+    for tier in sorted({host_tier[h.name] for h in ordered}):
+        members = [h for h in ordered if host_tier[h.name] == tier]
+        for start in range(0, len(members), size):
+            batch = members[start : start + size]
+            why = {
+                h.name: _reason(h, tier, depends_on) if tiers else "batch in inventory order"
+                for h in batch
+            }
+            waves.append(Wave([h.name for h in batch], why))
+    return waves

@@ -1,0 +1,67 @@
+"""The order of a rollout: canaries by tag, a dependency's hosts first, batches per tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.errors import UsageError
+from fleet.inventory import Host
+from fleet.waves import Order, plan, service_tiers
+
+
+def host(name: str, services: tuple[str, ...] = (), tags: tuple[str, ...] = ()) -> Host:
+    return Host(name, "192.0.2.1", 22, "root", tags, "x86_64-linux", None, services, ())
+
+
+DEPS = {"api": ("redis",), "web": ("api",), "redis": ()}
+FLEET = [
+    host("app1", ("api",)),
+    host("app2", ("api",), tags=("canary",)),
+    host("db1", ("redis",)),
+    host("front1", ("web",)),
+    host("spare", ()),
+]
+
+
+def names(waves) -> list[list[str]]:
+    return [w.hosts for w in waves]
+
+
+def test_tiers_follow_dependencies() -> None:
+    assert service_tiers(DEPS) == {"redis": 0, "api": 1, "web": 2}
+
+
+def test_a_dependencys_hosts_go_first_and_tiers_never_share_a_batch() -> None:
+    waves = plan(FLEET, canary=0, batch_size=10, depends_on=DEPS)
+    assert names(waves) == [["db1", "spare"], ["app1", "app2"], ["front1"]]
+    assert waves[0].why["db1"] == "tier 0; redis needed by others"
+    assert waves[1].why["app1"] == "tier 1; its services need redis; api needed by others"
+
+
+def test_the_canary_is_the_tagged_host() -> None:
+    waves = plan(FLEET, canary=1, batch_size=10, canary_tag="canary", depends_on=DEPS)
+    assert names(waves)[0] == ["app2"]
+    assert waves[0].why["app2"] == "canary: tagged canary"
+    assert all("app2" not in wave for wave in names(waves)[1:])
+
+
+def test_without_a_tagged_host_the_canary_is_the_first_in_order() -> None:
+    waves = plan(FLEET, canary=1, batch_size=10, canary_tag="blue", depends_on=DEPS)
+    assert names(waves)[0] == ["db1"]
+    assert waves[0].why["db1"] == "canary: first in order (no selected host is tagged blue)"
+
+
+def test_order_by_names_ignores_dependencies() -> None:
+    waves = plan(FLEET, canary=0, batch_size=2, depends_on=DEPS, order=Order.NAMES)
+    assert names(waves) == [["app1", "app2"], ["db1", "front1"], ["spare"]]
+
+
+def test_a_share_counts_the_whole_selection() -> None:
+    hosts = [host(f"h{i}") for i in range(8)]
+    waves = plan(hosts, canary=1, batch_size="25%")
+    assert [len(w) for w in names(waves)] == [1, 2, 2, 2, 1]
+
+
+def test_a_dependency_cycle_is_bad_input() -> None:
+    with pytest.raises(UsageError, match="cycle: a -> b -> a"):
+        service_tiers({"a": ("b",), "b": ("a",)})
