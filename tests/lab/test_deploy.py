@@ -262,6 +262,9 @@ def test_dry_run_touches_nothing(lab):
     assert code == 0, err
     assert report["dryRun"] is True
     assert all(h["changed"] for h in report["hosts"].values())
+    # The waves it would take, and why: no lab host is tagged canary, so the first is.
+    assert {n: h["wave"] for n, h in report["hosts"].items()} == {"lab1": 1, "lab2": 2, "lab3": 2}
+    assert report["hosts"]["lab1"]["why"].startswith("canary: first in order")
     assert host_states(lab) == before
 
 

@@ -63,3 +63,17 @@ def test_every_config_key_is_documented() -> None:
         assert f"`{key}`" in section, key
     for key in config.OPERATOR_ONLY:
         assert f"`{key}`" in section.split("may not set", 1)[1], key
+
+
+def test_every_report_field_is_documented() -> None:
+    """docs/report.md names every field a deploy report has."""
+    from fleet.models import HostReport
+    from fleet.rollout import Release, Report
+
+    doc = (Path(__file__).parents[2] / "docs" / "report.md").read_text()
+    report = Report(Release.new("deploy", "/f", None), [HostReport("h1")])
+    for key in (*report.as_json(), *report.as_json()["hosts"]["h1"]):
+        if key not in ("hosts", "action", "operator", "flake", "started", "durationSeconds"):
+            assert f"`{key}`" in doc or f".{key}`" in doc, key
+    for key in ("action", "operator", "flake", "started", "durationSeconds"):
+        assert f'"{key}"' in doc, key
