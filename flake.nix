@@ -135,7 +135,8 @@
         evalFleet = import ./modules/eval.nix { inherit lib; };
       };
 
-      nixosModules.default = ./modules/host.nix;
+      # A function, not a path: Nix 2.8's flake check refuses a path here.
+      nixosModules.default = import ./modules/host.nix;
 
       # The example fleet (hosts/): its inventory and host configurations.
       inherit (example) fleet nixosConfigurations;
@@ -175,7 +176,6 @@
                 mypy
                 types-pyyaml
                 types-tabulate
-                types-jsonschema
               ])
             ))
             pkgs.ruff

@@ -261,12 +261,14 @@ in
           "on-success"
           "on-failure"
           "on-abnormal"
-          "on-watchdog"
           "on-abort"
           "always"
         ];
         default = "on-failure";
-        description = "When systemd restarts the service (systemd's Restart).";
+        description = ''
+          When systemd restarts the service (systemd's Restart=), among the
+          values NixOS's unit check accepts (it refuses "on-watchdog").
+        '';
       };
       delay = mkOption {
         type = types.ints.unsigned;

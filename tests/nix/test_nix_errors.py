@@ -273,3 +273,13 @@ def test_three_services_sharing_a_unit_are_named_together(nix: Nix) -> None:
         'host "app1": services "admin", "api" and "web" all run as unit "fleet-api": give each '
         "its own `unit`, or place them on different hosts"
     ]
+
+
+def test_restart_policies_are_those_nixos_accepts(nix: Nix) -> None:
+    """NixOS's unit check refuses Restart=on-watchdog: the option must refuse it first."""
+    error = nix.error(
+        f"(h.hostConfig (h.evalFleet [ {nix_path(FIXTURES / 'base.nix')} "
+        '{ services.api.restart.policy = "on-watchdog"; } ]) "app1")'
+        ".systemd.services.fleet-api.serviceConfig.Restart"
+    )
+    assert "restart.policy" in error and "on-watchdog" in error
