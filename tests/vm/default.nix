@@ -103,6 +103,12 @@ let
 
         environment.systemPackages = [ pkgs.curl ];
 
+        # Persisting runs `switch-to-configuration boot`: with GRUB (the default
+        # outside containers) on the test VM's bare, unpartitioned root disk,
+        # grub-install refuses and every commit would fail. No boot loader, as
+        # nixpkgs' own in-VM switching tests (switch-test.nix) do.
+        boot.loader.grub.enable = false;
+
         # The API's secret, made at boot on the host and never built: the
         # test checks that the unit gets it as a credential.
         systemd.services.fleet-test-secret = {
