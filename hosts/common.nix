@@ -12,16 +12,17 @@
     fsType = "ext4";
   };
 
-  # The address the fleet declares for the host (an IP in this example).
+  # The address the fleet declares for the host (an IP in this example), on
+  # its Ethernet interface whatever its predictable name (enp1s0, ens3, ...).
+  # A host with several interfaces matches its own, e.g. by MACAddress.
   networking.useDHCP = false;
-  networking.interfaces.eth0.ipv4.addresses = [
-    {
-      inherit (config.fleet) address;
-      prefixLength = 24;
-    }
-  ];
-  networking.defaultGateway = lib.mkDefault "192.0.2.1";
-  networking.nameservers = lib.mkDefault [ "192.0.2.1" ];
+  networking.useNetworkd = true;
+  systemd.network.networks."10-fleet" = {
+    matchConfig.Type = "ether";
+    address = [ "${config.fleet.address}/24" ];
+    gateway = lib.mkDefault [ "192.0.2.1" ];
+    dns = lib.mkDefault [ "192.0.2.1" ];
+  };
 
   time.timeZone = "UTC";
 
