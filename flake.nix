@@ -141,9 +141,12 @@
       # The example fleet (hosts/): its inventory and host configurations.
       inherit (example) fleet nixosConfigurations;
 
+      # The tool is `fleet-cli` (and the default), not `fleet`: Nix looks an
+      # installable up under `packages` first, so a package named `fleet` would
+      # shadow the example's inventory for `nix eval .#fleet`.
       packages = forAllSystems (pkgs: {
-        fleet = fleetPackage pkgs;
-        default = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+        fleet-cli = fleetPackage pkgs;
+        default = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-cli;
         # The host's half of the protocol, with nixpkgs' systemd and Nix; hosts
         # get it from the host module, built with their own (fleet.hostHelper).
         fleet-host = pkgs.callPackage ./modules/fleet-host-package.nix { };
@@ -155,7 +158,7 @@
         let
           app = {
             type = "app";
-            program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+            program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-cli;
             meta.description = "The fleet tool";
           };
         in
@@ -195,7 +198,7 @@
         }
         // import ./tests/vm {
           inherit pkgs;
-          fleet = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet;
+          fleet = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-cli;
         }
       );
     };
