@@ -356,3 +356,19 @@ def test_an_error_nobody_foresaw_ends_like_a_failed_phase(lab, phase):
         assert code == 3, err
         assert host["result"] == "rolled-back" and running == before["lab1"]
         assert "injected" in host["message"]
+
+
+def test_a_boot_loader_that_refuses_the_new_system_leaves_the_old_one_whole(lab):
+    """`switch-to-configuration boot` fails (as grub-install refusing a disk): the new
+    system ran and passed its checks, but a host whose boot entry lags its profile would
+    boot something else after a crash. The commit is undone: running, profile and boot
+    entry all the recorded generation, the boot loader's words in the report, exit 3."""
+    before = running_paths(lab)
+    set_release(lab, "bl1", broken="boot", broken_hosts=("lab2",))
+    code, report, err = run_fleet(lab, "deploy", "--canary", "0")
+    assert code == 3, err
+    lab2 = report["hosts"]["lab2"]
+    assert lab2["result"] == "rolled-back" and lab2["phase"] == "persist", lab2
+    assert "the boot loader refuses it" in lab2["message"], lab2
+    assert running_paths(lab) == before  # the others were reverted with the release
+    assert_safe(lab)

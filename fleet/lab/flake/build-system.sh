@@ -18,8 +18,13 @@ printf '%s\n' "$releaseVersion" > "$out/nixos-version"
 printf '%s\n' "$hostName" > "$out/hostname"
 
 brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter"
-if [ -n "$broken" ]; then
+if [ "$broken" = start ] || [ "$broken" = health ]; then
   brokenArgs="$brokenArgs --broken $broken"
+fi
+# A system whose boot loader entry cannot be installed (switch-to-configuration's
+# boot and switch fail, as grub-install refusing a disk does); it runs fine.
+if [ "$broken" = boot ]; then
+  echo "lab release $releaseVersion of $hostName: the boot loader refuses it" > "$out/boot-loader-refuses"
 fi
 # The secret, when the release has one: loaded as a credential by a unit of no fixed
 # user, from where fleet-host delivers it; the manifest says so, as on NixOS.

@@ -80,6 +80,11 @@ def main():
     fcntl.flock(lock, fcntl.LOCK_EX)
 
     if action in ("switch", "boot"):
+        refusal = OUT / "boot-loader-refuses"
+        if refusal.exists():
+            print(f"error installing the boot loader: {refusal.read_text().strip()}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         try:
             BOOT_ENTRY.parent.mkdir(parents=True, exist_ok=True)
             relink(BOOT_ENTRY, OUT)
