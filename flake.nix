@@ -138,6 +138,12 @@
       # A function, not a path: Nix 2.8's flake check refuses a path here.
       nixosModules.default = import ./modules/host.nix;
 
+      # `nix flake init -t FLEET`: a fleet flake of one's own to start from.
+      templates.default = {
+        path = ./templates/default;
+        description = "A fleet of two NixOS hosts and one service, deployed with fleet";
+      };
+
       # The example fleet (hosts/): its inventory and host configurations.
       inherit (example) fleet nixosConfigurations;
 
