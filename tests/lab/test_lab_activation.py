@@ -45,6 +45,9 @@ def current(remote) -> str:
 def test_copy_set_generation_and_switch(lab, lab_remotes):
     remote = lab_remotes["lab2"]
     before = current(remote)
+    # The generation to go back to: the current one, not the newest older one (an undone
+    # transaction may have left a newer generation that was never current).
+    number = remote.run(["readlink", PROFILE]).stdout.strip().split("-")[1]
     path = build(lab, "lab2", "t1")
     install(remote, path)
     assert remote.run(["readlink", "-f", PROFILE]).stdout.strip() == path
@@ -55,7 +58,7 @@ def test_copy_set_generation_and_switch(lab, lab_remotes):
     assert http_get(remote.endpoint.address, "/version") == (200, "t1")
     assert http_get(remote.endpoint.address, "/health") == (200, "ok")
     # Back to where it was, through the profile, as a rollback does.
-    remote.run(["nix-env", "-p", PROFILE, "--rollback"])
+    remote.run(["nix-env", "-p", PROFILE, "--switch-generation", number])
     assert (
         remote.run([f"{before}/bin/switch-to-configuration", "switch"], check=False).returncode == 0
     )
