@@ -281,7 +281,7 @@ class Rollout:
                 and state.current_path == path
                 and not (self.secrets or {}).get(name)  # the host delivers them even then
             ):
-                self._unchanged(ops, report, state)
+                self._unchanged(ops, report, state.declared)
                 return self._done(report)
         report.changed = True
         try:
@@ -296,15 +296,15 @@ class Rollout:
         self._transaction(ops, report, target, secrets=delivered)
         return self._done(report)
 
-    def _unchanged(self, ops: HostOps, report: HostReport, state: HostState | None) -> None:
+    def _unchanged(self, ops: HostOps, report: HostReport, checks: Declared | None) -> None:
         """Nothing to change; the host still has to prove itself healthy, by the checks of
-        the system it runs."""
+        the system it runs (``checks``; None: ask the host for them)."""
         report.new = report.previous
         with self._phase(report, Phase.HEALTH):
-            if state is None:
-                state = ops.state()
-            report.checks = state.declared.names()
-            verdict = health.check_host(ops, state.declared, self.options.health_timeout)
+            if checks is None:
+                checks = ops.state().declared
+            report.checks = checks.names()
+            verdict = health.check_host(ops, checks, self.options.health_timeout)
         if verdict.ok:
             report.result = HostResult.DEPLOYED
         else:
@@ -359,7 +359,11 @@ class Rollout:
             self._undo(ops, report, txn, Phase.LOCK, f"unexpected error: {exc!r}")
             return
         if answer.get("noop"):
-            self._unchanged(ops, report, None)
+            # The host names the running system's checks in its answer (a helper from
+            # before it did not: then one more round trip asks).
+            known = "checks" in answer
+            checks = declared(answer["checks"], "the running system's manifest") if known else None
+            self._unchanged(ops, report, checks)
             return
         txn.helper = str(answer.get("helper", txn.helper))
         recorded = answer.get("recorded") or {}

@@ -946,7 +946,8 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             restarted = restart_stale(units_of(running, changed), since=float("inf"))
             if args.secrets:
                 prune_secrets(paths, undeclared_secrets(paths, secrets))
-            return out | {"noop": True, "restarted": restarted}
+            checks = declared_checks(running)
+            return out | {"noop": True, "restarted": restarted, "checks": checks}
         changed = deliver_secrets(paths, secrets)
         # Removed once the new system is committed, when no running system loads them (a
         # `boot` leaves them for the system that runs until the reboot).
