@@ -347,6 +347,9 @@ class Txn:
     boot_id: str = ""  # the boot it belongs to: `boot` acts only on earlier boots' ones
     restart: list[str] = field(default_factory=list)  # units whose secrets changed
     prune: list[str] = field(default_factory=list)  # "service/name" declared no more
+    # The newest generation number before it began: an undo deletes the generations it
+    # added, so that a later `rollback` never lands on one that was never current.
+    newest: int | None = None
     version: int = TXN_VERSION
 
     @property
@@ -621,7 +624,14 @@ def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str
                 set_profile(paths, recorded)
             except Failure as exc:
                 out["profile_error"] = str(exc)
-        if boot_entry(paths) != recorded.path:
+        added = added_generations(paths, txn)
+        if added and "profile_error" not in out:
+            out["deleted"] = added
+            deleting = run([tool(NIX_ENV, "nix-env"), "-p", str(paths.profile),
+                            "--delete-generations", *map(str, added)])  # fmt: skip
+            if deleting.returncode != 0:
+                out["profile_error"] = f"nix-env --delete-generations: {last_line(deleting.stderr)}"
+        if added or boot_entry(paths) != recorded.path:  # the menu lists them no more
             code, output = switch(recorded.path, "boot")
             if code != 0:
                 out["boot_error"] = f"exit {code}: {last_line(output)}"
@@ -629,6 +639,16 @@ def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str
         out["record_error"] = append_record(paths, compose(txn, result, recorded, phase, message))
     drop_txn(paths, txn)
     return out
+
+
+def added_generations(paths: Paths, txn: Txn) -> list[int]:
+    """The generations this transaction put in the profile: newer than any before it, of its
+    target, and not current (the lock kept anyone else from adding one)."""
+    if txn.newest is None or txn.target is None:
+        return []
+    current = current_number(paths)
+    return [n for n, _, p in generations(paths)
+            if n > txn.newest and p == txn.target["path"] and n != current]  # fmt: skip
 
 
 def finish(paths: Paths, txn: Txn) -> dict[str, Any]:
@@ -973,6 +993,11 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             # A switch restarts what loads a changed secret; a boot or reboot starts anew.
             restart=units_of(target.path, changed) if target and args.mode == "switch" else [],
             prune=prune,
+            newest=(
+                inherited.newest
+                if inherited is not None and inherited.newest is not None
+                else max((n for n, _, _ in generations(paths)), default=0)
+            ),
         )
         write_txn(paths, txn)
         try:

@@ -362,8 +362,11 @@ def test_a_boot_loader_that_refuses_the_new_system_leaves_the_old_one_whole(lab)
     """`switch-to-configuration boot` fails (as grub-install refusing a disk): the new
     system ran and passed its checks, but a host whose boot entry lags its profile would
     boot something else after a crash. The commit is undone: running, profile and boot
-    entry all the recorded generation, the boot loader's words in the report, exit 3."""
+    entry all the recorded generation, the boot loader's words in the report, exit 3. The
+    generation the commit added is deleted: never current, it must not be where a later
+    `fleet rollback` ("the one before the current") lands."""
     before = running_paths(lab)
+    numbers = [g.number for g in host_states(lab)["lab2"].generations]
     set_release(lab, "bl1", broken="boot", broken_hosts=("lab2",))
     code, report, err = run_fleet(lab, "deploy", "--canary", "0")
     assert code == 3, err
@@ -371,4 +374,5 @@ def test_a_boot_loader_that_refuses_the_new_system_leaves_the_old_one_whole(lab)
     assert lab2["result"] == "rolled-back" and lab2["phase"] == "persist", lab2
     assert "the boot loader refuses it" in lab2["message"], lab2
     assert running_paths(lab) == before  # the others were reverted with the release
+    assert [g.number for g in host_states(lab)["lab2"].generations] == numbers
     assert_safe(lab)

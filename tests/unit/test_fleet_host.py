@@ -54,6 +54,9 @@ case "$3" in
     ln -sfn "system-$n-link" "$profile" ;;
   --switch-generation)
     ln -sfn "system-$4-link" "$profile" ;;
+  --delete-generations)
+    shift 3
+    for n in "$@"; do rm "$(dirname "$profile")/system-$n-link"; done ;;
 esac
 """
 SWITCH = """#!/bin/sh
@@ -166,6 +169,12 @@ def test_a_failed_boot_entry_undoes_the_commit(host: Path) -> None:
     # FAIL_SWITCH fails the undo's re-activation too; the profile is back all the same.
     assert os.path.realpath(host / "nix/var/nix/profiles/system").endswith("sys-a")
     assert not (host / "var/lib/fleet/txn.json").exists()
+    # The generation the commit added was never current: it is gone, so that a later
+    # rollback ("the one before the current") cannot land on it.
+    assert out["deleted"] == [2]
+    assert sorted(p.name for p in (host / "nix/var/nix/profiles").glob("system-*")) == [
+        "system-1-link"
+    ]
 
 
 def test_a_crash_before_the_commit_point_is_undone_at_boot(host: Path) -> None:
@@ -182,6 +191,8 @@ def test_a_crash_before_the_commit_point_is_undone_at_boot(host: Path) -> None:
     assert code == 0 and out["recovered"]["action"] == "undone"
     assert os.path.realpath(host / "nix/var/nix/profiles/system").endswith("sys-a")
     assert os.path.realpath(host / "run/current-system").endswith("sys-a")
+    assert out["recovered"]["deleted"] == [2]
+    assert not (host / "nix/var/nix/profiles/system-2-link").exists()
 
 
 def test_a_committed_transaction_is_finished_by_anyone(host: Path) -> None:
