@@ -82,7 +82,10 @@
               pkgs.openssh
               pkgs.git
             ];
+            # nixpkgs' lib, and its NixOS sources for the host module's
+            # evaluation against nixpkgs' own option declarations.
             FLEET_NIXPKGS_LIB = "${nixpkgs}";
+            FLEET_NIXPKGS = "${nixpkgs}";
           }
           ''
             cp -r --no-preserve=mode "$src" source

@@ -27,6 +27,14 @@ def nix_path(path: Path) -> str:
     return "(/. + " + json.dumps(str(path)).replace("${", "\\${") + ")"
 
 
+def nixpkgs_path() -> Path:
+    """nixpkgs' NixOS sources: a checkout, or the files tests/nix/nixpkgs_files.py lists."""
+    configured = os.environ.get("FLEET_NIXPKGS")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "fleet" / "nixpkgs"
+
+
 def nixpkgs_lib_path() -> Path:
     configured = os.environ.get("FLEET_NIXPKGS_LIB")
     if configured:
@@ -39,12 +47,14 @@ class Nix:
     """Evaluates expressions in which `h` is tests/nix/fixtures/harness.nix."""
 
     lib: Path
+    nixpkgs: Path | None = None  # nixpkgs' NixOS sources, for h.realConfig
 
     def _run(self, expr: str) -> subprocess.CompletedProcess[str]:
+        nixpkgs = "null" if self.nixpkgs is None else nix_path(self.nixpkgs)
         wrapped = (
             "{ nixpkgsLib }: let h = import "
             + nix_path(HARNESS)
-            + " { inherit nixpkgsLib; }; in\n"
+            + f" {{ inherit nixpkgsLib; nixpkgs = {nixpkgs}; }}; in\n"
             + expr
         )
         return subprocess.run(

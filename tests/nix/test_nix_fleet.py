@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fleet.inventory import parse
-from tests.nix.conftest import Nix
+from tests.nix.conftest import REPO, Nix
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,22 @@ def test_ipv6_addresses_and_dashed_names_in_discovery(nix: Nix) -> None:
         """
     )
     assert result["FLEET_USER_DB_ADDRS"] == "[2001:db8::1]:5432"
+
+
+def test_example_hosts_match_their_interface_whatever_its_name(nix: Nix) -> None:
+    """Real NixOS hosts have predictable interface names (enp1s0, ens3): a network that
+    matches `eth0` would leave a real host unreachable (the VM tests hide it, their
+    framework turns predictable names off)."""
+    common = nix.eval(
+        'let m = import (h.repo + "/hosts/common.nix") '
+        '{ config.fleet.address = "192.0.2.11"; inherit (h) lib; }; in '
+        "{ inherit (m.networking) useNetworkd useDHCP; "
+        'network = m.systemd.network.networks."10-fleet".matchConfig; '
+        "interfaces = m.networking.interfaces or { }; }"
+    )
+    assert common["network"] == {"Type": "ether"}
+    assert common["interfaces"] == {}
+    assert common["useNetworkd"] is True and common["useDHCP"] is False
+    for folder in ("hosts", "templates"):
+        for module in (REPO / folder).rglob("*.nix"):
+            assert "eth0" not in module.read_text(), module

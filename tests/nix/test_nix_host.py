@@ -225,6 +225,8 @@ def test_ssh_access_for_a_deploy_user(hosts: dict[str, Any]) -> None:
     assert app2["sudo"] == [
         {
             "users": ["deploy"],
+            "groups": [],
+            "host": "ALL",
             "runAs": "root",
             "commands": [
                 {"command": "/run/current-system/sw/bin/fleet-host", "options": ["NOPASSWD"]}

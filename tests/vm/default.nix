@@ -63,9 +63,12 @@ let
         retries = 10;
       };
     };
+    # The dead-man switch fires at activation + health + confirm timeouts;
+    # a confirm timeout above the health timeout leaves the tool's own restore
+    # after a failed check well clear of it (tests/nix/test_nix_vm.py).
     deploy = {
       healthTimeout = 30;
-      confirmTimeout = 20;
+      confirmTimeout = 60;
     };
   };
 
