@@ -110,6 +110,9 @@ def rollout_options(command: F) -> F:
                      "fires at activation start + health + confirm timeout)."),
         click.option("--break-lock", is_flag=True,
                      help="Take deploy locks even if held (on purpose)."),
+        click.option("--no-drain", is_flag=True,
+                     help="Activate without taking the hosts' instances out of rotation on "
+                     "the balancers first, nor reading the balancers at all."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -220,6 +223,34 @@ def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
             for breach in r.breaches:
                 ctx.say(f"{r.name}: {breach.message}; repair: {breach.repair}")
     if not all(r.ok for r in rows):
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
+@click.pass_obj
+def traffic(ctx: Context, selectors: tuple[str, ...]) -> None:
+    """Per balancer, service and instance: state, weight, sessions, health as the balancer
+    sees it. Exit 4 when an instance is out of rotation or a balancer cannot be read."""
+    servers, errors = flows.traffic_view(_session(ctx), selectors)
+    rows = [
+        {
+            "service": s.service,
+            "instance": s.host,
+            "balancer": s.balancer,
+            "state": s.status,
+            "weight": s.weight,
+            "sessions": s.sessions,
+            "check": s.check,
+            "agent": s.agent,
+        }
+        for s in servers
+    ]
+    _emit(ctx, {"servers": [s.as_json() for s in servers], "unreadable": errors}, rows)
+    if not ctx.json:
+        for name, why in errors.items():
+            ctx.say(f"{name}: {why}")
+    if errors or not all(s.serving for s in servers):
         sys.exit(ExitCode.ATTENTION)
 
 
@@ -431,6 +462,39 @@ def gc(ctx: Context, selectors: tuple[str, ...], keep: int, break_lock: bool) ->
         sys.exit(ExitCode.ATTENTION)
 
 
+def _drain(ctx: Context, selectors: tuple[str, ...], on: bool, reason: str | None) -> None:
+    if not selectors:
+        raise FleetUsageError(f"fleet {'drain' if on else 'undrain'}: name the hosts")
+    good, bad = _split(day2.drain(_session(ctx), selectors, on, reason))
+    rows = [{"host": h, "was": "drained" if v.before else "serving",
+             "balancers": v.balancers} for h, v in good.items()]  # fmt: skip
+    data = {h: {"wasDrained": v.before, "balancers": v.balancers} for h, v in good.items()}
+    _emit(ctx, {"hosts": data, "failed": bad}, rows + _unreachable_rows(bad))
+    wanted = "drained" if on else "serving"
+    if bad or any(v.balancers not in (wanted, "not balanced") for v in good.values()):
+        sys.exit(ExitCode.ATTENTION)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="SELECTOR...")
+@click.option("--reason", help="Why, for the host's records.")
+@click.pass_obj
+def drain(ctx: Context, selectors: tuple[str, ...], reason: str | None) -> None:
+    """Take whole hosts out of rotation on every balancer (maintenance), recorded on each
+    host; waits until their sessions end or the drain timeout. Lasts until undrain, even
+    across reboots."""
+    _drain(ctx, selectors, True, reason)
+
+
+@cli.command()
+@click.argument("selectors", nargs=-1, metavar="SELECTOR...")
+@click.option("--reason", help="Why, for the host's records.")
+@click.pass_obj
+def undrain(ctx: Context, selectors: tuple[str, ...], reason: str | None) -> None:
+    """Put drained hosts back in rotation; waits until every balancer sends to them."""
+    _drain(ctx, selectors, False, reason)
+
+
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[SELECTOR]... -- COMMAND...")
 @click.pass_obj
@@ -525,10 +589,17 @@ def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
     default=None,
     help=f"Number of hosts (default {lab_ops.DEFAULT_HOSTS}; 1 to {MAX_HOSTS}).",
 )
+@click.option(
+    "--balancers",
+    type=click.IntRange(0),
+    default=0,
+    help="How many of the hosts (the last ones) run HAProxy in front of the others' "
+    "lab-web (a new lab only).",
+)
 @click.pass_obj
-def lab_up(ctx: Context, count: int | None) -> None:
+def lab_up(ctx: Context, count: int | None, balancers: int) -> None:
     """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
-    states = lab_ops.up(_lab(), count, ctx.say)
+    states = lab_ops.up(_lab(), count, ctx.say, balancers)
     _emit(ctx, [asdict(s) for s in states], _state_rows(states))
 
 

@@ -6,16 +6,17 @@ reached is a result of its own, never a reason to stop the others.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleet import closure, generations, health, nix, testhook
+from fleet import closure, generations, health, nix, testhook, traffic
 from fleet.errors import FleetError
 from fleet.flows import Session
 from fleet.hostops import HostOps, new_token
 from fleet.inventory import Host
 from fleet.process import Result
-from fleet.rollout import Release
+from fleet.rollout import Release, endpoint
 
 
 def list_generations(
@@ -70,6 +71,43 @@ def gc(
         testhook.pause("gc", ops.name)
         answer = ops.gc(new_token(), release.holder(), victims, take_over=break_lock)
         return Collected(list(answer.get("deleted", [])), str(answer.get("summary", "")))
+
+    return session.each(selectors, one)
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What `fleet drain` or `undrain` did on one host, and what the balancers say."""
+
+    before: bool  # it was in maintenance already
+    balancers: str  # "drained", "serving", or what is still pending
+
+
+def drain(
+    session: Session, selectors: Sequence[str], on: bool, reason: str | None
+) -> dict[str, Drained | FleetError]:
+    """Take whole hosts out of rotation for maintenance (``on``), or put them back; then
+    wait for the balancers to agree (their sessions ended, or serving again)."""
+    balanced = session.inventory.traffic
+    release = Release.new("drain" if on else "undrain", session.flake, None)
+    holder = release.holder() | ({"reason": reason} if reason else {})
+    user = session.config.get("sshUser")
+
+    def one(host: Host, ops: HostOps) -> Drained:
+        answer = ops.call("maintenance", "on" if on else "off", "--holder",
+                          json.dumps(holder, sort_keys=True))  # fmt: skip
+        before = answer.get("before") is not None
+        services = traffic.balanced(balanced, host.name)
+        if balanced is None or not services:
+            return Drained(before, "not balanced")
+        remotes = lambda n: ops.remote.transport.remote(  # noqa: E731
+            endpoint(session.inventory.hosts[n], user)
+        )
+        wait = traffic.wait_drained if on else traffic.wait_serving
+        waited = wait(balanced, remotes, host.name, services, balanced.drain_timeout)
+        if waited.done:
+            return Drained(before, "drained" if on else "serving")
+        return Drained(before, f"after {balanced.drain_timeout:g} s: {waited.describe()}")
 
     return session.each(selectors, one)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import config, inventory, nix, secrets
+from fleet import config, inventory, nix, secrets, traffic
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -146,6 +146,7 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         break_lock=bool(overrides.get("break_lock", False)),
         canary_tag=policy.canary_tag,
         order=Order(overrides.get("order") or Order.DEPENDENCIES),
+        drain=not overrides.get("no_drain", False),
     )
 
 
@@ -194,6 +195,23 @@ def status(session: Session, selectors: Sequence[str], desired: bool = False) ->
             for name, got in found.items()]  # fmt: skip
 
 
+def traffic_view(
+    session: Session, selectors: Sequence[str]
+) -> tuple[list[traffic.Server], dict[str, str]]:
+    """`fleet traffic`: what every balancer does with the selected hosts' instances."""
+    balanced = session.inventory.traffic
+    if balanced is None:
+        raise UsageError("the fleet balances no service: no service has an ingress")
+    hosts = [h.name for h in session.inventory.select(selectors)] if selectors else None
+    user = session.config.get("sshUser")
+    with session.transport(STATUS_CONNECT_TIMEOUT) as transport:
+        return traffic.view(
+            balanced,
+            lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
+            hosts,
+        )
+
+
 def deploy(
     session: Session, selectors: Sequence[str], options: DeployOptions, reporter: Reporter
 ) -> Report | list[Plan]:
@@ -226,6 +244,7 @@ def deploy(
             user,
             secrets=delivered,
             depends_on=session.inventory.depends_on,
+            **balancing(session.inventory),
         )
         return rollout.run(paths, [h.name for h in hosts])
 
@@ -284,6 +303,16 @@ def plan_rollback(
     return RollbackPlan(targets, running, unreachable)
 
 
+def balancing(inventory: Inventory) -> dict[str, Any]:
+    """What a rollout needs to drain the hosts' instances: the balancers in front of them."""
+    if inventory.traffic is None:
+        return {}
+    return {
+        "traffic": inventory.traffic,
+        "balancers": [inventory.hosts[n] for n in inventory.traffic.balancers],
+    }
+
+
 def rollback(
     session: Session,
     plan: RollbackPlan,
@@ -300,7 +329,8 @@ def rollback(
     rollout = Rollout(hosts, options, release, transport, reporter,
                       session.config.get("sshUser"),
                       generations={n: g.number for n, g in plan.targets.items()
-                                   if g.number is not None})  # fmt: skip
+                                   if g.number is not None},
+                      **balancing(session.inventory))  # fmt: skip
     sign(session, (g.path for g in plan.targets.values()))
     report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
     for name, why in plan.unreachable.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -172,6 +172,9 @@ class HostState:
     # secrets reports any)
     held_secrets: tuple[str, ...] = ()
     declared: Declared = field(default_factory=Declared)  # the running system's checks
+    # service -> what the host's agent answers for it, where a transaction changed it
+    traffic: Mapping[str, str] = field(default_factory=dict)
+    maintenance: Mapping[str, Any] | None = None  # an operator's drain of the whole host
 
     def path_of(self, number: int | None) -> str | None:
         return next((g.path for g in self.generations if g.number == number), None)
@@ -334,6 +337,12 @@ def parse_state(data: dict[str, Any]) -> HostState:
         ),
         held_secrets=tuple(printable(str(h)) for h in data.get("heldSecrets") or []),
         declared=declared(data.get("checks"), "the running system's manifest"),
+        traffic={
+            printable(str(k)): printable(str(v)) for k, v in (data.get("traffic") or {}).items()
+        }
+        if isinstance(data.get("traffic"), dict)
+        else {},
+        maintenance=data.get("maintenance") if isinstance(data.get("maintenance"), dict) else None,
     )
 
 
@@ -416,9 +425,13 @@ class HostOps:
         confirm: float,
         take_over: bool = False,
         secrets: Sequence[dict[str, str]] | None = None,
+        drain: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``, and
         ``helper`` when the transaction's helper is not the target's.
+
+        ``drain``: services whose instance here the host's agent takes out of rotation
+        until the transaction ends, however it ends.
 
         ``secrets`` (service, name, base64 data), when given, are all the secrets the host
         is declared to get: delivered under the lock over the call's stdin (never on a
@@ -444,6 +457,8 @@ class HostOps:
             args += ["--generation", str(target.number)]
         if take_over:
             args.append("--take-over")
+        for service in drain:
+            args += ["--drain", service]
         given = json.dumps(list(secrets)) if secrets is not None else None
         if secrets is not None:
             args.append("--secrets")

@@ -89,11 +89,45 @@ class DeployPolicy:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """Where the balancers send a service's traffic on one host: its first port."""
+
+    host: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Balanced:
+    """A service the balancers serve, as their HAProxy configuration says."""
+
+    name: str
+    mode: str  # "http" or "tcp"
+    port: int  # the frontend's, on every balancer
+    max_unavailable: int  # instances a deploy may take out of rotation at once, >= 1
+    instances: tuple[Instance, ...]  # sorted by host
+    check: Check | None  # the service's declared check, which HAProxy's own follows
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The fleet's balancers (HAProxy) and the services they serve."""
+
+    agent_port: int  # each balanced host's agent, which the balancers ask
+    drain_timeout: float
+    socket: str  # HAProxy's runtime API on every balancer: a root-only unix socket
+    balancers: tuple[str, ...]  # host names, sorted
+    services: Mapping[str, Balanced]
+
+
+@dataclass(frozen=True)
 class Inventory:
     hosts: Mapping[str, Host]
     deploy: DeployPolicy
     # service -> the services it depends on: a dependency's hosts are deployed first
     depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # None when no service has an ingress
+    traffic: Traffic | None = None
 
     def select(self, selectors: Sequence[str]) -> list[Host]:
         """Hosts matching any selector, in inventory order; no selector means all."""
@@ -178,6 +212,39 @@ def _check_secrets(host: Host, source: str) -> None:
         seen.add((secret.service, secret.name))
 
 
+def _traffic(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) -> Traffic:
+    where = f"inventory from {source}: traffic"
+    for name in raw["balancers"]:
+        if name not in hosts:
+            raise InventoryError(f"{where}.balancers: {name!r} is not a host of the inventory")
+    services = {}
+    for name, service in raw["services"].items():
+        for host in service["instances"]:
+            if host not in hosts:
+                raise InventoryError(
+                    f"{where}.services.{name}.instances: {host!r} is not a host of the inventory"
+                )
+        check = service["check"]
+        services[name] = Balanced(
+            name=name,
+            mode=service["mode"],
+            port=service["port"],
+            max_unavailable=service["maxUnavailable"],
+            instances=tuple(
+                Instance(host=host, address=i["address"], port=i["port"])
+                for host, i in sorted(service["instances"].items())
+            ),
+            check=None if check is None else _check(check),
+        )
+    return Traffic(
+        agent_port=raw["agentPort"],
+        drain_timeout=float(raw["drainTimeout"]),
+        socket=raw["socket"],
+        balancers=tuple(sorted(raw["balancers"])),
+        services=services,
+    )
+
+
 def parse(data: Any, source: str) -> Inventory:
     """Validate raw inventory JSON and turn it into typed records."""
     validate(data, source)
@@ -219,7 +286,9 @@ def parse(data: Any, source: str) -> Inventory:
     depends_on = {
         name: tuple(service["dependsOn"]) for name, service in data.get("services", {}).items()
     }
-    return Inventory(hosts=hosts, deploy=policy, depends_on=depends_on)
+    raw_traffic = data.get("traffic")
+    traffic = None if raw_traffic is None else _traffic(raw_traffic, hosts, source)
+    return Inventory(hosts=hosts, deploy=policy, depends_on=depends_on, traffic=traffic)
 
 
 def select_names(

@@ -13,6 +13,7 @@ class Phase(StrEnum):
     CONNECT = "connect"
     COPY = "copy"
     LOCK = "lock"  # begin: lock, record the running generation, arm the dead-man switch
+    DRAIN = "drain"  # the host's instances out of rotation, their sessions ended
     ACTIVATE = "activate"
     REBOOT = "reboot"
     HEALTH = "health"
@@ -70,6 +71,9 @@ class HostReport:
     # The checks that proved (or failed) the generation the host ended on, from that
     # generation's own manifest; None when it has none (its units alone proved it).
     checks: list[str] | None = None
+    # What the balancers did not do in time (a drain or a return to rotation), for the
+    # operator; the result stands.
+    traffic: str | None = None
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message
@@ -85,4 +89,5 @@ class HostReport:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "recordError": self.record_error,
             "checks": self.checks,
+            "traffic": self.traffic,
         }

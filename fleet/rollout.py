@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet import health, nix, testhook
+from fleet import health, nix, testhook, traffic
 from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
 from fleet.hostops import (
     Declared,
@@ -42,7 +42,7 @@ from fleet.hostops import (
     new_token,
     printable,
 )
-from fleet.inventory import Host
+from fleet.inventory import Host, Traffic
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
 from fleet.output import Reporter
 from fleet.ssh import Endpoint, Remote, Transport
@@ -75,6 +75,7 @@ class DeployOptions:
     break_lock: bool = False
     canary_tag: str | None = None  # hosts with this tag are the canaries, when any is
     order: Order = Order.DEPENDENCIES
+    drain: bool = True  # take balanced instances out of rotation before activating
 
     @property
     def mode(self) -> str:
@@ -228,8 +229,14 @@ class Rollout:
         generations: Mapping[str, int] | None = None,
         secrets: Mapping[str, Sequence[dict[str, str]]] | None = None,
         depends_on: Mapping[str, Sequence[str]] | None = None,
+        traffic: Traffic | None = None,
+        balancers: Sequence[Host] = (),
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
+        # The balancers in front of the hosts' instances, read (never changed) to see a
+        # drain take effect and the instances come back.
+        self.traffic = traffic
+        self.balancers = {h.name: h for h in balancers}
         # Rollback targets: existing generation numbers to switch the profile back to.
         self.generations = dict(generations or {})
         # A deploy: all that each host gets delivered at begin (fleet/secrets.py), [] for
@@ -244,6 +251,9 @@ class Rollout:
 
     def remote(self, name: str) -> Remote:
         return self.transport.remote(endpoint(self.hosts[name], self.ssh_user))
+
+    def balancer(self, name: str) -> Remote:
+        return self.transport.remote(endpoint(self.balancers[name], self.ssh_user))
 
     # -- one host -----------------------------------------------------------------------
 
@@ -328,6 +338,12 @@ class Rollout:
         ``secrets``: what begin delivers (``HostOps.begin``)."""
         txn = _Txn(new_token(), helper_of(target.path), target, record=record or {})
         mode = self.options.mode
+        drain = self._drained(report.name)
+        # The host undoes a transaction not activated by begin's deadline: the drain
+        # comes first, so it gets the drain timeout on top.
+        deadline = self.options.confirm_timeout + (
+            self.traffic.drain_timeout if self.traffic and drain else 0
+        )
         try:
             with self._phase(report, Phase.LOCK):
                 answer = ops.begin(
@@ -336,10 +352,11 @@ class Rollout:
                     self.release.base(report.name),
                     mode,
                     target,
-                    self.options.confirm_timeout,
+                    deadline,
                     self._after_boot(),
                     take_over=self.options.break_lock,
                     secrets=secrets,
+                    drain=drain,
                 )
         except LockHeld as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, str(exc))
@@ -349,7 +366,7 @@ class Rollout:
                 HostResult.UNREACHABLE,
                 Phase.LOCK,
                 f"{exc}; if the lock was taken, the host releases it by itself "
-                f"within {self.options.confirm_timeout:g} s",
+                f"within {deadline:g} s",
             )
             return
         except FleetError as exc:
@@ -368,9 +385,11 @@ class Rollout:
         txn.helper = str(answer.get("helper", txn.helper))
         recorded = answer.get("recorded") or {}
         txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
-        txn.deadline = time.time() + self.options.confirm_timeout
+        txn.deadline = time.time() + deadline
         report.previous = txn.recorded
         try:
+            if drain:
+                self._drain(report, drain)
             if mode == "boot":
                 self._commit(ops, report, txn)
             elif mode == "reboot":
@@ -387,6 +406,49 @@ class Rollout:
             phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
             why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
             self._undo(ops, report, txn, phase, why)
+
+    def _drained(self, name: str) -> list[str]:
+        """The services whose instance on this host a transaction takes out of rotation:
+        none for a boot, which changes nothing that runs."""
+        if not self.options.drain or self.options.mode == "boot" or not self.balancers:
+            return []
+        return traffic.balanced(self.traffic, name)
+
+    def _drain(self, report: HostReport, services: Sequence[str]) -> None:
+        """The host drains itself (begin did that); wait until every balancer sends it
+        nothing new and its sessions have ended, or the drain timeout. A balancer that
+        cannot be read stops the host before anything is activated."""
+        assert self.traffic is not None
+        timeout = self.traffic.drain_timeout
+        with self._phase(report, Phase.DRAIN):
+            try:
+                waited = traffic.wait_drained(
+                    self.traffic, self.balancer, report.name, services, timeout
+                )
+            except traffic.BalancerError as exc:
+                raise _Failed(
+                    Phase.DRAIN,
+                    f"{exc}: nothing was activated (--no-drain deploys without reading the "
+                    "balancers)",
+                ) from exc
+        if not waited.done:
+            report.traffic = f"drain timeout ({timeout:g} s), sessions cut: {waited.describe()}"
+
+    def _back_in_rotation(self, report: HostReport) -> None:
+        """After the commit (the host put itself back): wait until the balancers send to
+        it again, so that the next wave never drains more than it should."""
+        services = self._drained(report.name)
+        if not services or self.traffic is None or report.result != HostResult.DEPLOYED:
+            return
+        try:
+            waited = traffic.wait_serving(
+                self.traffic, self.balancer, report.name, services, self.traffic.drain_timeout
+            )
+        except traffic.BalancerError as exc:
+            report.traffic = f"back in rotation, not confirmed: {exc}"
+            return
+        if not waited.done:
+            report.traffic = f"not back in rotation yet: {waited.describe()}"
 
     def _after_boot(self) -> float:
         """How long a host that booted its new generation waits for proof."""
@@ -409,6 +471,7 @@ class Rollout:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
         self._prove(ops, report, activation.declared, started + self.options.health_timeout)
         self._commit(ops, report, txn)
+        self._back_in_rotation(report)
 
     def _prove(self, ops: HostOps, report: HostReport, declared: Declared, deadline: float) -> None:
         """The new generation's own checks (its manifest), not today's declaration's."""
@@ -445,6 +508,7 @@ class Rollout:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
         self._prove(ops, report, state.declared, started + self.options.health_timeout)
         self._commit(ops, report, txn)
+        self._back_in_rotation(report)
 
     def _wait_for_boot(self, ops: HostOps, txn: _Txn) -> HostState | None:
         """The host's state once it is back from its reboot (its transaction past

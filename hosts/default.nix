@@ -1,6 +1,7 @@
-# The example fleet: two application hosts running the example HTTP API and
-# a data host running redis, which the API depends on. The addresses are from
-# a documentation range: replace them, the operator key and the host modules.
+# The example fleet: two application hosts running the example HTTP API, a
+# data host running redis, which the API depends on, and two balancers in
+# front of the API. The addresses are from a documentation range: replace
+# them, the operator key and the host modules.
 { lib, pkgs, ... }:
 let
   api = pkgs.callPackage ../examples/api { };
@@ -24,6 +25,18 @@ in
         ./common.nix
         ./db1.nix
       ];
+    };
+    # HAProxy in front of the API, on port 80 of both: clients find them by
+    # one DNS name with both addresses (or a floating address).
+    lb1 = {
+      address = "192.0.2.31";
+      tags = [ "balancer" ];
+      modules = [ ./common.nix ];
+    };
+    lb2 = {
+      address = "192.0.2.32";
+      tags = [ "balancer" ];
+      modules = [ ./common.nix ];
     };
   };
 
@@ -52,6 +65,12 @@ in
       type = "http";
       path = "/health";
       expectBody = "ok";
+    };
+    # Served by the balancers on port 80, checked by them as above; a
+    # deploy takes one instance out of rotation at a time.
+    ingress = {
+      port = 80;
+      mode = "http";
     };
     limits = {
       memory = "256M";

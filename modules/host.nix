@@ -162,18 +162,45 @@ let
     service: if service.allowFrom == null then fleetSources else lib.unique service.allowFrom;
   isV6 = source: hasInfix ":" source;
 
-  # One entry per service with open ports: its name, ports and sources.
-  openings = concatMap (
-    name:
-    let
-      service = cfg.services.${name};
-    in
-    optional (service.openFirewall && service.ports != [ ]) {
-      inherit name;
-      ports = lib.unique service.ports;
-      sources = sourcesOf service;
-    }
-  ) (lib.attrNames cfg.services);
+  # Traffic: this host runs the fleet agent when it has an instance of a
+  # balanced service, and HAProxy when it is a balancer.
+  balancerSources = lib.unique (filter fleetLib.isAddress cfg.traffic.balancerAddresses);
+  unmatchedBalancers = lib.unique (
+    filter (a: !fleetLib.isAddress a) cfg.traffic.balancerAddresses
+  );
+  balanced = filter (name: cfg.services.${name}.ingress != null) (lib.attrNames cfg.services);
+  runsAgent = balanced != [ ];
+  inherit (cfg.traffic) balance;
+  frontendPorts = lib.optionals (balance != null) (
+    lib.unique (map (s: s.port) (attrValues balance.services))
+  );
+
+  # The balancers reach the instances of what they balance (traffic and
+  # checks) whatever `allowFrom` says.
+  openTo =
+    service:
+    lib.unique (sourcesOf service ++ lib.optionals (service.ingress != null) balancerSources);
+
+  # One entry per service with open ports: what the rules say they are for,
+  # the ports and the sources; the agent's port is open to the balancers
+  # only.
+  openings =
+    concatMap (
+      name:
+      let
+        service = cfg.services.${name};
+      in
+      optional (service.openFirewall && service.ports != [ ]) {
+        what = "fleet service ${name}";
+        ports = lib.unique service.ports;
+        sources = openTo service;
+      }
+    ) (lib.attrNames cfg.services)
+    ++ optional runsAgent {
+      what = "fleet agent";
+      ports = [ cfg.traffic.agentPort ];
+      sources = balancerSources;
+    };
 
   # iptables (networking.firewall.extraCommands): rules appended to NixOS's
   # `nixos-fw` chain before its final refusal, one per source and port;
@@ -188,7 +215,7 @@ let
         "${program source} -w ${action} nixos-fw -p tcp --dport ${toString port} -s ${source} -j nixos-fw-accept${suffix}\n";
       rulesOf =
         o:
-        "# fleet service ${o.name}\n"
+        "# ${o.what}\n"
         + concatMapStrings (source: concatMapStrings (rule source) o.ports) (
           filter (s: !isV6 s || config.networking.enableIPv6) o.sources
         );
@@ -210,12 +237,18 @@ let
         o:
         concatMapStrings (
           source:
-          "${family source} saddr ${source} tcp dport ${portsOf o} accept comment \"fleet service ${o.name}\"\n"
+          "${family source} saddr ${source} tcp dport ${portsOf o} accept comment \"${o.what}\"\n"
         ) o.sources;
     in
     concatMapStrings rulesOf openings;
 
-  defaultedOpenings = filter (o: cfg.services.${o.name}.allowFrom == null) openings;
+  defaultedOpenings = filter (
+    name:
+    let
+      service = cfg.services.${name};
+    in
+    service.openFirewall && service.ports != [ ] && service.allowFrom == null
+  ) (lib.attrNames cfg.services);
 
   secrets = concatMap (name: fleetLib.secretsOf name cfg.services.${name}) (
     lib.attrNames cfg.services
@@ -233,11 +266,16 @@ let
   # The unit that resolves, at every boot, a transaction a crash left behind
   # (docs/transaction.md). Its name is reserved among the services' units.
   bootUnit = "fleet-host-boot";
-  # Unit names the host module keeps: its boot recovery, and `fleet`, whose StateDirectory
-  # would be /var/lib/fleet, where the host keeps its transaction and release records.
+  # The fleet agent's socket, and the template of its per-connection service.
+  agentUnit = "fleet-agent";
+  # Unit names the host module keeps: its boot recovery, its agent, and `fleet`, whose
+  # StateDirectory would be /var/lib/fleet, where the host keeps its transaction and release
+  # records.
   reservedUnits = [
     bootUnit
     "fleet"
+    agentUnit
+    "${agentUnit}@"
   ];
   clashing = filter (name: elem cfg.services.${name}.unit reservedUnits) (
     lib.attrNames cfg.services
@@ -332,6 +370,44 @@ in
       description = "The service instances placed on this host.";
     };
 
+    traffic = {
+      agentPort = mkOption {
+        type = types.port;
+        default = fleetLib.defaults.traffic.agentPort;
+        description = ''
+          Port of the fleet agent, which runs when a service of this host has
+          an `ingress`: the balancers ask it whether to keep the host's
+          instances in rotation.
+        '';
+      };
+      balancerAddresses = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [
+          "192.0.2.31"
+          "192.0.2.32"
+        ];
+        description = ''
+          Addresses of the fleet's balancers: the only sources the agent's
+          port is open to, and sources every port of a service with an
+          `ingress` is open to as well (the balancers send it traffic and
+          check it). DNS names cannot be matched by a firewall; they are left
+          out, with a warning.
+        '';
+      };
+      balance = mkOption {
+        type = types.nullOr types.attrs;
+        default = null;
+        description = ''
+          When this host is one of the fleet's balancers, the fleet's traffic
+          as the inventory has it (`traffic`, docs/inventory.md): the host
+          runs HAProxy (`services.haproxy`) with the configuration
+          fleet/nix/haproxy.nix makes of it, its frontends open to everyone.
+          Null on other hosts.
+        '';
+      };
+    };
+
     manifest = mkOption {
       type = types.raw;
       readOnly = true;
@@ -370,7 +446,7 @@ in
         unit = "${service.unit}.service";
         managedBy = if service.createUnit then "fleet" else "nixos-module";
         inherit (service) ports dependsOn dependencies;
-        allowFrom = if service.openFirewall then sourcesOf service else [ ];
+        allowFrom = if service.openFirewall then openTo service else [ ];
       }) cfg.services;
       checks = filter (c: c != null) (mapAttrsToList fleetLib.checkOf cfg.services);
       inherit secrets;
@@ -403,6 +479,49 @@ in
           };
         }
       ]
+      ++ optional runsAgent {
+        "${agentUnit}@" = {
+          description = "fleet agent answering a balancer";
+          # Root, to read the root-only deploy state, but with no capability,
+          # no network of its own (the connection is passed in) and nothing
+          # writable.
+          serviceConfig = {
+            ExecStart = "${runningHelper} agent";
+            StandardInput = "socket";
+            StandardOutput = "socket";
+            StandardError = "journal";
+            RuntimeMaxSec = 5;
+            CapabilityBoundingSet = "";
+            NoNewPrivileges = true;
+            PrivateNetwork = true;
+            RestrictAddressFamilies = "none";
+            IPAddressDeny = "any";
+            ProtectSystem = "strict";
+            ProtectHome = true;
+            PrivateTmp = true;
+            PrivateDevices = true;
+            ProtectProc = "invisible";
+            ProcSubset = "pid";
+            ProtectClock = true;
+            ProtectControlGroups = true;
+            ProtectHostname = true;
+            ProtectKernelLogs = true;
+            ProtectKernelModules = true;
+            ProtectKernelTunables = true;
+            LockPersonality = true;
+            MemoryDenyWriteExecute = true;
+            RestrictNamespaces = true;
+            RestrictRealtime = true;
+            RestrictSUIDSGID = true;
+            SystemCallArchitectures = "native";
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged @resources"
+            ];
+            UMask = "0077";
+          };
+        };
+      }
       ++ concatMap (x: x) (mapAttrsToList unitsOf cfg.services)
     );
 
@@ -424,13 +543,47 @@ in
     );
     networking.firewall.extraInputRules = mkIf config.networking.nftables.enable nftablesRules;
 
-    warnings = optional (defaultedOpenings != [ ] && unmatchedHosts != [ ]) (
-      "fleet: host ${cfg.hostName}: service(s) "
-      + concatMapStringsSep ", " (o: ''"${o.name}"'') defaultedOpenings
-      + " open their ports to the fleet's hosts, but the firewall cannot match DNS names ("
-      + concatStringsSep ", " unmatchedHosts
-      + "): those hosts are refused; list their IP addresses or prefixes in the services' allowFrom."
-    );
+    warnings =
+      optional (defaultedOpenings != [ ] && unmatchedHosts != [ ]) (
+        "fleet: host ${cfg.hostName}: service(s) "
+        + concatMapStringsSep ", " (name: ''"${name}"'') defaultedOpenings
+        + " open their ports to the fleet's hosts, but the firewall cannot match DNS names ("
+        + concatStringsSep ", " unmatchedHosts
+        + "): those hosts are refused; list their IP addresses or prefixes in the services' allowFrom."
+      )
+      ++ optional (runsAgent && unmatchedBalancers != [ ]) (
+        "fleet: host ${cfg.hostName}: the fleet agent's port is open to the balancers, but the firewall cannot match DNS names ("
+        + concatStringsSep ", " unmatchedBalancers
+        + "): those balancers cannot ask it, and keep this host's instances in rotation while a deploy changes them; declare the balancers by IP address."
+      );
+
+    # The balancers: HAProxy with the fleet's configuration, its frontends
+    # open to everyone (they are the services' public entry points).
+    services.haproxy = mkIf (balance != null) {
+      enable = true;
+      config = fleetLib.haproxyConfig balance;
+    };
+    networking.firewall.allowedTCPPorts = frontendPorts;
+
+    # The fleet agent: the balancers ask it, once a second per instance,
+    # whether to keep this host's instance of a service in rotation ("ready
+    # 100%", "ready NN%" or "drain", from the deploy's state under /run/fleet
+    # and /var/lib/fleet). One short-lived process per connection, with the
+    # connection as its standard input and output.
+    systemd.sockets = mkIf runsAgent {
+      ${agentUnit} = {
+        description = "fleet agent, asked by the balancers";
+        wantedBy = [ "sockets.target" ];
+        listenStreams = [ (toString cfg.traffic.agentPort) ];
+        socketConfig = {
+          Accept = true;
+          MaxConnections = 64;
+          # As the firewall: the balancers only.
+          IPAddressAllow = balancerSources;
+          IPAddressDeny = "any";
+        };
+      };
+    };
 
     # The fleet tool logs in with ssh, copies closures, activates them, and
     # tunnels HTTP and TCP health checks to 127.0.0.1 over the connection.
@@ -486,7 +639,7 @@ in
       }
       {
         assertion = clashing == [ ];
-        message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${concatStringsSep ", " (map (n: cfg.services.${n}.unit) clashing)}, which the fleet host module reserves (${bootUnit} is its boot recovery; fleet would own /var/lib/fleet, the host's transaction and records): rename the service or set its `unit`.";
+        message = "fleet: host ${cfg.hostName}: service(s) ${concatStringsSep ", " (map (n: ''"${n}"'') clashing)} would run as unit ${concatStringsSep ", " (map (n: cfg.services.${n}.unit) clashing)}, which the fleet host module reserves (${bootUnit} is its boot recovery, ${agentUnit} the agent the balancers ask; fleet would own /var/lib/fleet, the host's transaction and records): rename the service or set its `unit`.";
       }
       {
         assertion = isRoot || cfg.trustedPublicKeys != [ ];

@@ -24,6 +24,10 @@ let
   # The one producer of the inventory the fleet tool reads.
   produceInventory = import ../fleet/nix/inventory.nix;
 
+  # The one generator of the balancers' haproxy.cfg, from the inventory's
+  # `traffic`.
+  haproxyConfig = import ../fleet/nix/haproxy.nix;
+
   # The producer fills defaults; read them back from it so that no option
   # below restates them.
   probe = produceInventory {
@@ -37,6 +41,7 @@ let
         }
       ];
     };
+    traffic.services.probe.port = 1;
   };
 
   primaryPort = service: if service.ports == [ ] then null else head service.ports;
@@ -125,6 +130,7 @@ in
 {
   inherit
     produceInventory
+    haproxyConfig
     primaryPort
     isIPv4
     isIPv6
@@ -221,7 +227,15 @@ in
       "port"
     ];
     inherit (probe) deploy;
+    traffic = {
+      balancerTag = "balancer";
+      inherit (probe.traffic) agentPort drainTimeout;
+    };
   };
+
+  # What an HTTP check may request: printable ASCII without spaces, as the
+  # request line and the inventory schema take it.
+  requestPathPattern = "/[!-~]*";
 
   # Host, service, tag and check names: the inventory schema's name pattern.
   namePattern = "[A-Za-z0-9][A-Za-z0-9_.-]{0,62}";

@@ -116,6 +116,42 @@ let
       };
     };
   };
+
+  ingress = {
+    options = {
+      port = mkOption {
+        type = types.port;
+        example = 80;
+        description = ''
+          Port the fleet's balancers listen on for the service, on every host
+          tagged `traffic.balancerTag`: the service's public entry point,
+          open to everyone. No two services may share it.
+        '';
+      };
+      mode = mkOption {
+        type = types.enum [
+          "http"
+          "tcp"
+        ];
+        default = "http";
+        description = ''
+          How HAProxy balances the service: "http" parses each request (it can
+          retry a request an instance dropped, and adds X-Forwarded-For);
+          "tcp" forwards connections as they are, for any other protocol.
+        '';
+      };
+      maxUnavailable = mkOption {
+        type = types.either types.ints.positive (types.strMatching "([1-9][0-9]?|100)%");
+        default = 1;
+        example = "25%";
+        description = ''
+          How many instances of the service a deploy may take out of the
+          balancers' rotation at once: a count, or a share of the instances
+          such as "25%" (rounded down, at least 1).
+        '';
+      };
+    };
+  };
 in
 {
   options = {
@@ -221,6 +257,27 @@ in
         service run by a NixOS module (see `nixosModule`) must set it to the
         unit that module creates; no two services of one host may share a
         unit.
+      '';
+    };
+
+    ingress = mkOption {
+      type = types.nullOr (types.submodule ingress);
+      default = null;
+      example = literalExpression ''
+        {
+          port = 80;
+          mode = "http";
+          maxUnavailable = "25%";
+        }
+      '';
+      description = ''
+        Traffic to the service through the fleet's balancers (HAProxy on the
+        hosts tagged `traffic.balancerTag`), or null for none. The balancers
+        spread it over every instance's first port, check each instance with
+        the service's `healthCheck` and ask each host's fleet agent whether to
+        take an instance out of rotation (a deploy drains it first).
+        Dependents are given the balancers' addresses instead of the
+        instances'.
       '';
     };
 

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -121,6 +122,19 @@ class Paths:
     @property
     def flock(self) -> Path:
         return self.run_dir / "host.lock"
+
+    @property
+    def traffic(self) -> Path:
+        """What the agent tells the balancers per service ("drain", "ready N%"); in /run,
+        so that no boot starts drained, and written only by transactions, whose finish and
+        undo (the dead-man switch's too) remove what they wrote."""
+        return self.run_dir / "traffic"
+
+    @property
+    def maintenance(self) -> Path:
+        """An operator's drain of the whole host (`fleet drain`): on disk, it outlives a
+        reboot until `fleet undrain`."""
+        return self.state_dir / "maintenance.json"
 
     @property
     def gcroots(self) -> Path:
@@ -304,9 +318,10 @@ def watchers() -> dict[str, str]:
 
 
 def last_record(paths: Paths) -> dict[str, Any] | None:
+    """The newest record of a change of system (a drain or undrain changes none)."""
     for line in reversed(read_lines(paths.records)[-50:]):
         record = parse_record(line)
-        if record is not None:
+        if record is not None and record.get("action") not in ("drain", "undrain"):
             return record
     return None
 
@@ -350,6 +365,7 @@ class Txn:
     # The newest generation number before it began: an undo deletes the generations it
     # added, so that a later `rollback` never lands on one that was never current.
     newest: int | None = None
+    drained: list[str] = field(default_factory=list)  # services taken out of rotation
     version: int = TXN_VERSION
 
     @property
@@ -637,8 +653,15 @@ def undo(paths: Paths, txn: Txn, *, result: str, phase: str | None, message: str
                 out["boot_error"] = f"exit {code}: {last_line(output)}"
     if txn.mode != "gc":
         out["record_error"] = append_record(paths, compose(txn, result, recorded, phase, message))
+    undrain(paths, txn)
     drop_txn(paths, txn)
     return out
+
+
+def undrain(paths: Paths, txn: Txn) -> None:
+    """Back in rotation: what the transaction drained or weighted."""
+    for service in txn.drained:
+        (paths.traffic / service).unlink(missing_ok=True)
 
 
 def added_generations(paths: Paths, txn: Txn) -> list[int]:
@@ -656,6 +679,7 @@ def finish(paths: Paths, txn: Txn) -> dict[str, Any]:
     record = txn.record or compose(txn, "deployed", Generation.from_json(txn.target), None, None)
     error = append_record(paths, record)
     prune_secrets(paths, txn.prune)
+    undrain(paths, txn)
     drop_txn(paths, txn)
     return {"finished": True, "record_error": error, "record": record}
 
@@ -721,12 +745,124 @@ def state_json(paths: Paths) -> dict[str, Any]:
         "missingSecrets": missing_secrets(running),
         "heldSecrets": undeclared_secrets(paths, []),
         "checks": declared_checks(running),
+        "traffic": traffic_files(paths),
+        "maintenance": maintenance(paths),
         "now": now(),
     }
 
 
 def helper_path() -> str:
     return os.path.realpath(sys.argv[0])
+
+
+# -- traffic ----------------------------------------------------------------------------
+
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+AGENT_WORD = re.compile(r"drain|ready(?: (?:\d{1,3})%)?")
+# HAProxy's `show stat` columns the tool reads.
+STAT_FIELDS = {"pxname": "backend", "svname": "server", "status": "status", "weight": "weight",
+               "scur": "sessions", "check_status": "check", "agent_status": "agent",
+               "lastchg": "lastChange"}  # fmt: skip
+
+
+def traffic_files(paths: Paths) -> dict[str, str]:
+    """service -> what the agent answers for it, where a transaction changed it."""
+    folder = paths.traffic
+    found = {}
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if SERVICE_NAME.fullmatch(entry.name):
+            with contextlib.suppress(OSError):
+                found[entry.name] = entry.read_text().strip()
+    return found
+
+
+def maintenance(paths: Paths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(paths.maintenance.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"reason": "unreadable maintenance record"}  # drained all the same
+    return data if isinstance(data, dict) else {"reason": "unreadable maintenance record"}
+
+
+def agent_answer(paths: Paths, request: str) -> str:
+    """HAProxy's agent check asks for one service; the host answers whether it is in
+    rotation. Anything unknown is "ready 100%": the balancer's own health check still
+    decides whether the instance is up."""
+    if maintenance(paths) is not None:
+        return "drain"
+    service = request.strip()
+    if not SERVICE_NAME.fullmatch(service):
+        return "ready 100%"
+    try:
+        word = (paths.traffic / service).read_text().strip()
+    except OSError:
+        return "ready 100%"
+    return word if AGENT_WORD.fullmatch(word) else "ready 100%"
+
+
+def cmd_agent(paths: Paths, args: argparse.Namespace) -> None:
+    """One agent check: a line in (the service), a line out. Run per connection by the
+    fleet-agent socket, so that systemd, not a daemon of ours, holds the port."""
+    request = b""
+    ready, _, _ = select.select([sys.stdin.buffer], [], [], args.timeout)
+    if ready:
+        request = os.read(sys.stdin.fileno(), 256)
+    answer = agent_answer(paths, request.decode(errors="replace").split("\n", 1)[0])
+    with contextlib.suppress(OSError):
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()
+
+
+def cmd_traffic_stat(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """The balancer's view, from HAProxy's runtime API (a root-only unix socket)."""
+    if not args.socket.startswith("/"):
+        raise Failure(Exit.USAGE, f"--socket {args.socket!r}: an absolute path")
+    chunks = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(args.timeout)
+            conn.connect(str(paths._p(args.socket)))
+            conn.sendall(b"show stat\n")
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        raise Failure(Exit.FAILED, f"{args.socket}: {exc.strerror or exc}") from exc
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise Failure(Exit.FAILED, f"{args.socket}: not HAProxy's statistics")
+    header = lines[0][2:].split(",")
+    rows = []
+    for line in lines[1:]:
+        fields = dict(zip(header, line.split(","), strict=False))
+        if not line or fields.get("svname") in ("FRONTEND", "BACKEND"):
+            continue
+        row: dict[str, Any] = {name: fields.get(key, "") for key, name in STAT_FIELDS.items()}
+        for number in ("weight", "sessions", "lastChange"):
+            row[number] = int(row[number]) if row[number].isdigit() else None
+        rows.append(row)
+    return {"servers": rows}
+
+
+def cmd_maintenance(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Take the whole host out of rotation, or put it back: an operator's act, recorded."""
+    with host_lock(paths):
+        before = maintenance(paths)
+        holder = json.loads(args.holder or "{}")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        kept = {k: holder[k] for k in ("operator", "reason", "release") if k in holder}
+        if args.action == "on":
+            record = {"time": stamp} | kept
+            write_whole(paths.maintenance, json.dumps(record, sort_keys=True) + "\n", 0o644)
+        else:
+            paths.maintenance.unlink(missing_ok=True)
+        # In the host's release records, beside its deploys: who took it out and why.
+        on = args.action == "on"
+        error = append_record(paths, kept | {
+            "action": "drain" if on else "undrain", "host": host_name(), "time": stamp,
+            "result": "drained" if on else "undrained"})  # fmt: skip
+        return {"before": before, "maintenance": maintenance(paths), "record_error": error}
 
 
 # -- secrets ----------------------------------------------------------------------------
@@ -998,8 +1134,15 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
                 if inherited is not None and inherited.newest is not None
                 else max((n for n, _, _ in generations(paths)), default=0)
             ),
+            # A boot changes nothing that runs: nothing to take out of rotation.
+            drained=sorted(
+                set(inherited.drained if inherited else [])
+                | (set(args.drain) if args.mode != "boot" else set())
+            ),
         )
         write_txn(paths, txn)
+        for service in txn.drained:  # after the record names them: undo finds them all
+            write_whole(paths.traffic / service, "drain\n", 0o644)
         try:
             root(paths, "recorded", txn.token, str(recorded["path"]))
             if target is not None:
@@ -1316,6 +1459,12 @@ def cmd_version(_paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
     return {"protocol": PROTOCOL}
 
 
+def service_arg(value: str) -> str:
+    if not SERVICE_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a service name")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fleet-host", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -1346,6 +1495,10 @@ def parser() -> argparse.ArgumentParser:
     begin.add_argument(
         "--secrets", action="store_true", help="deliver the secrets given as JSON on stdin"
     )
+    begin.add_argument(
+        "--drain", action="append", default=[], type=service_arg,
+        help="a service to take out of rotation until the transaction ends",
+    )  # fmt: skip
     activate = command("activate", "switch-to-configuration test, settle, report")
     activate.add_argument("--token", required=True, type=token_arg)
     activate.add_argument("--health", type=float, required=True)
@@ -1369,6 +1522,14 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--deadline", type=float, default=600.0)
     gc.add_argument("--take-over", action="store_true")
     gc.add_argument("delete", type=int, nargs="*")
+    agent = command("agent", "answer one HAProxy agent check (stdin: the service)")
+    agent.add_argument("--timeout", type=float, default=1.0)
+    stat = command("traffic-stat", "the balancer's servers, from HAProxy's runtime API")
+    stat.add_argument("--socket", default="/run/haproxy/admin.sock")
+    stat.add_argument("--timeout", type=float, default=5.0)
+    maint = command("maintenance", "drain the whole host (on) or undrain it (off)")
+    maint.add_argument("action", choices=["on", "off"])
+    maint.add_argument("--holder", default="", help="JSON: operator, reason")
     return top
 
 
@@ -1388,6 +1549,8 @@ COMMANDS = {
     "watch": cmd_watch,
     "recover": cmd_recover,
     "gc": cmd_gc,
+    "traffic-stat": cmd_traffic_stat,
+    "maintenance": cmd_maintenance,
 }
 
 
@@ -1407,6 +1570,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in INTERNAL and caller_uid() != 0:
         emit({"ok": False, "error": f"{args.command} is run by the host only", "code": 2})
         return Exit.USAGE
+    if args.command == "agent":  # HAProxy's protocol, not ours: one line, never JSON
+        cmd_agent(paths, args)
+        return Exit.OK
     try:
         emit(COMMANDS[args.command](paths, args) | {"ok": True})
         return Exit.OK

@@ -20,6 +20,9 @@ TEMPLATE = (
     "switch-to-configuration.py",
     "lab-web.py",
 )
+INGRESS_PORT = 8000  # lab-web's frontend on the balancers
+AGENT_PORT = 9777
+DRAIN_TIMEOUT = 10
 # The host's half of fleet's transactions, from the package, installed by every lab system
 # at sw/bin/fleet-host (see build-system.sh).
 HOST_HELPER = "fleet-host.py"
@@ -52,8 +55,9 @@ def write_template(lab: Lab) -> None:
         _write_if_changed(lab.flake / name, template.joinpath(name).read_text())
     helper = resources.files("fleet.hostside").joinpath("fleet_host.py").read_text()
     _write_if_changed(lab.flake / HOST_HELPER, helper)
-    inventory_nix = resources.files("fleet").joinpath("nix/inventory.nix").read_text()
-    _write_if_changed(lab.flake / "inventory.nix", inventory_nix)
+    for name in ("inventory.nix", "haproxy.nix"):  # the generators a real fleet uses
+        text = resources.files("fleet").joinpath(f"nix/{name}").read_text()
+        _write_if_changed(lab.flake / name, text)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -68,17 +72,25 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write(lab: Lab, hosts: list[LabHost], host_keys: dict[str, str]) -> None:
+def write(
+    lab: Lab, hosts: list[LabHost], host_keys: dict[str, str], balancers: list[str] | None = None
+) -> None:
     write_template(lab)
+    balancers = balancers or []
     spec = {
         "system": nix_system(),
         "webPort": WEB_PORT,
+        # Hosts that run HAProxy in front of the others' lab-web (not lab-web).
+        "balancers": balancers,
+        "ingressPort": INGRESS_PORT,
+        "agentPort": AGENT_PORT,
+        "drainTimeout": DRAIN_TIMEOUT,
         "hosts": {
             h.name: {
                 "address": h.address,
                 "sshPort": 22,
                 "sshUser": "root",
-                "tags": h.tags,
+                "tags": h.tags + (["balancer"] if h.name in balancers else []),
                 "system": nix_system(),
                 "hostKey": host_keys[h.name],
             }

@@ -150,7 +150,7 @@ def _profile_link(root: Path, path: str) -> None:
         (gcroots / name).symlink_to(target)
 
 
-def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
+def _create(lab: Lab, hosts: list[LabHost], say: Say, balancers: int = 0) -> None:
     """State, keys, flake and each host's disk with generation 1 installed."""
     lab.state.mkdir(parents=True, exist_ok=True)
     _keygen(lab.identity, f"fleet-lab{lab.instance}")
@@ -179,7 +179,7 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say) -> None:
         )
         for folder in ("nix", "boot", "var-fleet"):
             (root / folder).mkdir()
-    flake.write(lab, hosts, keys)
+    flake.write(lab, hosts, keys, [h.name for h in hosts[len(hosts) - balancers :]])
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
     try:
@@ -327,10 +327,14 @@ def _stale(lab: Lab, hosts: list[LabHost]) -> bool:
     return any(lab.host_root(h) not in mounted for h in hosts)
 
 
-def up(lab: Lab, count: int | None, say: Say) -> list[HostState]:
+def up(lab: Lab, count: int | None, say: Say, balancers: int = 0) -> list[HostState]:
+    """``balancers``: how many of the hosts (the last ones) run HAProxy in front of the
+    others' lab-web, instead of lab-web."""
     require_root("fleet lab up")
     if count is not None and not 1 <= count <= MAX_HOSTS:
         raise UsageError(f"--hosts {count}: expected 1 to {MAX_HOSTS}")
+    if balancers and (count is None or not 0 < balancers < count):
+        raise UsageError(f"--balancers {balancers}: expected fewer than --hosts")
     _require_tools()
     with _locked(lab):
         existing = flake.hosts(lab)
@@ -347,7 +351,7 @@ def up(lab: Lab, count: int | None, say: Say) -> list[HostState]:
         image = rootfs.ensure(lab.cache, say)
         try:
             if existing is None:
-                _create(lab, hosts, say)
+                _create(lab, hosts, say, balancers)
             else:
                 flake.write_template(lab)  # the next systems carry this package's programs
             network.ensure_bridge(lab)

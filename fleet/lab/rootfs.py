@@ -17,11 +17,13 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3",
     "nix-bin", "libdbi-perl",  # debootstrap does not resolve nix-bin's virtual perl-dbdabi dep
     "sudo",
+    "haproxy",  # the balancer hosts' (lab up --balancers); the package's unit stays masked
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "5"
+LAYOUT_VERSION = "6"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
-MASKED = ("console-getty.service", "systemd-remount-fs.service")
+# Debian's haproxy.service runs Debian's configuration; a balancer runs its system's own.
+MASKED = ("console-getty.service", "systemd-remount-fs.service", "haproxy.service")
 READY = ".fleet-lab-ready"
 
 SSHD_CONFIG = """\

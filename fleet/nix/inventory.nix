@@ -9,10 +9,18 @@
 #           hostKey?; services?; checks?; secrets? }
 #   deploy: partial deploy policy; missing fields take the defaults below.
 #   services: attrset of name -> { dependsOn?; }: what orders the waves.
+#   traffic: null, or the services the balancers serve:
+#           { agentPort?; drainTimeout?; socket?; balancers;
+#             services = name -> { port; mode?; maxUnavailable?;
+#                                  instances = host -> { address; port; };
+#                                  check?; }; }
+#           maxUnavailable may be a share ("25%"): it is resolved here against
+#           the number of instances.
 {
   hosts,
   deploy ? { },
   services ? { },
+  traffic ? null,
 }:
 let
   checkDefaults = {
@@ -37,6 +45,42 @@ let
     else
       base;
 
+  # A share of the instances, rounded down, but at least one: a deploy must
+  # be able to take some instance out of rotation.
+  resolveMaxUnavailable =
+    count: value:
+    let
+      share = builtins.match "([0-9]+)%" (toString value);
+      n = if share == null then value else count * builtins.fromJSON (builtins.head share) / 100;
+    in
+    if n < 1 then 1 else n;
+
+  normaliseBalanced =
+    _name: service:
+    let
+      instances = builtins.mapAttrs (_host: instance: {
+        inherit (instance) address port;
+      }) (service.instances or { });
+    in
+    {
+      inherit (service) port;
+      mode = service.mode or "http";
+      maxUnavailable = resolveMaxUnavailable (builtins.length (builtins.attrNames instances)) (
+        service.maxUnavailable or 1
+      );
+      inherit instances;
+      check = if service.check or null == null then null else normaliseCheck service.check;
+    };
+
+  normaliseTraffic = traffic: {
+    agentPort = traffic.agentPort or 9777;
+    drainTimeout = traffic.drainTimeout or 30;
+    # HAProxy's runtime API: a root-only unix socket, never a network port.
+    socket = traffic.socket or "/run/haproxy/admin.sock";
+    balancers = builtins.sort builtins.lessThan (traffic.balancers or [ ]);
+    services = builtins.mapAttrs normaliseBalanced traffic.services;
+  };
+
   normaliseHost = _name: host: {
     inherit (host) address;
     sshPort = host.sshPort or 22;
@@ -56,6 +100,8 @@ in
   services = builtins.mapAttrs (_name: service: {
     dependsOn = service.dependsOn or [ ];
   }) services;
+  traffic =
+    if traffic == null || (traffic.services or { }) == { } then null else normaliseTraffic traffic;
   deploy = {
     parallel = 8;
     canary = 1;

@@ -5,7 +5,7 @@ let
   inherit (lib) literalExpression mkOption types;
 
   fleetLib = import ../lib.nix { inherit lib; };
-  inherit (fleetLib.defaults) host deploy;
+  inherit (fleetLib.defaults) host deploy traffic;
 
   name = types.strMatching fleetLib.namePattern;
 
@@ -150,6 +150,36 @@ in
       default = [ ];
       example = [ "fleet-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=" ];
       description = "Keys whose signatures every host accepts on copied closures (the host option `fleet.trustedPublicKeys`); required for hosts whose `sshUser` is not root.";
+    };
+
+    traffic = {
+      balancerTag = mkOption {
+        type = name;
+        default = traffic.balancerTag;
+        description = ''
+          Hosts with this tag run HAProxy and serve every service that has an
+          `ingress`, each on its `ingress.port`. Two or more, for redundancy;
+          clients reach them by a DNS name with all their addresses, or by a
+          floating address (keepalived).
+        '';
+      };
+      agentPort = mkOption {
+        type = types.port;
+        default = traffic.agentPort;
+        description = ''
+          Port of the fleet agent on every host that runs an instance of a
+          balanced service: the balancers ask it whether to keep each instance
+          in rotation. It is open to the balancers' addresses only.
+        '';
+      };
+      drainTimeout = mkOption {
+        type = types.numbers.positive;
+        default = traffic.drainTimeout;
+        description = ''
+          Seconds a deploy waits for an instance's connections to end once the
+          balancers stopped sending it new ones, before it changes the host.
+        '';
+      };
     };
 
     deploy = {

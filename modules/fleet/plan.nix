@@ -6,6 +6,7 @@ cfg:
 let
   inherit (lib)
     all
+    any
     attrNames
     attrValues
     concatMap
@@ -82,6 +83,50 @@ let
     in
     map (h: fleetLib.hostPort cfg.hosts.${h}.address port) placement.${service};
 
+  # Traffic: the hosts tagged traffic.balancerTag run HAProxy and serve every
+  # service with an ingress; every host with an instance of one runs the
+  # fleet agent the balancers ask.
+  balancers = filter (h: elem cfg.traffic.balancerTag cfg.hosts.${h}.tags) hostNames;
+  exposed = filter (s: cfg.services.${s}.ingress != null) serviceNames;
+  runsAgent = host: any (s: cfg.services.${s}.ingress != null) (servicesOn host);
+
+  # What a dependent is given: the balancers' frontends of a service with an
+  # ingress (they spread the load and skip instances that are down or
+  # drained), the instances of any other.
+  endpointsOf =
+    service:
+    let
+      inherit (cfg.services.${service}) ingress;
+    in
+    if ingress == null then
+      addressesOf service
+    else
+      map (h: fleetLib.hostPort cfg.hosts.${h}.address ingress.port) balancers;
+
+  # The inventory's `traffic` before the producer fills its defaults.
+  traffic =
+    if exposed == [ ] then
+      null
+    else
+      {
+        inherit (cfg.traffic) agentPort drainTimeout;
+        inherit balancers;
+        services = genAttrs exposed (
+          service:
+          let
+            s = cfg.services.${service};
+          in
+          {
+            inherit (s.ingress) port mode maxUnavailable;
+            instances = genAttrs placement.${service} (h: {
+              inherit (cfg.hosts.${h}) address;
+              port = fleetLib.primaryPort s;
+            });
+            check = fleetLib.checkOf service s;
+          }
+        );
+      };
+
   # Problems, each naming the service or host concerned.
   serviceProblems =
     service:
@@ -118,6 +163,7 @@ let
       d: "${where}: depends on service ${quote d}, which declares no ports to be found at"
     ) portlessDeps
     ++ healthCheckProblems where s
+    ++ ingressProblems where s
     ++ fleetLib.secretProblems where s
     ++ optional (
       s.nixosModule == null && s.command == [ ]
@@ -126,6 +172,15 @@ let
     # environment, limits and credentials would miss the module's unit.
     ++ optional (s.nixosModule != null && !s.unitIsSet)
       "${where}: it is run by its nixosModule, so set `unit` to the systemd service that module creates (e.g. unit = \"redis-main\" for services.redis.servers.main)";
+
+  ingressProblems =
+    where: s:
+    optionals (s.ingress != null) (
+      optional (s.ports == [ ])
+        "${where}: ingress needs a port to send traffic to, but the service declares no ports: declare the port it listens on in `ports`"
+      ++ optional (s.ingress.port == cfg.traffic.agentPort)
+        "${where}: ingress.port ${toString s.ingress.port} is traffic.agentPort, where the fleet agent of every host with a balanced instance listens: choose another ingress.port, or move traffic.agentPort"
+    );
 
   healthCheckProblems =
     where: s:
@@ -139,6 +194,9 @@ let
     else
       optional (check.timeout >= cfg.deploy.healthTimeout)
         "${where}: healthCheck.timeout is ${seconds check.timeout}, not below deploy.healthTimeout (${seconds cfg.deploy.healthTimeout}): one attempt could outlast the whole health timeout and never pass; lower healthCheck.timeout or raise deploy.healthTimeout"
+      ++ optional (
+        check.type == "http" && builtins.match fleetLib.requestPathPattern check.path == null
+      ) "${where}: healthCheck.path ${builtins.toJSON check.path} must be printable ASCII without spaces: percent-encode anything else (a space is %20)"
       ++ (
         if check.type == "command" then
           optional (check.command == [ ]) "${where}: command health check has an empty healthCheck.command"
@@ -176,8 +234,23 @@ let
           inherit port;
           by = "service ${quote s}";
         }) (unique cfg.services.${s}.ports)
-      ) (servicesOn host);
-      clashes = filter (c: length c > 1) (attrValues (groupBy (c: toString c.port) claims));
+      ) (servicesOn host)
+      ++ optionals (elem host balancers) (
+        map (s: {
+          inherit (cfg.services.${s}.ingress) port;
+          by = "the balancers' frontend of service ${quote s} (ingress.port)";
+          frontend = true;
+        }) exposed
+      )
+      ++ optional (runsAgent host) {
+        port = cfg.traffic.agentPort;
+        by = "the fleet agent (traffic.agentPort)";
+        agent = true;
+      };
+      # Frontends that share a port are a problem of the traffic, named once.
+      clashes = filter (c: length c > 1 && !all (x: x.frontend or false) c) (
+        attrValues (groupBy (c: toString c.port) claims)
+      );
       sharedUnits = filter (services: length services > 1) (
         attrValues (groupBy (s: cfg.services.${s}.unit) (servicesOn host))
       );
@@ -189,6 +262,14 @@ let
       "host ${quote host}: port ${toString (builtins.head c).port} is claimed twice, by ${
         concatMapStringsSep " and " (x: x.by) c
       }"
+      + (
+        if any (x: x.frontend or false) c then
+          ": give the frontend another ingress.port, or move the other off that port"
+        else if any (x: x.agent or false) c then
+          ": set traffic.agentPort to a port no host uses"
+        else
+          ""
+      )
     ) clashes
     ++ map (
       services:
@@ -198,6 +279,27 @@ let
         quote cfg.services.${builtins.head services}.unit
       }: give each its own `unit`, or place them on different hosts"
     ) sharedUnits;
+
+  trafficProblems =
+    let
+      shared = filter (services: length services > 1) (
+        attrValues (groupBy (s: toString cfg.services.${s}.ingress.port) exposed)
+      );
+    in
+    optional (exposed != [ ] && balancers == [ ]) (
+      "traffic: ${if length exposed == 1 then "service" else "services"} ${enumeration exposed} ${
+        if length exposed == 1 then "has" else "have"
+      } an ingress, but no host carries the tag ${quote cfg.traffic.balancerTag} (traffic.balancerTag) to run HAProxy: "
+      + "tag the hosts that should balance (two, for redundancy), or set traffic.balancerTag to their tag"
+    )
+    ++ map (
+      services:
+      "traffic: services ${enumeration services} ${
+        if length services == 2 then "both" else "all"
+      } take ingress.port ${
+        toString cfg.services.${builtins.head services}.ingress.port
+      }, but each balancer listens on one port per service: give each its own ingress.port"
+    ) shared;
 
   deployProblems =
     optional (cfg.deploy.confirmTimeout < 2)
@@ -236,6 +338,7 @@ let
   problems =
     concatMap hostProblems hostNames
     ++ concatMap serviceProblems serviceNames
+    ++ trafficProblems
     ++ deployProblems
     ++ optional (cycle != null) (
       "service ${quote (builtins.head cycle)}: dependency cycle: "
@@ -289,9 +392,16 @@ let
         ]
         // {
           createUnit = s.nixosModule == null;
-          dependencies = genAttrs (knownDeps service) addressesOf;
+          dependencies = genAttrs (knownDeps service) endpointsOf;
         }
       );
+      traffic = {
+        inherit (cfg.traffic) agentPort;
+        # The only sources the agent's port is open to.
+        balancerAddresses = map (n: cfg.hosts.${n}.address) balancers;
+        # What this host's HAProxy serves, when it is a balancer.
+        balance = if elem host balancers then produced.traffic else null;
+      };
     };
 
   # The NixOS modules of one host, in the order nixosSystem takes them.
@@ -320,39 +430,41 @@ let
     ]
     ++ h.modules
     ++ serviceModules;
+
+  # The inventory, unchecked: the balancers' plans carry its `traffic`.
+  produced = fleetLib.produceInventory {
+    hosts = mapAttrs (
+      host: h:
+      {
+        inherit (h)
+          address
+          sshPort
+          sshUser
+          tags
+          system
+          hostKey
+          ;
+        services = servicesOn host;
+        checks = checksOn host;
+        # The secrets the tool uploads to this host before activating.
+        secrets = map (s: removeAttrs s [ "upload" ]) (
+          filter (s: s.upload) (
+            concatMap (s: fleetLib.secretsOf s cfg.services.${s}) (servicesOn host)
+          )
+        );
+      }
+    ) cfg.hosts;
+    inherit (cfg) deploy;
+    services = mapAttrs (_: s: { inherit (s) dependsOn; }) cfg.services;
+    inherit traffic;
+  };
 in
 {
   inherit problems;
 
   placement = checked placement;
 
-  inventory = checked (
-    fleetLib.produceInventory {
-      hosts = mapAttrs (
-        host: h:
-        {
-          inherit (h)
-            address
-            sshPort
-            sshUser
-            tags
-            system
-            hostKey
-            ;
-          services = servicesOn host;
-          checks = checksOn host;
-          # The secrets the tool uploads to this host before activating.
-          secrets = map (s: removeAttrs s [ "upload" ]) (
-            filter (s: s.upload) (
-              concatMap (s: fleetLib.secretsOf s cfg.services.${s}) (servicesOn host)
-            )
-          );
-        }
-      ) cfg.hosts;
-      inherit (cfg) deploy;
-      services = mapAttrs (_: s: { inherit (s) dependsOn; }) cfg.services;
-    }
-  );
+  inventory = checked produced;
 
   hosts = checked (
     genAttrs hostNames (host: {
@@ -368,7 +480,7 @@ in
       hosts = placement.${service};
       addresses =
         if fleetLib.primaryPort cfg.services.${service} == null then [ ] else addressesOf service;
-      dependencies = genAttrs (knownDeps service) addressesOf;
+      dependencies = genAttrs (knownDeps service) endpointsOf;
     })
   );
 }

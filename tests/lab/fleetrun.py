@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from fleet import health, nix
+from fleet import health, nix, traffic
 from fleet.hostops import HostOps
 from fleet.inventory import Inventory, parse
 from fleet.lab import flake, ops
@@ -72,6 +72,16 @@ def host_states(lab: Lab) -> dict[str, Any]:
         return {e.name: HostOps(transport.remote(e)).state() for e in ops.endpoints(lab)}
 
 
+def traffic_view(lab: Lab) -> tuple[list[traffic.Server], dict[str, str]]:
+    """Every balancer's view of every instance, as `fleet traffic` reads it."""
+    balanced = inventory(lab).traffic
+    if balanced is None:
+        return [], {}
+    endpoints = {e.name: e for e in ops.endpoints(lab)}
+    with ops.transport(lab) as transport:
+        return traffic.view(balanced, lambda n: transport.remote(endpoints[n]))
+
+
 def running_paths(lab: Lab) -> dict[str, str | None]:
     return {name: state.running for name, state in host_states(lab).items()}
 
@@ -100,6 +110,20 @@ def assert_safe(lab: Lab, hosts: list[str] | None = None) -> None:
             assert state.breaches(name) == [], f"{name}: {state.breaches(name)}"
             verdict = health.check_host(hostops, state.declared, 20)
             assert verdict.ok, f"{name}: unhealthy: {verdict.message}"
+            assert state.traffic == {}, f"{name}: drain or weight left behind: {state.traffic}"
+            assert state.maintenance is None, f"{name}: in maintenance: {state.maintenance}"
+    # Every healthy instance in rotation on every balancer that serves it (the hosts are
+    # all healthy by now); the agent's word reaches a balancer within its interval.
+    if inventory(lab).traffic is not None:
+        deadline = time.monotonic() + 10
+        while True:
+            servers, errors = traffic_view(lab)
+            out = [s for s in servers if not s.serving]
+            if (not out and not errors) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert errors == {}, f"balancers not readable: {errors}"
+        assert out == [], f"healthy instances out of rotation: {out}"
 
 
 def wait_until_safe(lab: Lab, timeout: float = 60, hosts: list[str] | None = None) -> None:

@@ -43,7 +43,31 @@ CASES = {
     "check-timeout": 'service "api": healthCheck.timeout is 20 s, not below '
     "deploy.healthTimeout (20 s): one attempt could outlast the whole health timeout and never "
     "pass; lower healthCheck.timeout or raise deploy.healthTimeout",
+    "check-path": 'service "api": healthCheck.path "/health check" must be printable ASCII '
+    "without spaces: percent-encode anything else (a space is %20)",
+    # Traffic behind the balancers.
+    "ingress-no-balancer": 'traffic: service "api" has an ingress, but no host carries the tag '
+    '"balancer" (traffic.balancerTag) to run HAProxy: tag the hosts that should balance (two, '
+    "for redundancy), or set traffic.balancerTag to their tag",
+    "ingress-port-twice": 'traffic: services "api" and "cache" both take ingress.port 80, but '
+    "each balancer listens on one port per service: give each its own ingress.port",
+    "ingress-clash": 'host "lb1": port 8080 is claimed twice, by service "api" and the '
+    'balancers\' frontend of service "api" (ingress.port): give the frontend another '
+    "ingress.port, or move the other off that port",
+    "ingress-ssh-port": 'host "lb1": port 80 is claimed twice, by sshd (sshPort) and the '
+    'balancers\' frontend of service "api" (ingress.port): give the frontend another '
+    "ingress.port, or move the other off that port",
+    "ingress-agent-port": 'service "api": ingress.port 9777 is traffic.agentPort, where the fleet '
+    "agent of every host with a balanced instance listens: choose another ingress.port, or move "
+    "traffic.agentPort",
+    "agent-port": 'host "app1": port 8080 is claimed twice, by service "api" and the fleet agent '
+    "(traffic.agentPort): set traffic.agentPort to a port no host uses",
+    "ingress-no-ports": 'service "batch": ingress needs a port to send traffic to, but the '
+    "service declares no ports: declare the port it listens on in `ports`",
 }
+
+# Each of these fixtures has exactly its one problem (two hosts, for the agent's port).
+ONE_PROBLEM = [c for c in CASES if c.startswith("ingress-") or c == "check-path"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -59,6 +83,16 @@ def test_inventory_names_the_problem(nix: Nix, case: str) -> None:
 def test_host_configurations_fail_too(nix: Nix, case: str) -> None:
     error = nix.error(f'(h.hostConfig {nix.fleet(f"bad/{case}.nix")} "app1").systemd.services')
     assert CASES[case] in error
+
+
+@pytest.mark.parametrize("case", ONE_PROBLEM)
+def test_a_traffic_problem_is_one_line_and_the_only_one(nix: Nix, case: str) -> None:
+    assert nix.eval(f"{nix.fleet(f'bad/{case}.nix')}.config.build.problems") == [CASES[case]]
+
+
+def test_the_agents_port_is_named_on_every_host_that_runs_it(nix: Nix) -> None:
+    problems = nix.eval(f"{nix.fleet('bad/agent-port.nix')}.config.build.problems")
+    assert problems == [CASES["agent-port"], CASES["agent-port"].replace("app1", "app2")]
 
 
 def test_every_problem_is_reported_at_once(nix: Nix) -> None:

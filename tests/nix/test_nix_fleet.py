@@ -40,7 +40,7 @@ def good(nix: Nix) -> Any:
 
 def test_example_inventory_passes_the_schema(example: Any) -> None:
     inventory = parse(example["inventory"], "the example fleet")
-    assert sorted(inventory.hosts) == ["app1", "app2", "db1"]
+    assert sorted(inventory.hosts) == ["app1", "app2", "db1", "lb1", "lb2"]
     app1 = inventory.hosts["app1"]
     assert (app1.address, app1.ssh_port, app1.ssh_user) == ("192.0.2.11", 22, "root")
     assert app1.tags == ("app",)
@@ -54,6 +54,8 @@ def test_example_places_the_api_on_app_hosts_and_redis_on_the_data_host(example:
     hosts = example["inventory"]["hosts"]
     assert hosts["app1"]["services"] == ["api"]
     assert hosts["db1"]["services"] == ["redis"]
+    # The balancers run HAProxy, no service of the fleet.
+    assert hosts["lb1"]["services"] == hosts["lb2"]["services"] == []
 
 
 def test_example_checks(example: Any) -> None:
@@ -86,12 +88,8 @@ def test_example_api_finds_redis(example: Any) -> None:
 
 def test_example_host_modules(example: Any) -> None:
     # host module, plan, host name, common.nix; db1 adds db1.nix and redis's module
-    assert example["moduleCounts"] == {"app1": 4, "app2": 4, "db1": 6}
-    assert example["systems"] == {
-        "app1": "x86_64-linux",
-        "app2": "x86_64-linux",
-        "db1": "x86_64-linux",
-    }
+    assert example["moduleCounts"] == {"app1": 4, "app2": 4, "db1": 6, "lb1": 4, "lb2": 4}
+    assert set(example["systems"].values()) == {"x86_64-linux"}
     plan = example["plans"]["db1"]
     assert plan["services"]["redis"]["createUnit"] is False
     assert plan["services"]["redis"]["unit"] == "redis-main"

@@ -261,9 +261,13 @@ def test_example_hosts(example: dict[str, Any]) -> None:
     assert api["serviceConfig"]["LoadCredential"] == [
         "redis-password:/var/lib/fleet/secrets/api/redis-password"
     ]
-    fleet = ["192.0.2.11", "192.0.2.12", "192.0.2.21"]
+    fleet = ["192.0.2.11", "192.0.2.12", "192.0.2.21", "192.0.2.31", "192.0.2.32"]
+    # The API's port to the fleet (the balancers among it), the agent's to the balancers.
     assert rules(example["app1"]["iptables"]) == [
         f"iptables -w -A nixos-fw -p tcp --dport 8080 -s {a} -j nixos-fw-accept" for a in fleet
+    ] + [
+        f"iptables -w -A nixos-fw -p tcp --dport 9777 -s {a} -j nixos-fw-accept"
+        for a in ["192.0.2.31", "192.0.2.32"]
     ]
     redis = example["db1"]["units"]["redis-main"]
     assert redis["serviceConfig"] == {
@@ -366,7 +370,7 @@ def test_state_and_runtime_directories(hosts: dict[str, Any]) -> None:
         ]
 
 
-@pytest.mark.parametrize("unit", ["fleet-host-boot", "fleet"])
+@pytest.mark.parametrize("unit", ["fleet-host-boot", "fleet", "fleet-agent", "fleet-agent@"])
 def test_a_service_cannot_take_a_reserved_unit_name(nix: Nix, unit: str) -> None:
     failed = nix.eval(
         f"""(h.hostConfig (h.evalFleet [ {{
@@ -376,7 +380,8 @@ def test_a_service_cannot_take_a_reserved_unit_name(nix: Nix, unit: str) -> None
     )
     assert failed == [
         f'fleet: host app1: service(s) "api" would run as unit {unit}, which the fleet host '
-        "module reserves (fleet-host-boot is its boot recovery; fleet would own "
+        "module reserves (fleet-host-boot is its boot recovery, fleet-agent the agent the "
+        "balancers ask; fleet would own "
         "/var/lib/fleet, the host's transaction and records): rename the service or set "
         "its `unit`."
     ]

@@ -52,6 +52,9 @@ EXAMPLE_VIEW = """
 let c = h.realConfig h.example {host}; in {{
   failed = c.failedAssertions;
   units = c.unitText;
+  sockets = c.socketText;
+  haproxy = {{ inherit (c.services.haproxy) enable config; }};
+  ports = c.networking.firewall.allowedTCPPorts;
   users = builtins.mapAttrs (_: u: {{ inherit (u) isSystemUser group useDefaultShell
     description; keys = u.openssh.authorizedKeys.keys; }}) c.users.users;
   groups = builtins.attrNames c.users.groups;
@@ -73,7 +76,7 @@ let c = h.realConfig h.example {host}; in {{
 
 @pytest.fixture(scope="module")
 def example(real: Nix) -> dict[str, Any]:
-    hosts = ["app1", "app2", "db1"]
+    hosts = ["app1", "app2", "db1", "lb1"]
     views = " ".join(f"{h} = {EXAMPLE_VIEW.format(host=json.dumps(h))};" for h in hosts)
     result: dict[str, Any] = real.eval("{ " + views + " }")
     return result
@@ -101,6 +104,39 @@ def test_the_units_render_as_nixos_writes_them(example: dict[str, Any]) -> None:
     assert "Type=oneshot\n" in boot and "X-RestartIfChanged=false\n" in boot
     redis = example["db1"]["units"]
     assert any(u.startswith("redis") for u in redis)
+
+
+def test_the_agent_renders_as_nixos_writes_it(example: dict[str, Any]) -> None:
+    """A socket-activated pair: one service instance per connection, the connection its
+    standard input and output, on the API's hosts only."""
+    socket = example["app1"]["sockets"]["fleet-agent"]
+    assert "[Socket]" in socket and "Accept=true\n" in socket
+    assert "ListenStream=9777\n" in socket
+    assert "IPAddressAllow=192.0.2.31\nIPAddressAllow=192.0.2.32\n" in socket
+    assert "IPAddressDeny=any\n" in socket
+    assert "WantedBy=sockets.target" in socket
+    agent = example["app1"]["units"]["fleet-agent@"]
+    for line in [
+        "ExecStart=/run/current-system/sw/bin/fleet-host agent",
+        "StandardInput=socket",
+        "StandardOutput=socket",
+        "RuntimeMaxSec=5",
+        "PrivateNetwork=true",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+    ]:
+        assert f"{line}\n" in agent, line
+    assert example["db1"]["sockets"] == {} and "fleet-agent@" not in example["db1"]["units"]
+    assert example["lb1"]["sockets"] == {}
+
+
+def test_the_balancer_runs_nixpkgs_haproxy_module(example: dict[str, Any]) -> None:
+    lb1 = example["lb1"]
+    assert lb1["haproxy"]["enable"] is True
+    assert "frontend api\n" in lb1["haproxy"]["config"]
+    assert lb1["ports"] == [80]
+    assert example["app1"]["haproxy"] == {"enable": False, "config": None}
+    assert example["app1"]["ports"] == []
 
 
 def test_redis_is_nixpkgs_own_module(example: dict[str, Any]) -> None:

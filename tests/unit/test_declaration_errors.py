@@ -91,3 +91,41 @@ def test_an_untracked_file_gets_a_hint(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "git add" in proc.stderr, proc.stderr
+
+
+TRAFFIC_FLEET = """{ ... }: {
+  hosts.app1.address = "192.0.2.11";
+  services.api = {
+    command = [ "/bin/api" ];
+    ports = [ 8080 ];
+    ingress.port = 80;
+  };
+  services.web = {
+    command = [ "/bin/web" ];
+    ports = [ 8081 ];
+    ingress.port = 80;
+  };
+}
+"""
+
+
+def test_a_fleets_traffic_problems_reach_the_operator_in_one_line(tmp_path: Path) -> None:
+    """The fleet module's own problems, from a flake, as the tool reports them."""
+    lib = Path.home() / ".cache" / "fleet" / "nixpkgs-lib" / "lib"
+    if not (lib / "default.nix").is_file():
+        pytest.skip(f"nixpkgs lib not found at {lib}")
+    repo = Path(__file__).parents[2]
+    shutil.copytree(lib, tmp_path / "lib")
+    shutil.copytree(repo / "modules", tmp_path / "modules")
+    shutil.copytree(repo / "fleet" / "nix", tmp_path / "fleet" / "nix")
+    (tmp_path / "fleet.nix").write_text(TRAFFIC_FLEET)
+    (tmp_path / "flake.nix").write_text(
+        "{ outputs = { self }: { fleet = (import ./modules/eval.nix { lib = import ./lib; } "
+        "{ modules = [ ./fleet.nix ]; }).config.build.inventory; }; }\n"
+    )
+    proc = fleet(tmp_path, "status")
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "the declaration has 2 problem(s)" in line
+    assert 'traffic: services "api" and "web" have an ingress, but no host carries the tag' in line
+    assert 'traffic: services "api" and "web" both take ingress.port 80' in line

@@ -483,3 +483,140 @@ def test_state_names_the_running_systems_missing_secrets(host: Path, tmp_path: P
     assert out["missingSecrets"] == [
         {"service": "web", "name": "gone", "path": str(tmp_path / "gone")}
     ]
+
+
+# -- traffic: the agent, drains, the balancer's statistics ------------------------------
+
+
+def agent(host: Path, request: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), "agent"],
+        input=request, capture_output=True, text=True, timeout=30,
+        env=dict(os.environ, FLEET_HOST_ROOT=str(host)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_a_transaction_drains_its_services_until_it_ends(host: Path) -> None:
+    assert agent(host, "web\n") == "ready 100%\n"
+    code, _ = begin(host, tk("d1"), "sys-b", "--drain", "web")
+    assert code == 0
+    assert agent(host, "web\n") == "drain\n"
+    assert agent(host, "other\n") == "ready 100%\n"
+    helper(host, "activate", "--token", tk("d1"), "--health", "5", "--confirm", "5")
+    assert helper(host, "state")[1]["traffic"] == {"web": "drain"}
+    helper(host, "commit", "--token", tk("d1"), stdin="{}")
+    assert agent(host, "web\n") == "ready 100%\n"
+    assert helper(host, "state")[1]["traffic"] == {}
+
+
+@pytest.mark.parametrize("how", ["undo", "expiry"])
+def test_an_undone_transaction_puts_its_services_back_in_rotation(host: Path, how: str) -> None:
+    """The tool's undo and the dead-man switch's both: no drain outlives its transaction."""
+    begin(host, tk("d2"), "sys-b", "--drain", "web", "--drain", "api")
+    assert agent(host, "api\n") == "drain\n"
+    if how == "undo":
+        helper(host, "undo", "--token", tk("d2"), "--settle", "0", stdin="{}")
+    else:
+        txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
+        txn["deadline"] = 0
+        (host / "var/lib/fleet/txn.json").write_text(json.dumps(txn))
+        code, out = helper(host, "watch", "--token", tk("d2"))
+        assert code == 0, out
+    assert agent(host, "api\n") == agent(host, "web\n") == "ready 100%\n"
+    assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_a_boot_transaction_drains_nothing(host: Path) -> None:
+    helper(
+        host, "begin", "--token", tk("d3"), "--holder", "{}", "--mode", "boot",
+        "--target", str(host / "store/sys-b"), "--deadline", "30", "--confirm", "20",
+        "--drain", "web",
+    )  # fmt: skip
+    assert agent(host, "web\n") == "ready 100%\n"
+
+
+@pytest.mark.parametrize(
+    "request_", ["", "\n", "../etc/passwd\n", "web" * 100 + "\n", "\x00\n", "web extra\n"]
+)
+def test_the_agent_answers_anything_it_cannot_read_with_ready(host: Path, request_: str) -> None:
+    (host / "run/fleet/traffic").mkdir(parents=True)
+    (host / "run/fleet/traffic/web").write_text("drain\n")
+    assert agent(host, request_) == "ready 100%\n"
+
+
+def test_the_agent_never_repeats_what_it_does_not_understand(host: Path) -> None:
+    (host / "run/fleet/traffic").mkdir(parents=True)
+    (host / "run/fleet/traffic/web").write_text("down\nmaint\n")
+    assert agent(host, "web\n") == "ready 100%\n"
+    (host / "run/fleet/traffic/web").write_text("ready 33%\n")
+    assert agent(host, "web\n") == "ready 33%\n"
+
+
+def test_maintenance_drains_every_service_until_undone(host: Path) -> None:
+    code, out = helper(host, "maintenance", "on", "--holder", json.dumps({"reason": "disk"}))
+    assert code == 0 and out["maintenance"]["reason"] == "disk"
+    assert agent(host, "web\n") == agent(host, "api\n") == "drain\n"
+    assert helper(host, "state")[1]["maintenance"]["reason"] == "disk"
+    code, out = helper(host, "maintenance", "off")
+    assert code == 0 and out["maintenance"] is None
+    assert agent(host, "web\n") == "ready 100%\n"
+    # Recorded beside the deploys, but no change of system: the last record stays a deploy's.
+    records = [json.loads(x) for x in (host / "var/lib/fleet/releases.jsonl").open()]
+    assert [(r["action"], r["result"]) for r in records] == [
+        ("drain", "drained"), ("undrain", "undrained")]  # fmt: skip
+    assert records[0]["reason"] == "disk"
+    assert helper(host, "state")[1]["lastRecord"] is None
+
+
+STAT = (
+    "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,"
+    "wredis,status,weight,act,bck,chkfail,chkdown,lastchg,downtime,qlimit,pid,iid,sid,throttle,"
+    "lbtot,tracked,type,rate,rate_lim,rate_max,check_status,check_code,check_duration,hrsp_1xx,"
+    "hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,hanafail,req_rate,req_rate_max,req_tot,"
+    "cli_abrt,srv_abrt,comp_in,comp_out,comp_byp,comp_rsp,lastsess,last_chk,last_agt,qtime,"
+    "ctime,rtime,ttime,agent_status\n"
+    "web,FRONTEND,,,3,5,,,,,,,,,,,,OPEN,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,,\n"
+    "web,lab1,0,0,2,4,,9,,,,,,0,0,0,0,UP,100,1,0,0,0,12,0,,1,3,1,,9,,2,0,,3,L7OK,200,1,,,,,,,,,,"
+    ",,,,,,,,,,,,,,L7OK\n"
+    "web,lab2,0,0,0,4,,9,,,,,,0,0,0,0,DRAIN,0,1,0,0,0,3,0,,1,3,2,,9,,2,0,,3,L7OK,200,1,,,,,,,,,,"
+    ",,,,,,,,,,,,,,L7OK\n"
+    "web,BACKEND,0,0,2,4,,9,,,,,,0,0,0,0,UP,100,1,0,,0,12,0,,1,3,0,,9,,1,0,,3,,,,,,,,,,,,,,,,,,,,"
+    ",,,,,\n"
+)
+
+
+def test_traffic_stat_reads_the_runtime_api(host: Path, tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    path = host / "run/haproxy/admin.sock"
+    path.parent.mkdir(parents=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            assert conn.recv(64) == b"show stat\n"
+            conn.sendall(STAT.encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    code, out = helper(host, "traffic-stat")
+    thread.join(5)
+    server.close()
+    assert code == 0, out
+    assert out["servers"] == [
+        {"backend": "web", "server": "lab1", "status": "UP", "weight": 100, "sessions": 2,
+         "check": "L7OK", "agent": "L7OK", "lastChange": 12},
+        {"backend": "web", "server": "lab2", "status": "DRAIN", "weight": 0, "sessions": 0,
+         "check": "L7OK", "agent": "L7OK", "lastChange": 3},
+    ]  # fmt: skip
+
+
+def test_traffic_stat_of_a_balancer_that_is_not_there_fails_in_one_line(host: Path) -> None:
+    code, out = helper(host, "traffic-stat")
+    assert code == fh.Exit.FAILED and "/run/haproxy/admin.sock" in out["error"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleet.errors import InventoryError, UsageError
-from fleet.inventory import CheckType, Secret, parse, select_names
+from fleet.inventory import Balanced, CheckType, Instance, Secret, Traffic, parse, select_names
 
 EXAMPLE = {
     "schemaVersion": 1,
@@ -201,6 +201,129 @@ def test_addresses_are_dns_names_or_bare_ip_addresses(address):
     assert parse(data, "example").hosts["web1"].address == address
 
 
+# The example with a balancer in front of web1's api.
+TRAFFIC = {
+    "agentPort": 9777,
+    "drainTimeout": 30,
+    "socket": "/run/haproxy/admin.sock",
+    "balancers": ["lb1"],
+    "services": {
+        "api": {
+            "mode": "http",
+            "port": 80,
+            "maxUnavailable": 1,
+            "instances": {"web1": {"address": "192.0.2.11", "port": 8080}},
+            "check": EXAMPLE["hosts"]["web1"]["checks"][0],
+        },
+        "redis": {
+            "mode": "tcp",
+            "port": 6379,
+            "maxUnavailable": 2,
+            "instances": {
+                "web1": {"address": "192.0.2.11", "port": 6379},
+                "db1": {"address": "db1.example.org", "port": 6379},
+            },
+            "check": None,
+        },
+    },
+}
+
+
+def balanced() -> dict:
+    data = copy.deepcopy(EXAMPLE)
+    data["hosts"]["lb1"] = {
+        **copy.deepcopy(EXAMPLE["hosts"]["web1"]),
+        "address": "192.0.2.31",
+        "services": [],
+        "checks": [],
+        "secrets": [],
+    }
+    data["traffic"] = copy.deepcopy(TRAFFIC)
+    return data
+
+
+def test_traffic_parses():
+    traffic = parse(balanced(), "example").traffic
+    assert isinstance(traffic, Traffic)
+    assert (traffic.agent_port, traffic.drain_timeout) == (9777, 30.0)
+    assert traffic.socket == "/run/haproxy/admin.sock"
+    assert traffic.balancers == ("lb1",)
+    api = traffic.services["api"]
+    assert api == Balanced(
+        name="api",
+        mode="http",
+        port=80,
+        max_unavailable=1,
+        instances=(Instance("web1", "192.0.2.11", 8080),),
+        check=parse(EXAMPLE, "example").hosts["web1"].checks[0],
+    )
+    redis = traffic.services["redis"]
+    # Sorted by host, whatever the order of the inventory.
+    assert [i.host for i in redis.instances] == ["db1", "web1"]
+    assert (redis.mode, redis.max_unavailable, redis.check) == ("tcp", 2, None)
+
+
+@pytest.mark.parametrize("value", ["absent", None])
+def test_no_traffic(value):
+    data = copy.deepcopy(EXAMPLE)
+    if value is None:
+        data["traffic"] = None
+    assert parse(data, "example").traffic is None
+
+
+def _refused_traffic(mutate, message: str) -> None:
+    data = balanced()
+    mutate(data["traffic"])
+    with pytest.raises(InventoryError) as error:
+        parse(data, "example")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def _api(traffic):
+    return traffic["services"]["api"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda t: t["balancers"].append("lb9"),
+            "inventory from example: traffic.balancers: 'lb9' is not a host of the inventory",
+        ),
+        (
+            lambda t: _api(t)["instances"].update(web9={"address": "192.0.2.19", "port": 8080}),
+            "traffic.services.api.instances: 'web9' is not a host of the inventory",
+        ),
+        (lambda t: _api(t).update(mode="udp"), "traffic.services.api.mode"),
+        (lambda t: _api(t).update(maxUnavailable=0), "traffic.services.api.maxUnavailable"),
+        # A share is resolved by the producer: the tool reads a count.
+        (lambda t: _api(t).update(maxUnavailable="25%"), "traffic.services.api.maxUnavailable"),
+        (lambda t: _api(t).update(port=0), "traffic.services.api.port"),
+        (lambda t: _api(t).pop("check"), "'check' is a required property"),
+        (lambda t: _api(t)["check"].update(type="udp"), "traffic.services.api.check"),
+        (
+            lambda t: _api(t)["instances"]["web1"].update(address="192.0.2.11:8080"),
+            "traffic.services.api.instances.web1.address",
+        ),
+        (
+            lambda t: _api(t)["instances"]["web1"].update(address="[2001:db8::1]"),
+            "traffic.services.api.instances.web1.address",
+        ),
+        (lambda t: t.update(socket="admin.sock"), "traffic.socket"),
+        (lambda t: t.update(socket="/run/../etc/admin.sock"), "traffic.socket"),
+        (lambda t: t.update(socket="/run/haproxy/admin.sock\n"), "traffic.socket"),
+        (lambda t: t.update(agentPort=70000), "traffic.agentPort"),
+        (lambda t: t.update(drainTimeout=0), "traffic.drainTimeout"),
+        (lambda t: t["balancers"].append("lb1"), "traffic.balancers"),
+        (lambda t: t.update(colour="red"), "colour"),
+        (lambda t: t["services"].update({"-x": t["services"].pop("api")}), "traffic.services"),
+    ],
+)
+def test_bad_traffic_names_the_field(mutate, message):
+    _refused_traffic(mutate, message)
+
+
 NAMES = ["web1", "web2", "db1"]
 TAGS = {"web1": ["web", "canary"], "web2": ["web"], "db1": ["db"]}
 
@@ -261,3 +384,6 @@ def test_the_documented_example_is_a_valid_inventory():
     inventory = parse(json.loads(block), "docs/inventory.md")
     assert inventory.depends_on == {"api": ("worker",), "worker": ()}
     assert inventory.deploy.canary_tag == "canary"
+    assert inventory.traffic is not None
+    assert inventory.traffic.balancers == ("lb1",)
+    assert [i.host for i in inventory.traffic.services["api"].instances] == ["web1"]

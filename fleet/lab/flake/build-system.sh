@@ -39,7 +39,26 @@ if [ -n "$secret" ]; then
 LoadCredential=token:/var/lib/fleet/secrets/lab-web/token"
   secretManifest='{"service": "lab-web", "name": "token", "path": "/var/lib/fleet/secrets/lab-web/token", "upload": true, "file": "lab-token"}'
 fi
-cat > "$out/etc/systemd/system/lab-web.service" <<UNIT
+if [ -n "$haproxyConfig" ]; then
+  # A balancer: Debian's HAProxy with the configuration the fleet's generator made.
+  mkdir -p "$out/etc/haproxy"
+  printf '%s\n' "$haproxyConfig" > "$out/etc/haproxy/haproxy.cfg"
+  cat > "$out/etc/systemd/system/fleet-haproxy.service" <<UNIT
+[Unit]
+Description=HAProxy, the lab's balancer
+After=network.target
+
+[Service]
+Type=notify
+RuntimeDirectory=haproxy
+ExecStartPre=/usr/sbin/haproxy -c -q -f $out/etc/haproxy/haproxy.cfg
+ExecStart=/usr/sbin/haproxy -Ws -f $out/etc/haproxy/haproxy.cfg -p /run/haproxy.pid
+ExecReload=/bin/kill -USR2 \$MAINPID
+Restart=always
+UNIT
+  serviceManifest='"haproxy": {"unit": "fleet-haproxy.service"}'
+else
+  cat > "$out/etc/systemd/system/lab-web.service" <<UNIT
 [Unit]
 Description=fleet lab web service, release $releaseVersion
 
@@ -50,10 +69,38 @@ Restart=no
 TimeoutStartSec=120
 $secretUnit
 UNIT
+  serviceManifest='"lab-web": {"unit": "lab-web.service"}'
+fi
+# The agent HAProxy asks whether this host's instances are in rotation: one fleet-host
+# per connection, from a socket systemd holds (no daemon of ours to die drained).
+if [ "$agentPort" != 0 ]; then
+  cat > "$out/etc/systemd/system/fleet-agent.socket" <<UNIT
+[Unit]
+Description=fleet agent: answers the balancers' agent checks
+
+[Socket]
+ListenStream=$agentPort
+Accept=yes
+
+[Install]
+WantedBy=sockets.target
+UNIT
+  cat > "$out/etc/systemd/system/fleet-agent@.service" <<UNIT
+[Unit]
+Description=fleet agent check
+
+[Service]
+ExecStart=/run/current-system/sw/bin/fleet-host agent
+StandardInput=socket
+StandardOutput=socket
+StandardError=journal
+RuntimeMaxSec=5
+UNIT
+fi
 mkdir -p "$out/etc/fleet"
 cat > "$out/etc/fleet/manifest.json" <<MANIFEST
 {"manifestVersion": 1, "host": "$hostName",
- "services": {"lab-web": {"unit": "lab-web.service"}},
+ "services": {$serviceManifest},
  "secrets": [$secretManifest],
  "checks": $checksJSON}
 MANIFEST

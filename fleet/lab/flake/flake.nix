@@ -34,17 +34,65 @@
         retries = 5;
       };
       checks = [ webCheck ] ++ (if release.extra or null != null then [ extraCheck ] else [ ]);
+
+      # Balancer hosts run HAProxy, with the configuration a real fleet's generator makes,
+      # in front of every other host's lab-web; the others answer its agent checks.
+      balancers = lab.balancers or [ ];
+      isBalancer = name: builtins.elem name balancers;
+      apps = builtins.filter (name: !isBalancer name) (builtins.attrNames lab.hosts);
+      traffic =
+        if balancers == [ ] then
+          null
+        else
+          {
+            inherit (lab) agentPort drainTimeout;
+            socket = "/run/haproxy/admin.sock";
+            inherit balancers;
+            services.lab-web = {
+              mode = "http";
+              port = lab.ingressPort;
+              maxUnavailable = 1;
+              instances = builtins.listToAttrs (
+                map (name: {
+                  inherit name;
+                  value = {
+                    inherit (lab.hosts.${name}) address;
+                    port = lab.webPort;
+                  };
+                }) apps
+              );
+              check = webCheck;
+            };
+          };
+      # From the inventory's normalised traffic, as the host module does.
+      haproxyConfig = if traffic == null then "" else import ./haproxy.nix self.fleet.traffic;
+      # A balancer is proven by its frontend accepting connections.
+      balancerCheck = {
+        name = "lab-balancer";
+        service = "haproxy";
+        type = "tcp";
+        port = lab.ingressPort;
+        timeout = 1;
+        interval = 0.2;
+        retries = 25;
+      };
+      checksOf = name: if isBalancer name then [ balancerCheck ] else checks;
     in
     {
       fleet = import ./inventory.nix {
+        inherit traffic;
         hosts = builtins.mapAttrs (
-          _name: host:
+          name: host:
           host
           // {
-            services = [ "lab-web" ] ++ (if release.extra or null != null then [ "lab-extra" ] else [ ]);
-            inherit checks;
+            services =
+              if isBalancer name then
+                [ "haproxy" ]
+              else
+                [ "lab-web" ] ++ (if release.extra or null != null then [ "lab-extra" ] else [ ]);
+            checks = checksOf name;
             secrets =
-              if release.secret or false then
+              if release.secret or false && !isBalancer name then
                 [
                   {
                     service = "lab-web";
@@ -61,10 +109,32 @@
       };
 
       nixosConfigurations = builtins.mapAttrs (name: _host: {
-        config.system.build.toplevel = mkSystem {
-          inherit name release checks;
-          inherit (lab) system webPort;
-        };
+        config.system.build.toplevel = mkSystem (
+          {
+            inherit name;
+            inherit (lab) system webPort;
+            # The agent, on the hosts behind balancers only (0: none).
+            agentPort = if balancers == [ ] || isBalancer name then 0 else lab.agentPort;
+            checks = checksOf name;
+          }
+          # A balancer's system does not change with lab-web's releases: deploying one
+          # leaves it (and the connections through it) alone.
+          // (
+            if isBalancer name then
+              {
+                release = {
+                  version = "balancer";
+                  broken = null;
+                };
+                inherit haproxyConfig;
+              }
+            else
+              {
+                inherit release;
+                haproxyConfig = "";
+              }
+          )
+        );
       }) lab.hosts;
     };
 }

@@ -97,8 +97,10 @@ def main():
     old = CURRENT.resolve() if CURRENT.exists() else None
     old_units, new_units = units_of(old), units_of(OUT)
     stop = sorted(set(old_units) - set(new_units))
-    restart = sorted(u for u in new_units if u in old_units and old_units[u] != new_units[u])
-    start = sorted(u for u in new_units if u not in restart and not is_active(u))
+    # Templates (name@.service) run as instances, started by what needs them (a socket).
+    units = [u for u in new_units if "@." not in u]
+    restart = sorted(u for u in units if u in old_units and old_units[u] != new_units[u])
+    start = sorted(u for u in units if u not in restart and not is_active(u))
 
     if action == "dry-activate":
         for verb, units in (("stop", stop), ("restart", restart), ("start", start)):

@@ -6,6 +6,8 @@
   release,
   webPort,
   checks,
+  agentPort,
+  haproxyConfig,
 }:
 derivation {
   name = "lab-system-${name}-${release.version}";
@@ -23,6 +25,9 @@ derivation {
     in
     if release.broken == null || !onHost then "" else release.broken;
   port = toString webPort;
+  agentPort = toString agentPort;
+  # A balancer's: HAProxy's configuration instead of lab-web.
+  inherit haproxyConfig;
   startDelay = toString (release.startDelay or 0);
   healthyAfter = toString (release.healthyAfter or 0);
   secret = if release.secret or false then "1" else "";

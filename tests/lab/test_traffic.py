@@ -1,0 +1,159 @@
+"""Deploys behind a real balancer: Debian's HAProxy on a lab host, with the configuration
+the fleet's generator makes, in front of four hosts' lab-web, under client load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fleet.lab import flake, ops
+from fleet.lab.layout import Lab
+from fleet.lab.load import Clients
+from tests.lab.fleetrun import (
+    assert_safe,
+    faulted,
+    fleet_argv,
+    inventory,
+    results,
+    run_fleet,
+    set_release,
+    traffic_view,
+    wait_until_safe,
+)
+
+pytestmark = [pytest.mark.lab]
+
+APPS = ["lab1", "lab2", "lab3", "lab4"]
+BALANCER = "lab5"
+ONE_AT_A_TIME = ("--canary", "1", "--batch-size", "1")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """Five hosts beside the session's lab: four run lab-web, the fifth HAProxy."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + 50) % 255))
+        instance = Lab.from_env()
+        ops.down(instance)
+        ops.up(instance, 5, lambda _m: None, balancers=1)
+        set_release(instance, "0")
+        code, _, err = run_fleet(instance, "deploy")
+        assert code == 0, err
+        yield instance
+        ops.down(instance)
+
+
+@pytest.fixture()
+def safe(lab: Lab) -> Iterator[None]:
+    assert_safe(lab)
+    yield
+    set_release(lab, "0")
+    code, _, err = run_fleet(lab, "deploy")
+    assert code == 0, err
+    assert_safe(lab)
+
+
+def clients(lab: Lab) -> Clients:
+    address = lab.hosts(5)[4].address
+    return Clients(lab, address, flake.INGRESS_PORT, threads=4, max_seconds=240)
+
+
+def test_the_balancer_serves_every_instance(lab: Lab, safe: None) -> None:
+    servers, errors = traffic_view(lab)
+    assert errors == {}
+    assert sorted(s.host for s in servers) == APPS
+    assert all(s.serving and s.balancer == BALANCER for s in servers), servers
+    assert inventory(lab).traffic is not None
+
+
+def test_a_rolling_deploy_under_load_fails_no_request(lab: Lab, safe: None) -> None:
+    set_release(lab, "r1")
+    with clients(lab) as load:
+        time.sleep(1)
+        code, report, err = run_fleet(lab, "deploy", *ONE_AT_A_TIME, timeout=300)
+        time.sleep(2)
+    seen = load.load
+    assert code == 0, err
+    assert set(results(report).values()) == {"deployed"}, report
+    assert seen.failed == 0, seen.summary()
+    assert set(seen.releases) <= {"0", "r1"} and seen.releases["r1"] > 0, seen.summary()
+    drains = [h["timings"].get("drain") for n, h in report["hosts"].items() if n in APPS]
+    assert all(d is not None for d in drains), report
+    assert_safe(lab)
+
+
+def test_a_killed_deploy_leaves_no_instance_drained(lab: Lab, safe: None) -> None:
+    """SIGKILL while lab2 is out of rotation: its dead-man switch ends the transaction,
+    and with it the drain; no request fails meanwhile."""
+    set_release(lab, "k1")
+    env = dict(os.environ, FLEET_TEST_PAUSE="drain@lab2")
+    with clients(lab) as load:
+        proc = subprocess.Popen(
+            fleet_argv(lab, "deploy", "lab2"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("fleet-test-paused drain lab2"):
+                break
+        [lab2] = [s for s in traffic_view(lab)[0] if s.host == "lab2"]
+        assert not lab2.serving, lab2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        # The host undoes at begin's deadline: confirm timeout + drain timeout.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            [lab2] = [s for s in traffic_view(lab)[0] if s.host == "lab2"]
+            if lab2.serving:
+                break
+            time.sleep(1)
+    assert lab2.serving, lab2
+    assert load.load.failed == 0, load.load.summary()
+    wait_until_safe(lab)
+
+
+def test_a_crashed_host_is_taken_out_and_comes_back(lab: Lab, safe: None) -> None:
+    with clients(lab) as load:
+        time.sleep(1)
+        ops.fault(lab, "lab3", ops.Fault.CRASH)
+        crashed = time.monotonic()
+        while time.monotonic() - crashed < 20:
+            [lab3] = [s for s in traffic_view(lab)[0] if s.host == "lab3"]
+            if lab3.status.startswith("DOWN"):
+                break
+            time.sleep(0.2)
+        taken_out = time.monotonic() - crashed
+        time.sleep(2)
+        failed_by_then = load.load.failed
+    assert lab3.status.startswith("DOWN"), lab3
+    # HAProxy retries a refused or reset connection on another instance.
+    assert failed_by_then <= 5, load.load.summary()
+    code, _, err = run_fleet(lab, "traffic")
+    assert code == 4, err
+    ops.up(lab, None, lambda _m: None)
+    wait_until_safe(lab, timeout=90)
+    print(f"taken out of rotation {taken_out:.1f} s after the crash; {load.load.summary()}")
+
+
+def test_a_balancer_that_cannot_be_read_stops_the_deploy_before_anything(
+    lab: Lab, safe: None
+) -> None:
+    set_release(lab, "u1")
+    before = {s.host: s for s in traffic_view(lab)[0]}
+    with faulted(lab, BALANCER, ops.Fault.STOP_SSH):
+        code, report, err = run_fleet(lab, "deploy", "lab1", timeout=120)
+    assert code != 0, err
+    lab1 = report["hosts"]["lab1"]
+    assert lab1["phase"] == "drain" and "nothing was activated" in lab1["message"], lab1
+    assert lab1["result"] == "rolled-back", lab1
+    assert before["lab1"].serving
+    wait_until_safe(lab)
