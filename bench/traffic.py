@@ -23,11 +23,10 @@ import time
 os.environ.setdefault("FLEET_LAB_INSTANCE", "7")
 os.environ.setdefault("NIX_CONFIG", "substituters =")
 
-from fleet import traffic
+from fleet import inventory, nix, traffic
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
 from fleet.lab.load import Clients
-from tests.lab.fleetrun import inventory
 
 APPS = ("lab1", "lab2", "lab3", "lab4")
 
@@ -62,7 +61,7 @@ def rolling(lab: Lab, version: str, *extra: str) -> str:
 
 
 def failover(lab: Lab) -> str:
-    balanced = inventory(lab).traffic
+    balanced = inventory.parse(nix.eval_json(str(lab.flake), "fleet"), "lab").traffic
     assert balanced is not None
     endpoints = {e.name: e for e in ops.endpoints(lab)}
     with ops.transport(lab) as transport, clients(lab) as load:

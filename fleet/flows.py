@@ -231,7 +231,7 @@ def deploy(
                 paths,
                 lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
                 options.parallel,
-                waves_for(hosts, options, session.inventory.depends_on),
+                waves_for(hosts, options, session.inventory.depends_on, session.inventory.traffic),
             )
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")

@@ -46,7 +46,7 @@ from fleet.inventory import Host, Traffic
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
 from fleet.output import Reporter
 from fleet.ssh import Endpoint, Remote, Transport
-from fleet.waves import Order, Wave
+from fleet.waves import Order, Wave, within_limits
 from fleet.waves import plan as plan_waves
 
 # switch-to-configuration exit codes, as NixOS defines them.
@@ -733,7 +733,8 @@ class Rollout:
             return self._done(report)
 
     def waves(self, order: Sequence[str]) -> list[Wave]:
-        return waves_for([self.hosts[n] for n in order], self.options, self.depends_on)
+        hosts = [self.hosts[n] for n in order]
+        return waves_for(hosts, self.options, self.depends_on, self.traffic)
 
     def run(self, paths: dict[str, str], order: Sequence[str]) -> Report:
         start = time.monotonic()
@@ -758,7 +759,11 @@ class Rollout:
             report.reports = [reports[n] for n in order]
             if report.stopped and self.options.rollback:
                 persisted = [r for r in report.reports if r.result.succeeded and r.changed]
-                list(pool.map(self.revert_host, persisted))
+                # Reverting drains too: as many at once as the services allow.
+                limits = unavailability(self.traffic, self.options)
+                for part, _ in within_limits([self.hosts[r.name] for r in persisted], limits):
+                    names = {h.name for h in part}
+                    list(pool.map(self.revert_host, [r for r in persisted if r.name in names]))
         self.reporter.finish()
         report.duration = time.monotonic() - start
         return report
@@ -787,8 +792,18 @@ class Plan:
         return self.running != self.desired
 
 
+def unavailability(balanced: Traffic | None, options: DeployOptions) -> dict[str, int]:
+    """Each balanced service's maxUnavailable, where a wave drains its instances."""
+    if balanced is None or not options.drain or options.mode == "boot":
+        return {}
+    return {name: s.max_unavailable for name, s in balanced.services.items()}
+
+
 def waves_for(
-    hosts: Sequence[Host], options: DeployOptions, depends_on: Mapping[str, Sequence[str]]
+    hosts: Sequence[Host],
+    options: DeployOptions,
+    depends_on: Mapping[str, Sequence[str]],
+    balanced: Traffic | None = None,
 ) -> list[Wave]:
     return plan_waves(
         hosts,
@@ -797,6 +812,7 @@ def waves_for(
         canary_tag=options.canary_tag,
         depends_on=depends_on,
         order=options.order,
+        max_unavailable=unavailability(balanced, options),
     )
 
 

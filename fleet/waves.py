@@ -7,11 +7,16 @@ go tier by tier (a database's hosts before the applications that need it), each 
 batches of ``batch_size`` (a share counts the whole selection), never two tiers in one
 batch. The canaries go first and alone: the selected hosts tagged with the policy's canary
 tag, or, when none is, the first hosts of the first tier.
+
+A balanced service's ``maxUnavailable`` bounds every wave, the canaries' too: a wave never
+holds more hosts running an instance of that service than it allows, whatever the batch
+size says, since each of those hosts takes its instance out of rotation at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -66,6 +71,33 @@ def _reason(host: Host, tier: int, depends_on: Mapping[str, Sequence[str]]) -> s
     return "; ".join(parts)
 
 
+def within_limits(
+    hosts: Sequence[Host], limits: Mapping[str, int]
+) -> list[tuple[list[Host], str | None]]:
+    """``hosts`` in order, cut wherever one more would take more instances of a service
+    out of rotation at once than its ``limits`` allow; each part with why it was cut."""
+    parts: list[tuple[list[Host], str | None]] = []
+    current: list[Host] = []
+    counts: Counter[str] = Counter()
+    why: str | None = None
+    for host in hosts:
+        balanced = [s for s in host.services if s in limits]
+        over = sorted(s for s in balanced if counts[s] + 1 > limits[s])
+        if over and current:
+            parts.append((current, why))
+            current, counts = [], Counter()
+            why = "; ".join(
+                f"{s} allows {limits[s]} instance{'s' if limits[s] != 1 else ''} out of "
+                "rotation at once (maxUnavailable)"
+                for s in over
+            )
+        current.append(host)
+        counts.update(balanced)
+    if current:
+        parts.append((current, why))
+    return parts
+
+
 def plan(
     hosts: Sequence[Host],
     *,
@@ -74,9 +106,33 @@ def plan(
     canary_tag: str | None = None,
     depends_on: Mapping[str, Sequence[str]] | None = None,
     order: Order = Order.DEPENDENCIES,
+    max_unavailable: Mapping[str, int] | None = None,
 ) -> list[Wave]:
-    """The waves of a rollout of ``hosts`` (given in the inventory's order)."""
-    depends_on = depends_on or {}
+    """The waves of a rollout of ``hosts`` (given in the inventory's order).
+    ``max_unavailable``: each balanced service's maxUnavailable."""
+    waves = _plan(hosts, canary, batch_size, canary_tag, depends_on or {}, order)
+    limits = max_unavailable or {}
+    if not limits:
+        return waves
+    by_name = {h.name: h for h in hosts}
+    split: list[Wave] = []
+    for wave in waves:
+        for part, why in within_limits([by_name[n] for n in wave.hosts], limits):
+            reasons = {h.name: wave.why.get(h.name, "") for h in part}
+            if why:
+                reasons = {n: f"{r}; {why}" if r else why for n, r in reasons.items()}
+            split.append(Wave([h.name for h in part], reasons))
+    return split
+
+
+def _plan(
+    hosts: Sequence[Host],
+    canary: int,
+    batch_size: int | str,
+    canary_tag: str | None,
+    depends_on: Mapping[str, Sequence[str]],
+    order: Order,
+) -> list[Wave]:
     tiers = service_tiers(depends_on) if order is Order.DEPENDENCIES else {}
     host_tier = {h.name: max((tiers.get(s, 0) for s in h.services), default=0) for h in hosts}
     ordered = sorted(hosts, key=lambda h: host_tier[h.name])  # stable: inventory order kept

@@ -65,3 +65,32 @@ def test_a_share_counts_the_whole_selection() -> None:
 def test_a_dependency_cycle_is_bad_input() -> None:
     with pytest.raises(UsageError, match="cycle: a -> b -> a"):
         service_tiers({"a": ("b",), "b": ("a",)})
+
+
+APPS = [host(f"app{i}", ("api", "web") if i % 2 else ("api",)) for i in range(1, 7)]
+
+
+def test_max_unavailable_splits_any_batch_whatever_its_size() -> None:
+    waves = plan(APPS, canary=0, batch_size="100%", max_unavailable={"api": 2})
+    assert names(waves) == [["app1", "app2"], ["app3", "app4"], ["app5", "app6"]]
+    assert waves[0].why["app1"] == "batch in inventory order"
+    assert waves[1].why["app3"] == (
+        "batch in inventory order; api allows 2 instances out of rotation at once (maxUnavailable)"
+    )
+
+
+def test_every_service_of_a_host_counts_and_the_canaries_too() -> None:
+    waves = plan(APPS, canary=2, batch_size=10, max_unavailable={"api": 3, "web": 1})
+    # web is on app1, app3, app5: one of them per wave, the canaries' included; the
+    # inventory's order is kept.
+    assert names(waves) == [["app1", "app2"], ["app3", "app4"], ["app5", "app6"]]
+    assert "web allows 1 instance out of rotation at once" in waves[2].why["app5"]
+    for wave in names(waves):
+        assert sum(h in ("app1", "app3", "app5") for h in wave) <= 1
+        assert sum(1 for h in wave) <= 3
+
+
+def test_hosts_of_no_balanced_service_are_never_held_back() -> None:
+    fleet = [host("db1", ("redis",)), host("db2", ("redis",)), *APPS[:2]]
+    waves = plan(fleet, canary=0, batch_size=10, max_unavailable={"api": 1})
+    assert names(waves) == [["db1", "db2", "app1"], ["app2"]]
