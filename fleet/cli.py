@@ -152,6 +152,20 @@ def rollout_options(command: F) -> F:
     help="With --reboot: seconds a host may take to come back (default 300).",
 )
 @click.option(
+    "--canary-weight",
+    type=click.IntRange(1, 99),
+    metavar="P",
+    help="Send the canaries' new systems P % of each balanced service's traffic, and hold "
+    "it (--canary-hold) while their checks keep passing; a failure takes them out of "
+    "rotation and rolls them back.",
+)
+@click.option(
+    "--canary-hold",
+    type=click.FloatRange(1, 3600),
+    metavar="S",
+    help="Seconds a weighted canary is held before the rollout continues (default 30).",
+)
+@click.option(
     "--order",
     type=click.Choice([o.value for o in Order]),
     help="Waves by dependencies (default: a dependency's hosts before its dependents') "

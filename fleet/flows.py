@@ -147,6 +147,8 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         canary_tag=policy.canary_tag,
         order=Order(overrides.get("order") or Order.DEPENDENCIES),
         drain=not overrides.get("no_drain", False),
+        canary_weight=overrides.get("canary_weight"),
+        canary_hold=float(overrides.get("canary_hold") or 30),
     )
 
 

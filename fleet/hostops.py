@@ -478,6 +478,17 @@ class HostOps:
                 exc.data,
             ) from None
 
+    def weight(
+        self, helper: str, token: str, weights: Mapping[str, int | str], hold: float
+    ) -> float:
+        """Give the activated new system its share of traffic per drained service (a
+        percent of its weight, or "drain"); the host's new deadline."""
+        data = self.call(
+            "weight", "--token", token, "--weights", json.dumps(dict(weights), sort_keys=True),
+            "--hold", f"{hold:g}", helper=helper,
+        )  # fmt: skip
+        return float(data["deadline"])
+
     def activate(self, helper: str, token: str, health: float, confirm: float) -> Activation:
         data = self.call(
             "activate",

@@ -17,6 +17,7 @@ class Phase(StrEnum):
     ACTIVATE = "activate"
     REBOOT = "reboot"
     HEALTH = "health"
+    CANARY = "canary"  # a canary's share of traffic, held while its checks keep passing
     CONFIRM = "confirm"  # commit, over a new connection: profile, boot entry, record, unlock
     PERSIST = "persist"
     ROLLBACK = "rollback"

@@ -76,6 +76,10 @@ class DeployOptions:
     canary_tag: str | None = None  # hosts with this tag are the canaries, when any is
     order: Order = Order.DEPENDENCIES
     drain: bool = True  # take balanced instances out of rotation before activating
+    # Canary by traffic: the canaries' new systems get this share (%) of each balanced
+    # service's traffic, held for canary_hold seconds while their checks keep passing.
+    canary_weight: int | None = None
+    canary_hold: float = 30.0
 
     @property
     def mode(self) -> str:
@@ -237,6 +241,7 @@ class Rollout:
         # drain take effect and the instances come back.
         self.traffic = traffic
         self.balancers = {h.name: h for h in balancers}
+        self.canaries: set[str] = set()  # this rollout's canary hosts, once planned
         # Rollback targets: existing generation numbers to switch the profile back to.
         self.generations = dict(generations or {})
         # A deploy: all that each host gets delivered at begin (fleet/secrets.py), [] for
@@ -470,8 +475,42 @@ class Rollout:
         if not activation.settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
         self._prove(ops, report, activation.declared, started + self.options.health_timeout)
+        if self.options.canary_weight and report.name in self.canaries:
+            self._canary(ops, report, txn, activation.declared)
         self._commit(ops, report, txn)
         self._back_in_rotation(report)
+
+    def _canary(self, ops: HostOps, report: HostReport, txn: _Txn, declared: Declared) -> None:
+        """The canary's share of real traffic, held while its checks keep passing; a
+        failure takes it out of rotation first, then the host undoes."""
+        services = self._drained(report.name)
+        if not services or self.traffic is None or not self.options.canary_weight:
+            return
+        share, hold = self.options.canary_weight, self.options.canary_hold
+        weights: dict[str, int | str] = {}
+        for name in services:
+            hosts = [i.host for i in self.traffic.services[name].instances]
+            canaries = sum(h in self.canaries for h in hosts)
+            weights[name] = traffic.canary_weight(len(hosts), canaries, share)
+        with self._phase(report, Phase.CANARY):
+            txn.deadline = ops.weight(txn.helper, txn.token, weights, hold)
+            end = time.monotonic() + hold
+            failure = None
+            while failure is None and time.monotonic() < end:
+                verdict = health.check_host(
+                    ops, declared, max(1.0, min(5.0, end - time.monotonic()))
+                )
+                if not verdict.ok:
+                    failure = verdict.message
+                else:
+                    time.sleep(1.0)
+            if failure is not None:
+                # Out of rotation before the old system comes back: no client sees the switch.
+                ops.weight(txn.helper, txn.token, dict.fromkeys(services, "drain"), hold)
+                with contextlib.suppress(traffic.BalancerError):
+                    traffic.wait_drained(self.traffic, self.balancer, report.name, services,
+                                         self.traffic.drain_timeout)  # fmt: skip
+                raise _Failed(Phase.CANARY, f"at {share}% of the traffic: {failure}")
 
     def _prove(self, ops: HostOps, report: HostReport, declared: Declared, deadline: float) -> None:
         """The new generation's own checks (its manifest), not today's declaration's."""
@@ -741,6 +780,7 @@ class Rollout:
         reports = {n: HostReport(n) for n in order}
         report = Report(self.release, [reports[n] for n in order])
         waves = self.waves(order)
+        self.canaries = {n for w in waves for n, why in w.why.items() if why.startswith("canary")}
         self.reporter.start(list(order))
         failures = 0
         with ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool:

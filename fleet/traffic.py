@@ -75,6 +75,15 @@ def balanced(traffic: Traffic | None, host: str) -> list[str]:
     )
 
 
+def canary_weight(instances: int, canaries: int, share: int) -> int:
+    """The percent of its weight each of ``canaries`` instances (out of ``instances``, all
+    of weight 100) gets so that together they take ``share`` % of the service's traffic."""
+    if canaries >= instances:
+        return 100
+    weight = round(100 * share * (instances - canaries) / (canaries * (100 - share)))
+    return max(1, min(100, weight))
+
+
 def read(traffic: Traffic, balancer: str, remote: Remote) -> list[Server]:
     """One balancer's servers of the fleet's balanced services."""
     try:

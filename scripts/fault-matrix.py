@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Run the whole fault matrix in the lab: every change (deploy, --boot, rollback, the
-fleet-wide revert, gc) stopped at every boundary between two remote steps, with every
+fleet-wide revert, --reboot, gc), behind a balancer, stopped at every boundary between two
+remote steps (the drain included), with every
 fault (SIGKILL of the tool, a partition healed after the confirm timeout, a host crash,
 a second operator's --break-lock takeover), each followed by the promised recovery and
 the invariant on every host. Prints one line per case and the totals.
@@ -35,7 +36,9 @@ def main() -> int:
     cases = [c for c in all_cases() if args.k in c.id]
     lab = Lab.from_env()
     ops.down(lab)
-    ops.up(lab, 3, lambda _m: None)
+    # lab1 to lab3 run lab-web behind lab4's HAProxy: every change drains, and the
+    # invariant includes every healthy instance being in rotation.
+    ops.up(lab, 4, lambda _m: None, balancers=1)
     held, failed, times = 0, [], []
     recovery: dict[str, list[float]] = {}
     print(f"fault matrix: {len(cases)} cases", flush=True)

@@ -1199,6 +1199,30 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_weight(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """A canary's share of traffic: the activated new system gets the weights given per
+    drained service ("drain" takes it out again), until the transaction ends. The hold is
+    the host's to bound: its deadline moves to now + hold + the confirm time."""
+    weights = json.loads(args.weights)
+    if not isinstance(weights, dict):
+        raise Failure(Exit.USAGE, "--weights: a JSON object of service -> percent or drain")
+    with host_lock(paths):
+        txn = ours(paths, args.token)
+        if txn.state != State.ACTIVATED:
+            raise Failure(Exit.FAILED, f"cannot weigh a transaction in state {txn.state}")
+        for service, weight in weights.items():
+            if service not in txn.drained:
+                raise Failure(Exit.USAGE, f"{service!r} is not drained by this transaction")
+            if weight != "drain" and not (isinstance(weight, int) and 1 <= weight <= 100):
+                raise Failure(Exit.USAGE, f"{service}: weight {weight!r}: 1 to 100, or drain")
+        txn.deadline = now() + args.hold + txn.confirm
+        write_txn(paths, txn)
+        for service, weight in weights.items():
+            word = "drain" if weight == "drain" else f"ready {weight}%"
+            write_whole(paths.traffic / service, word + "\n", 0o644)
+        return {"deadline": txn.deadline, "weights": weights}
+
+
 def cmd_commit(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     record = json.loads(sys.stdin.read() or "{}")
     with host_lock(paths):
@@ -1522,6 +1546,10 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--deadline", type=float, default=600.0)
     gc.add_argument("--take-over", action="store_true")
     gc.add_argument("delete", type=int, nargs="*")
+    weight = command("weight", "give a canary its share of traffic, or drain it again")
+    weight.add_argument("--token", required=True, type=token_arg)
+    weight.add_argument("--weights", required=True, help="JSON: service -> percent | drain")
+    weight.add_argument("--hold", type=float, required=True, help="seconds until commit")
     agent = command("agent", "answer one HAProxy agent check (stdin: the service)")
     agent.add_argument("--timeout", type=float, default=1.0)
     stat = command("traffic-stat", "the balancer's servers, from HAProxy's runtime API")
@@ -1550,6 +1578,7 @@ COMMANDS = {
     "recover": cmd_recover,
     "gc": cmd_gc,
     "traffic-stat": cmd_traffic_stat,
+    "weight": cmd_weight,
     "maintenance": cmd_maintenance,
 }
 

@@ -133,6 +133,7 @@ class LabRelease:
     # "failing" (nothing does); None: no second service.
     extra: str | None = None
     healthy_after: float = 0.0  # lab-web answers 503 on /health this long after it starts
+    sick_after: float = 0.0  # lab-web fails /health and /version from this long after (0: never)
 
     def validate(self) -> None:
         if not _VERSION.match(self.version):
@@ -143,6 +144,8 @@ class LabRelease:
             raise UsageError(f"--broken {self.broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
         if self.extra not in (None, "passing", "failing"):
             raise UsageError(f"extra {self.extra!r}: expected passing or failing")
+        if not 0 <= self.sick_after <= 600:
+            raise UsageError(f"sick after {self.sick_after:g} s: expected 0 to 600 seconds")
         if not 0 <= self.start_delay <= 60:
             raise UsageError(f"--start-delay {self.start_delay:g}: expected 0 to 60 seconds")
 
@@ -157,6 +160,7 @@ def set_release(lab: Lab, release: LabRelease) -> None:
         "secret": release.secret,
         "extra": release.extra,
         "healthyAfter": release.healthy_after,
+        "sickAfter": release.sick_after,
     })  # fmt: skip
     (lab.flake / "release.json").write_text(text + "\n")
 

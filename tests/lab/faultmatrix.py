@@ -73,21 +73,21 @@ def _two_releases(lab: Lab) -> None:
     assert code == 0, err
 
 
-SWITCH_POINTS = ("connect", "copy", "lock", "activate", "health", "confirm")
+# "drain" is crossed only where a balancer serves the host's instances (lab up --balancers).
+SWITCH_POINTS = ("connect", "copy", "lock", "drain", "activate", "health", "confirm")
 OPERATIONS = (
     Operation("deploy", ("deploy", "lab1", *TIMEOUTS), SWITCH_POINTS, prepare=_release("mx")),
     Operation("boot", ("deploy", "lab1", "--boot", *TIMEOUTS),
               ("connect", "copy", "lock", "confirm"), prepare=_release("mxb")),
-    Operation("rollback", ("rollback", "lab1", "--yes", *TIMEOUTS),
-              ("connect", "copy", "lock", "activate", "health", "confirm"),
+    Operation("rollback", ("rollback", "lab1", "--yes", *TIMEOUTS), SWITCH_POINTS,
               prepare=_two_releases),
     # lab2 fails its health check after lab1 persisted: lab1 is reverted through a
     # transaction of its own, whose boundaries are the second time lab1 reaches each point.
     Operation("revert", ("deploy", "lab1", "lab2", "--canary", "0", "--batch-size", "1",
-                         *TIMEOUTS), ("lock", "activate", "health", "confirm"),
+                         *TIMEOUTS), ("lock", "drain", "activate", "health", "confirm"),
               prepare=_release("mxr", broken="health", broken_hosts=("lab2",)), occurrence=2),
     Operation("reboot", ("deploy", "lab1", "--reboot", "--boot-timeout", "60", *TIMEOUTS),
-              ("connect", "copy", "lock", "reboot", "health", "confirm"),
+              ("connect", "copy", "lock", "drain", "reboot", "health", "confirm"),
               prepare=_release("mxo")),
     Operation("gc", ("gc", "lab1", "--keep", "1"), ("gc",)),
 )  # fmt: skip
@@ -104,18 +104,33 @@ class Case:
         return f"{self.operation.name}-{self.point}-{self.fault.value}"
 
 
-def all_cases() -> list[Case]:
-    return [Case(op, point, fault) for op in OPERATIONS for point in op.points for fault in Fault]
+def _points(op: Operation, balanced: bool) -> tuple[str, ...]:
+    return tuple(p for p in op.points if balanced or p != "drain")
+
+
+def all_cases(balanced: bool = True) -> list[Case]:
+    """Every fault at every boundary; ``balanced``: the lab has a balancer in front of lab1
+    and lab2, so that changes drain them."""
+    return [Case(op, point, fault)
+            for op in OPERATIONS for point in _points(op, balanced) for fault in Fault]  # fmt: skip
 
 
 def ci_cases() -> list[Case]:
-    """Every boundary of every operation once, the faults taking turns."""
+    """Every boundary of every operation once, the faults taking turns (a lab without a
+    balancer: traffic_cases() has the drain boundary)."""
     faults = list(Fault)
     cases = []
     for op in OPERATIONS:
-        for i, point in enumerate(op.points):
+        for i, point in enumerate(_points(op, False)):
             cases.append(Case(op, point, faults[(i + len(cases)) % len(faults)]))
     return cases
+
+
+def traffic_cases() -> list[Case]:
+    """The drain boundary of every change that crosses it, the faults taking turns."""
+    faults = list(Fault)
+    drained = [op for op in OPERATIONS if "drain" in op.points]
+    return [Case(op, "drain", faults[i % len(faults)]) for i, op in enumerate(drained)]
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:

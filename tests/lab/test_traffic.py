@@ -14,6 +14,7 @@ import pytest
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
 from fleet.lab.load import Clients
+from tests.lab.faultmatrix import Case, run_case, traffic_cases
 from tests.lab.fleetrun import (
     assert_safe,
     faulted,
@@ -87,6 +88,34 @@ def test_a_rolling_deploy_under_load_fails_no_request(lab: Lab, safe: None) -> N
     assert_safe(lab)
 
 
+def test_a_canary_that_sickens_under_its_share_of_traffic_is_rolled_back(
+    lab: Lab, safe: None
+) -> None:
+    """10 % of the traffic to a canary whose release fails a few seconds after it passed
+    its first checks: what clients see fail stays within the canary's share of its window,
+    then nothing fails; every instance ends in rotation on the old release."""
+    set_release(lab, "c1", sick_after=4)
+    with clients(lab) as load:
+        time.sleep(1)
+        code, report, err = run_fleet(
+            lab, "deploy", "--canary", "1", "--canary-weight", "10", "--canary-hold", "20",
+            timeout=300,
+        )  # fmt: skip
+        during = load.load.requests
+    assert code == 3, err
+    lab1 = report["hosts"]["lab1"]
+    assert lab1["result"] == "rolled-back" and lab1["phase"] == "canary", lab1
+    assert "at 10% of the traffic" in lab1["message"], lab1
+    assert {h["result"] for n, h in report["hosts"].items() if n != "lab1"} <= {"skipped"}
+    assert load.load.failed <= 0.1 * during, load.load.summary()
+    assert set(load.load.releases) <= {"0", "c1"}, load.load.summary()
+    with clients(lab) as after:
+        time.sleep(3)
+    assert after.load.failed == 0 and set(after.load.releases) == {"0"}, after.load.summary()
+    assert_safe(lab)
+    print(f"canary at 10 %: {load.load.summary()}")
+
+
 def test_a_killed_deploy_leaves_no_instance_drained(lab: Lab, safe: None) -> None:
     """SIGKILL while lab2 is out of rotation: its dead-man switch ends the transaction,
     and with it the drain; no request fails meanwhile."""
@@ -157,3 +186,12 @@ def test_a_balancer_that_cannot_be_read_stops_the_deploy_before_anything(
     assert lab1["result"] == "rolled-back", lab1
     assert before["lab1"].serving
     wait_until_safe(lab)
+
+
+@pytest.mark.parametrize("case", traffic_cases(), ids=lambda c: c.id)
+def test_a_fault_while_drained_leaves_every_instance_in_rotation(
+    lab: Lab, safe: None, case: Case
+) -> None:
+    """The drain boundary of every change, each with one fault: the invariant (traffic
+    included) comes back by itself."""
+    run_case(lab, case)

@@ -620,3 +620,32 @@ def test_traffic_stat_reads_the_runtime_api(host: Path, tmp_path: Path) -> None:
 def test_traffic_stat_of_a_balancer_that_is_not_there_fails_in_one_line(host: Path) -> None:
     code, out = helper(host, "traffic-stat")
     assert code == fh.Exit.FAILED and "/run/haproxy/admin.sock" in out["error"]
+
+
+def test_a_canary_gets_its_weight_then_is_drained_again_and_undone(host: Path) -> None:
+    begin(host, tk("w1"), "sys-b", "--drain", "web")
+    code, out = helper(host, "weight", "--token", tk("w1"), "--weights", '{"web": 33}',
+                       "--hold", "10")  # fmt: skip
+    assert code == fh.Exit.FAILED and "state begun" in out["error"]  # not activated yet
+    helper(host, "activate", "--token", tk("w1"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "weight", "--token", tk("w1"), "--weights", '{"web": 33}',
+                       "--hold", "600")  # fmt: skip
+    assert code == 0 and agent(host, "web\n") == "ready 33%\n"
+    txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
+    assert txn["deadline"] >= out["deadline"] > txn["deadline"] - 1  # the hold is the host's
+    helper(host, "weight", "--token", tk("w1"), "--weights", '{"web": "drain"}', "--hold", "5")
+    assert agent(host, "web\n") == "drain\n"
+    helper(host, "undo", "--token", tk("w1"), "--settle", "0", stdin="{}")
+    assert agent(host, "web\n") == "ready 100%\n"
+
+
+@pytest.mark.parametrize(
+    "weights",
+    ['{"api": 50}', '{"web": 0}', '{"web": 101}', '{"web": "up"}', '{"web": 5.5}', "[1]"],
+)
+def test_a_weight_the_transaction_cannot_give_is_refused(host: Path, weights: str) -> None:
+    begin(host, tk("w2"), "sys-b", "--drain", "web")
+    helper(host, "activate", "--token", tk("w2"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "weight", "--token", tk("w2"), "--weights", weights, "--hold", "5")
+    assert code == fh.Exit.USAGE, out
+    assert agent(host, "web\n") == "drain\n"

@@ -17,7 +17,7 @@ chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web" "$out/sw/bin/fl
 printf '%s\n' "$releaseVersion" > "$out/nixos-version"
 printf '%s\n' "$hostName" > "$out/hostname"
 
-brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter"
+brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter --sick-after $sickAfter"
 if [ "$broken" = start ] || [ "$broken" = health ]; then
   brokenArgs="$brokenArgs --broken $broken"
 fi

@@ -7,7 +7,9 @@
 --secret NAME answers the SHA-256 of its credential NAME on /secret;
 --extra-port P also accepts connections on P (a second service, for a TCP check);
 --healthy-after S answers 503 on /health for S seconds after it is ready (a service that
-warms up).
+warms up);
+--sick-after S answers 503 on /health and 500 on /version from S seconds after it is ready
+(a release that passes its first checks, then fails under traffic).
 """
 
 import argparse
@@ -49,6 +51,7 @@ def main() -> int:
     parser.add_argument("--secret")
     parser.add_argument("--extra-port", type=int)
     parser.add_argument("--healthy-after", type=float, default=0.0)
+    parser.add_argument("--sick-after", type=float, default=0.0)
     args = parser.parse_args()
     digest = "none"
     if args.secret:
@@ -63,16 +66,19 @@ def main() -> int:
 
     healthy = args.broken != "health"
     warm_at = time.monotonic() + args.healthy_after
+    sick_at = time.monotonic() + args.sick_after if args.sick_after else float("inf")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            sick = time.monotonic() >= sick_at
             if self.path == "/version":
-                status, body = 200, args.release
+                status, body = (500, "sick") if sick else (200, args.release)
             elif self.path == "/secret":
                 status, body = 200, digest
             elif self.path == "/health":
                 warm = time.monotonic() >= warm_at
-                status, body = (200, "ok") if healthy and warm else (503, "unhealthy")
+                ok = healthy and warm and not sick
+                status, body = (200, "ok") if ok else (503, "unhealthy")
             else:
                 status, body = 404, "not found"
             data = (body + "\n").encode()

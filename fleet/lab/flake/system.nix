@@ -30,6 +30,7 @@ derivation {
   inherit haproxyConfig;
   startDelay = toString (release.startDelay or 0);
   healthyAfter = toString (release.healthyAfter or 0);
+  sickAfter = toString (release.sickAfter or 0);
   secret = if release.secret or false then "1" else "";
   extra = if release.extra or null == "passing" then "1" else "";
   # The checks that prove this system, in its own manifest (as the host module writes).
