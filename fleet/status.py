@@ -82,6 +82,9 @@ class HostStatus:
             "lock": s.lock,
             "desired": self.desired,
             "drift": self.drift,
+            # Out of rotation: an operator's `fleet drain`, or a transaction's drain or weight.
+            "maintenance": dict(s.maintenance) if s.maintenance is not None else None,
+            "traffic": dict(s.traffic),
         }
 
     def row(self) -> dict[str, str]:
@@ -102,9 +105,20 @@ class HostStatus:
                              f"{str(last.get('operator', '?')).split('@')[0]}") if last else "-",
             "lock": (f"{s.lock}, {'ABANDONED' if s.txn.abandoned else 'until'} "
                      f"{clock(s.txn.deadline)}") if s.txn and s.lock else "-",
+            "rotation": rotation(s),
             "invariant": "; ".join(f"{b.message} (repair: {b.repair})"
                                    for b in self.breaches)[:120] or "ok",
         } | ({} if self.drift is None else {"drift": "yes" if self.drift else "no"})  # fmt: skip
+
+
+def rotation(state: HostState) -> str:
+    """Whether the host keeps its instances out of the balancers' rotation, and why."""
+    if state.maintenance is not None:
+        why = state.maintenance.get("reason")
+        return "drained (maintenance" + (f": {why})" if why else ")")
+    if state.traffic:
+        return ", ".join(f"{service} {word}" for service, word in sorted(state.traffic.items()))
+    return "-"
 
 
 # A host that connects but then hangs (a stuck disk, a frozen systemd) must not hang status.

@@ -38,6 +38,22 @@ class Load:
         )
 
 
+def ask(address: str, port: int, path: str, timeout: float) -> tuple[str | None, str | None]:
+    """One GET on a new connection: (its body, None) or (None, why it failed)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        body = response.read().decode(errors="replace").strip()
+        if response.status != 200:
+            return None, f"HTTP {response.status}"
+        return body, None
+    except (OSError, http.client.HTTPException) as exc:
+        return None, type(exc).__name__
+    finally:
+        conn.close()
+
+
 class Clients:
     """``threads`` clients asking http://address:port/version until stopped or a budget
     ends; start() and stop() around what is measured."""
@@ -64,18 +80,7 @@ class Clients:
 
     def _one(self) -> tuple[str | None, str | None]:
         """(release, None) or (None, why)."""
-        conn = http.client.HTTPConnection(self.address, self.port, timeout=5)
-        try:
-            conn.request("GET", "/version", headers={"Connection": "close"})
-            response = conn.getresponse()
-            body = response.read().decode(errors="replace").strip()
-            if response.status != 200:
-                return None, f"HTTP {response.status}"
-            return body, None
-        except (OSError, http.client.HTTPException) as exc:
-            return None, type(exc).__name__
-        finally:
-            conn.close()
+        return ask(self.address, self.port, "/version", 5)
 
     def _run(self) -> None:
         while not self._stop.is_set():

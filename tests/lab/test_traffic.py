@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import pytest
 
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
-from fleet.lab.load import Clients
+from fleet.lab.load import Clients, ask
 from tests.lab.faultmatrix import Case, run_case, traffic_cases
 from tests.lab.fleetrun import (
     assert_safe,
@@ -116,6 +117,32 @@ def test_a_canary_that_sickens_under_its_share_of_traffic_is_rolled_back(
     print(f"canary at 10 %: {load.load.summary()}")
 
 
+def test_a_drain_waits_for_open_sessions_until_its_timeout(lab: Lab, safe: None) -> None:
+    """Long requests on every instance: lab1's drain waits its timeout (the lab's 10 s)
+    for them, then the deploy goes on, and the report names the sessions it cut."""
+    set_release(lab, "s1")
+    address = lab.hosts(5)[4].address
+    answers: list[tuple[str | None, str | None]] = []
+
+    def slow() -> None:
+        answers.append(ask(address, flake.INGRESS_PORT, "/slow/40", 90))
+
+    threads = [threading.Thread(target=slow) for _ in range(8)]  # two per instance
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    code, report, err = run_fleet(lab, "deploy", "lab1", timeout=200)
+    for thread in threads:
+        thread.join(100)
+    assert code == 0, err
+    lab1 = report["hosts"]["lab1"]
+    assert lab1["result"] == "deployed", lab1
+    assert flake.DRAIN_TIMEOUT <= lab1["timings"]["drain"] < flake.DRAIN_TIMEOUT + 5, lab1
+    assert lab1["traffic"].startswith(f"drain timeout ({flake.DRAIN_TIMEOUT} s)"), lab1
+    assert "sessions" in lab1["traffic"], lab1
+    assert len(answers) == 8
+
+
 def test_a_killed_deploy_leaves_no_instance_drained(lab: Lab, safe: None) -> None:
     """SIGKILL while lab2 is out of rotation: its dead-man switch ends the transaction,
     and with it the drain; no request fails meanwhile."""
@@ -195,3 +222,27 @@ def test_a_fault_while_drained_leaves_every_instance_in_rotation(
     """The drain boundary of every change, each with one fault: the invariant (traffic
     included) comes back by itself."""
     run_case(lab, case)
+
+
+def test_drain_and_undrain_a_host_for_maintenance(lab: Lab, safe: None) -> None:
+    with clients(lab) as load:
+        code, report, err = run_fleet(lab, "drain", "lab2", "--reason", "disk swap")
+        assert code == 0, err
+        assert report["hosts"]["lab2"] == {"wasDrained": False, "balancers": "drained"}
+        [lab2] = [s for s in traffic_view(lab)[0] if s.host == "lab2"]
+        assert not lab2.serving and lab2.sessions == 0, lab2
+        code, status, err = run_fleet(lab, "status", "lab2")
+        assert status["lab2"]["maintenance"]["reason"] == "disk swap", status
+        # A deploy of a drained host leaves it drained.
+        set_release(lab, "m1")
+        code, _, err = run_fleet(lab, "deploy", "lab2")
+        assert code == 0, err
+        [lab2] = [s for s in traffic_view(lab)[0] if s.host == "lab2"]
+        assert not lab2.serving, lab2
+        code, report, err = run_fleet(lab, "undrain", "lab2")
+        assert code == 0, err
+        assert report["hosts"]["lab2"] == {"wasDrained": True, "balancers": "serving"}
+    assert load.load.failed == 0, load.load.summary()
+    code, history, err = run_fleet(lab, "history")
+    entries = history if isinstance(history, list) else history["releases"]
+    assert [e["action"] for e in entries[:3]] == ["undrain", "deploy", "drain"], entries[:3]

@@ -10,6 +10,7 @@
 warms up);
 --sick-after S answers 503 on /health and 500 on /version from S seconds after it is ready
 (a release that passes its first checks, then fails under traffic).
+GET /slow/N answers its release after N seconds (at most 120): a long-lived session.
 """
 
 import argparse
@@ -73,6 +74,9 @@ def main() -> int:
             sick = time.monotonic() >= sick_at
             if self.path == "/version":
                 status, body = (500, "sick") if sick else (200, args.release)
+            elif self.path.startswith("/slow/") and self.path[6:].isdigit():
+                time.sleep(min(120, int(self.path[6:])))
+                status, body = 200, args.release
             elif self.path == "/secret":
                 status, body = 200, digest
             elif self.path == "/health":
