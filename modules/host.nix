@@ -72,34 +72,40 @@ let
 
   privileged = service: any (port: port < 1024) service.ports;
 
+  # What every unit the module hardens gets: nothing to gain privileges with,
+  # the system read-only, the kernel's knobs out of reach.
+  hardening = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    LockPersonality = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    UMask = "0077";
+  };
+
   sandbox =
     service:
     mapAttrs (_: mkDefault) (
-      {
+      hardening
+      // {
         DynamicUser = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        LockPersonality = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
         RestrictAddressFamilies = [
           "AF_INET"
           "AF_INET6"
           "AF_UNIX"
         ];
-        SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" ];
-        UMask = "0077";
         # No capability at all, unless a port below 1024 must be bound.
         CapabilityBoundingSet = if privileged service then "CAP_NET_BIND_SERVICE" else "";
       }
@@ -485,40 +491,23 @@ in
           # Root, to read the root-only deploy state, but with no capability,
           # no network of its own (the connection is passed in) and nothing
           # writable.
-          serviceConfig = {
+          serviceConfig = hardening // {
             ExecStart = "${runningHelper} agent";
             StandardInput = "socket";
             StandardOutput = "socket";
             StandardError = "journal";
             RuntimeMaxSec = 5;
             CapabilityBoundingSet = "";
-            NoNewPrivileges = true;
             PrivateNetwork = true;
             RestrictAddressFamilies = "none";
             IPAddressDeny = "any";
-            ProtectSystem = "strict";
-            ProtectHome = true;
-            PrivateTmp = true;
-            PrivateDevices = true;
             ProtectProc = "invisible";
             ProcSubset = "pid";
-            ProtectClock = true;
-            ProtectControlGroups = true;
-            ProtectHostname = true;
-            ProtectKernelLogs = true;
-            ProtectKernelModules = true;
-            ProtectKernelTunables = true;
-            LockPersonality = true;
             MemoryDenyWriteExecute = true;
-            RestrictNamespaces = true;
-            RestrictRealtime = true;
-            RestrictSUIDSGID = true;
-            SystemCallArchitectures = "native";
             SystemCallFilter = [
               "@system-service"
               "~@privileged @resources"
             ];
-            UMask = "0077";
           };
         };
       }

@@ -246,3 +246,12 @@ def test_drain_and_undrain_a_host_for_maintenance(lab: Lab, safe: None) -> None:
     code, history, err = run_fleet(lab, "history")
     entries = history if isinstance(history, list) else history["releases"]
     assert [e["action"] for e in entries[:3]] == ["undrain", "deploy", "drain"], entries[:3]
+
+
+def test_the_agent_answers_within_the_host_modules_hardening(lab: Lab, safe: None) -> None:
+    """One agent check by hand, as a balancer makes it, against the hardened unit."""
+    import socket
+
+    with socket.create_connection((lab.hosts(5)[0].address, flake.AGENT_PORT), 5) as conn:
+        conn.sendall(b"lab-web\n")
+        assert conn.recv(64) == b"ready 100%\n"

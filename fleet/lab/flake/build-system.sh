@@ -95,6 +95,34 @@ StandardInput=socket
 StandardOutput=socket
 StandardError=journal
 RuntimeMaxSec=5
+# Hardened as the host module hardens it (modules/host.nix), so that the lab proves the
+# agent works within those walls.
+CapabilityBoundingSet=
+PrivateNetwork=true
+RestrictAddressFamilies=none
+IPAddressDeny=any
+ProtectProc=invisible
+ProcSubset=pid
+MemoryDenyWriteExecute=true
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+ProtectSystem=strict
+ProtectHome=true
+PrivateTmp=true
+PrivateDevices=true
+NoNewPrivileges=true
+ProtectClock=true
+ProtectControlGroups=true
+ProtectHostname=true
+ProtectKernelLogs=true
+ProtectKernelModules=true
+ProtectKernelTunables=true
+LockPersonality=true
+RestrictNamespaces=true
+RestrictRealtime=true
+RestrictSUIDSGID=true
+SystemCallArchitectures=native
+UMask=0077
 UNIT
 fi
 mkdir -p "$out/etc/fleet"
