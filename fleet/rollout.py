@@ -475,7 +475,8 @@ class Rollout:
         if not activation.settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
         self._prove(ops, report, activation.declared, started + self.options.health_timeout)
-        if self.options.canary_weight and report.name in self.canaries:
+        # A canary of the release, not a revert of one (a revert's record says so).
+        if self.options.canary_weight and report.name in self.canaries and not txn.record:
             self._canary(ops, report, txn, activation.declared)
         self._commit(ops, report, txn)
         self._back_in_rotation(report)
@@ -493,7 +494,13 @@ class Rollout:
             canaries = sum(h in self.canaries for h in hosts)
             weights[name] = traffic.canary_weight(len(hosts), canaries, share)
         with self._phase(report, Phase.CANARY):
-            txn.deadline = ops.weight(txn.helper, txn.token, weights, hold)
+            wait = self.traffic.drain_timeout
+            txn.deadline = ops.weight(txn.helper, txn.token, weights, wait + hold)
+            # The hold counts from when the balancers send it its share (the agent's next
+            # answer), not from when the host was told.
+            with contextlib.suppress(traffic.BalancerError):
+                traffic.wait_serving(self.traffic, self.balancer, report.name, services,
+                                     wait)  # fmt: skip
             end = time.monotonic() + hold
             failure = None
             while failure is None and time.monotonic() < end:
@@ -506,10 +513,10 @@ class Rollout:
                     time.sleep(1.0)
             if failure is not None:
                 # Out of rotation before the old system comes back: no client sees the switch.
-                ops.weight(txn.helper, txn.token, dict.fromkeys(services, "drain"), hold)
+                ops.weight(txn.helper, txn.token, dict.fromkeys(services, "drain"), wait)
                 with contextlib.suppress(traffic.BalancerError):
                     traffic.wait_drained(self.traffic, self.balancer, report.name, services,
-                                         self.traffic.drain_timeout)  # fmt: skip
+                                         wait)  # fmt: skip
                 raise _Failed(Phase.CANARY, f"at {share}% of the traffic: {failure}")
 
     def _prove(self, ops: HostOps, report: HostReport, declared: Declared, deadline: float) -> None:

@@ -90,7 +90,14 @@ OPERATIONS = (
               ("connect", "copy", "lock", "drain", "reboot", "health", "confirm"),
               prepare=_release("mxo")),
     Operation("gc", ("gc", "lab1", "--keep", "1"), ("gc",)),
+    # A canary with a share of the traffic (behind a balancer only): its weighted hold.
+    Operation("weighted", ("deploy", "lab1", "--canary", "1", "--canary-weight", "10",
+                           "--canary-hold", "3", *TIMEOUTS),
+              ("connect", "copy", "lock", "drain", "activate", "health", "canary", "confirm"),
+              prepare=_release("mxw")),
 )  # fmt: skip
+# Boundaries crossed only behind a balancer.
+TRAFFIC_POINTS = ("drain", "canary")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,9 @@ class Case:
 
 
 def _points(op: Operation, balanced: bool) -> tuple[str, ...]:
-    return tuple(p for p in op.points if balanced or p != "drain")
+    if not balanced and "canary" in op.points:
+        return ()  # without a balancer it is a plain deploy, which is in the matrix already
+    return tuple(p for p in op.points if balanced or p not in TRAFFIC_POINTS)
 
 
 def all_cases(balanced: bool = True) -> list[Case]:
@@ -127,10 +136,11 @@ def ci_cases() -> list[Case]:
 
 
 def traffic_cases() -> list[Case]:
-    """The drain boundary of every change that crosses it, the faults taking turns."""
+    """The drain and canary boundaries of every change that crosses them, the faults
+    taking turns."""
     faults = list(Fault)
-    drained = [op for op in OPERATIONS if "drain" in op.points]
-    return [Case(op, "drain", faults[i % len(faults)]) for i, op in enumerate(drained)]
+    points = [(op, p) for op in OPERATIONS for p in op.points if p in TRAFFIC_POINTS]
+    return [Case(op, p, faults[i % len(faults)]) for i, (op, p) in enumerate(points)]
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
