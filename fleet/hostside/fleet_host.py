@@ -758,6 +758,7 @@ def helper_path() -> str:
 # -- traffic ----------------------------------------------------------------------------
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+HAPROXY_SOCKET = re.compile(r"/run/haproxy/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.sock")
 AGENT_WORD = re.compile(r"drain|ready(?: (?:\d{1,3})%)?")
 # HAProxy's `show stat` columns the tool reads.
 STAT_FIELDS = {"pxname": "backend", "svname": "server", "status": "status", "weight": "weight",
@@ -817,8 +818,10 @@ def cmd_agent(paths: Paths, args: argparse.Namespace) -> None:
 
 def cmd_traffic_stat(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """The balancer's view, from HAProxy's runtime API (a root-only unix socket)."""
-    if not args.socket.startswith("/"):
-        raise Failure(Exit.USAGE, f"--socket {args.socket!r}: an absolute path")
+    # Only HAProxy's runtime directory: root may connect to any socket, and whoever may
+    # run this (a deploy user, through sudo) must not pick which.
+    if not HAPROXY_SOCKET.fullmatch(args.socket):
+        raise Failure(Exit.USAGE, f"--socket {args.socket!r}: a socket in /run/haproxy/")
     chunks = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

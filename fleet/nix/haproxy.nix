@@ -158,7 +158,8 @@ let
     service: m:
     if m == "http" || m == "tcp" then m else refuse "mode of service ${toJSON service}" m;
 
-  socket = matching "(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+" "socket path" traffic.socket;
+  # In HAProxy's runtime directory: the only place fleet-host reads a socket.
+  socket = matching "/run/haproxy/[A-Za-z0-9][A-Za-z0-9_.-]*[.]sock" "socket path" traffic.socket;
 
   proxies =
     service:

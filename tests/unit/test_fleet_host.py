@@ -649,3 +649,12 @@ def test_a_weight_the_transaction_cannot_give_is_refused(host: Path, weights: st
     code, out = helper(host, "weight", "--token", tk("w2"), "--weights", weights, "--hold", "5")
     assert code == fh.Exit.USAGE, out
     assert agent(host, "web\n") == "drain\n"
+
+
+@pytest.mark.parametrize(
+    "path", ["/run/systemd/private", "admin.sock", "/run/haproxy/../systemd/private.sock",
+             "/run/haproxy/admin.sock/x", "/var/run/haproxy/admin.sock"],
+)  # fmt: skip
+def test_traffic_stat_connects_to_haproxys_sockets_only(host: Path, path: str) -> None:
+    code, out = helper(host, "traffic-stat", "--socket", path)
+    assert code == fh.Exit.USAGE and "/run/haproxy/" in out["error"], out
