@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import health
-from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock
+from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock, printable
 from fleet.inventory import Host
 from fleet.models import Generation
 from fleet.output import generation_cell, short_path
@@ -115,7 +115,7 @@ def rotation(state: HostState) -> str:
     """Whether the host keeps its instances out of the balancers' rotation, and why."""
     if state.maintenance is not None:
         why = state.maintenance.get("reason")
-        return "drained (maintenance" + (f": {why})" if why else ")")
+        return "drained (maintenance" + (f": {printable(str(why))})" if why else ")")
     if state.traffic:
         return ", ".join(f"{service} {word}" for service, word in sorted(state.traffic.items()))
     return "-"

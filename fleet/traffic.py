@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import FleetError
-from fleet.hostops import HostOps
+from fleet.hostops import HostOps, printable
 from fleet.inventory import Traffic
 from fleet.ssh import Remote
 
@@ -94,16 +94,17 @@ def read(traffic: Traffic, balancer: str, remote: Remote) -> list[Server]:
     for row in data.get("servers", []):
         if not isinstance(row, dict) or row.get("backend") not in traffic.services:
             continue
+        # What a balancer says is shown on the operator's terminal: printable only.
         servers.append(
             Server(
                 balancer,
                 str(row["backend"]),
-                str(row.get("server", "")),
-                str(row.get("status", "")),
+                printable(str(row.get("server", ""))),
+                printable(str(row.get("status", ""))),
                 row.get("weight") if isinstance(row.get("weight"), int) else None,
                 row.get("sessions") if isinstance(row.get("sessions"), int) else None,
-                str(row.get("check", "")),
-                str(row.get("agent", "")),
+                printable(str(row.get("check", ""))),
+                printable(str(row.get("agent", ""))),
             )
         )
     return servers
