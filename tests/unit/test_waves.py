@@ -94,19 +94,3 @@ def test_hosts_of_no_balanced_service_are_never_held_back() -> None:
     fleet = [host("db1", ("redis",)), host("db2", ("redis",)), *APPS[:2]]
     waves = plan(fleet, canary=0, batch_size=10, max_unavailable={"api": 1})
     assert names(waves) == [["db1", "db2", "app1"], ["app2"]]
-
-
-@pytest.mark.parametrize(
-    ("instances", "canaries", "share", "weight"),
-    [(4, 1, 10, 33), (4, 1, 25, 100), (4, 2, 10, 11), (10, 1, 5, 47), (2, 1, 90, 100),
-     (3, 3, 10, 100), (100, 1, 1, 100), (4, 1, 1, 3), (200, 1, 1, 100)],
-)  # fmt: skip
-def test_a_canarys_weight_gives_it_its_share(
-    instances: int, canaries: int, share: int, weight: int
-) -> None:
-    from fleet.traffic import canary_weight
-
-    assert canary_weight(instances, canaries, share) == weight
-    if weight < 100 and canaries < instances:
-        got = canaries * weight / (canaries * weight + (instances - canaries) * 100)
-        assert abs(got * 100 - share) < 1.5
