@@ -157,6 +157,21 @@ def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 120) 
             return lines
 
 
+def _wait_stopped(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Until the paused tool has really stopped itself: it names the boundary first, and a
+    SIGCONT sent before its SIGSTOP lands would leave it stopped for good."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{proc.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                    return
+        except OSError:
+            return  # gone already
+        time.sleep(0.01)
+    raise AssertionError(f"the tool never stopped at its boundary (pid {proc.pid})")
+
+
 def _finish(proc: subprocess.Popen[str]) -> tuple[int, Any, str]:
     import json
 
@@ -227,6 +242,7 @@ def run_case(lab: Lab, case: Case) -> float:
     if not seen or "fleet-test-paused" not in seen[-1]:
         _finish(proc)
         raise AssertionError(f"{case.id}: never reached the boundary: {seen[-3:]}")
+    _wait_stopped(proc)
     runs: list[tuple[int | None, Any]] = []
     faulted = time.monotonic()
     if case.fault is Fault.KILL:
