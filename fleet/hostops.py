@@ -139,6 +139,7 @@ class BreachKind(StrEnum):
     ORPHAN_SWITCH = "orphan-switch"
     FAILED_UNITS = "failed-units"
     MISSING_SECRETS = "missing-secrets"
+    ORPHAN_DRAIN = "orphan-drain"
     UNHEALTHY = "unhealthy"
 
 
@@ -258,6 +259,16 @@ class HostState:
                 Breach(
                     BreachKind.ORPHAN_SWITCH,
                     f"dead-man switch armed with no transaction: {', '.join(self.watchers)}",
+                    f"fleet recover {name}",
+                )
+            )
+        if self.traffic:
+            # Only a transaction drains or weighs, and its end puts them back.
+            found.append(
+                Breach(
+                    BreachKind.ORPHAN_DRAIN,
+                    "out of rotation with no transaction: "
+                    + ", ".join(f"{s} {w}" for s, w in sorted(self.traffic.items())),
                     f"fleet recover {name}",
                 )
             )

@@ -1345,7 +1345,11 @@ def cmd_recover(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     with host_lock(paths):
         txn = read_txn(paths)
         if txn is None:
-            return {"recovered": None}
+            # Drains and weights belong to transactions: with none, nothing holds them.
+            orphans = sorted(traffic_files(paths))
+            for service in orphans:
+                (paths.traffic / service).unlink(missing_ok=True)
+            return {"recovered": None, "undrained": orphans}
         if not args.force and not abandoned(txn) and txn.state != State.COMMITTED:
             raise Failure(
                 Exit.HELD,

@@ -658,3 +658,11 @@ def test_a_weight_the_transaction_cannot_give_is_refused(host: Path, weights: st
 def test_traffic_stat_connects_to_haproxys_sockets_only(host: Path, path: str) -> None:
     code, out = helper(host, "traffic-stat", "--socket", path)
     assert code == fh.Exit.USAGE and "/run/haproxy/" in out["error"], out
+
+
+def test_recover_puts_back_what_no_transaction_holds(host: Path) -> None:
+    (host / "run/fleet/traffic").mkdir(parents=True)
+    (host / "run/fleet/traffic/web").write_text("drain\n")
+    code, out = helper(host, "recover")
+    assert code == 0 and out["recovered"] is None and out["undrained"] == ["web"]
+    assert agent(host, "web\n") == "ready 100%\n"

@@ -67,3 +67,18 @@ def test_exit_codes_become_their_errors() -> None:
     host, _ = ops((1, "Traceback ...", "boom"))
     with pytest.raises(HelperError, match="exit 1"):
         host.state()
+
+
+def test_a_drain_no_transaction_holds_is_a_breach_recover_repairs() -> None:
+    from fleet.hostops import BreachKind, parse_state
+
+    path = "/nix/store/" + "a" * 32 + "-nixos-system-web1"
+    base = {"current": 1, "running": path, "generations": [[1, 0, path]]}
+    assert parse_state(base).breaches("web1") == []
+    drained = parse_state(base | {"traffic": {"api": "drain"}})
+    [breach] = drained.breaches("web1")
+    assert breach.kind is BreachKind.ORPHAN_DRAIN and breach.repair == "fleet recover web1"
+    assert "api drain" in breach.message
+    # While a transaction runs, its drain is its own.
+    txn = {"token": "ab" * 16, "holder": {}, "mode": "switch", "state": "begun", "deadline": 0}
+    assert parse_state(base | {"traffic": {"api": "drain"}, "txn": txn}).breaches("web1") == []
