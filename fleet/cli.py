@@ -479,6 +479,9 @@ def gc(ctx: Context, selectors: tuple[str, ...], keep: int, break_lock: bool) ->
 def _drain(ctx: Context, selectors: tuple[str, ...], on: bool, reason: str | None) -> None:
     if not selectors:
         raise FleetUsageError(f"fleet {'drain' if on else 'undrain'}: name the hosts")
+    # It goes into every host's records and onto terminals: one short printable line.
+    if reason is not None and (len(reason) > 200 or not reason.isprintable()):
+        raise FleetUsageError("--reason: at most 200 printable characters, on one line")
     good, bad = _split(day2.drain(_session(ctx), selectors, on, reason))
     rows = [{"host": h, "was": "drained" if v.before else "serving",
              "balancers": v.balancers} for h, v in good.items()]  # fmt: skip

@@ -105,3 +105,18 @@ def test_a_canarys_weight_gives_it_its_share(
     if weight < 100 and canaries < instances:
         got = canaries * weight / (canaries * weight + (instances - canaries) * 100)
         assert abs(got * 100 - share) < 1.5
+
+
+@pytest.mark.parametrize("reason", ["two\nlines", "x" * 201, "bell\a"])
+def test_a_reason_that_is_not_one_short_printable_line_is_bad_input(reason: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet", "--flake", "/nonexistent", "drain", "web1",
+         "--reason", reason],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--reason: at most 200 printable characters" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
