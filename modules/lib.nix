@@ -126,6 +126,15 @@ let
   # Where the fleet tool puts the secrets it uploads, one folder per service
   # (under /var/lib/fleet, root-only).
   secretsDir = "/var/lib/fleet/secrets";
+
+  # A string that `check` accepts, named and described for the option's docs.
+  checkedString =
+    name: check: description:
+    lib.types.addCheck lib.types.str check
+    // {
+      inherit name description;
+      descriptionClass = "noun";
+    };
 in
 {
   inherit
@@ -146,30 +155,14 @@ in
     ;
 
   # A firewall source: an IPv4 or IPv6 address or CIDR prefix.
-  sourceType = lib.types.addCheck lib.types.str isSource // {
-    name = "fleetSource";
-    description = "IPv4 or IPv6 address or CIDR prefix (such as 192.0.2.10, 192.0.2.0/24, 2001:db8::/32)";
-    descriptionClass = "noun";
-  };
+  sourceType = checkedString "fleetSource" isSource "IPv4 or IPv6 address or CIDR prefix (such as 192.0.2.10, 192.0.2.0/24, 2001:db8::/32)";
 
   # A host's address: a DNS name, an IPv4 address or a bare IPv6 address.
-  hostAddressType = lib.types.addCheck lib.types.str isHostAddress // {
-    name = "fleetHostAddress";
-    description = "DNS name, IPv4 address or IPv6 address without brackets and without a port (the port is `sshPort`)";
-    descriptionClass = "noun";
-  };
+  hostAddressType = checkedString "fleetHostAddress" isHostAddress "DNS name, IPv4 address or IPv6 address without brackets and without a port (the port is `sshPort`)";
 
   # systemd's MemoryMax= and CPUQuota= values.
-  memoryLimitType = lib.types.addCheck lib.types.str isMemoryLimit // {
-    name = "systemdMemoryLimit";
-    description = "memory size for systemd's MemoryMax= (bytes with an optional K, M, G or T suffix, 1024-based, such as 512M; a percentage of the host's memory up to 100%, such as 25%; or \"infinity\")";
-    descriptionClass = "noun";
-  };
-  cpuQuotaType = lib.types.addCheck lib.types.str isPercent // {
-    name = "systemdCPUQuota";
-    description = "CPU quota for systemd's CPUQuota= (a positive percentage with at most two decimals, 100% being one core, such as 50% or 250%)";
-    descriptionClass = "noun";
-  };
+  memoryLimitType = checkedString "systemdMemoryLimit" isMemoryLimit "memory size for systemd's MemoryMax= (bytes with an optional K, M, G or T suffix, 1024-based, such as 512M; a percentage of the host's memory up to 100%, such as 25%; or \"infinity\")";
+  cpuQuotaType = checkedString "systemdCPUQuota" isPercent "CPU quota for systemd's CPUQuota= (a positive percentage with at most two decimals, 100% being one core, such as 50% or 250%)";
 
   # The secrets of one service as the host manifest lists them: where the
   # unit loads each credential from, and whether the fleet tool uploads it
