@@ -51,6 +51,8 @@ def run_fleet(
         stdin=subprocess.DEVNULL,
     )
     report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    # Shown by pytest when the test fails: each host's whole message, not the progress line.
+    print(f"fleet {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}")
     return proc.returncode, report, proc.stderr
 
 

@@ -1,13 +1,24 @@
-"""The NixOS VM tests' definitions (tests/vm), read as text: they cannot run here, so what
-would make them fail or flake in our users' CI is checked where it can be."""
+"""The NixOS VM tests' definitions (tests/vm): they cannot run here, so what would make them
+fail or flake in our users' CI is checked where it can be, in their text and by evaluating
+their fleets (tests/vm/fleets.nix) with nixpkgs' lib."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
+from pathlib import Path
+from typing import Any
 
-from tests.nix.conftest import REPO
+import pytest
 
-VM = (REPO / "tests" / "vm" / "default.nix").read_text()
+from tests.nix.conftest import REPO, Nix
+from tests.nix.test_nix_traffic import HOST_VIEW, NIXOS_PREFIX, haproxy, haproxy_check, iptables
+
+VM = "\n".join((REPO / "tests" / "vm" / name).read_text() for name in ("default.nix", "fleets.nix"))
+LAYOUTS = {"plain": [], "balanced": ["balancer"]}
+TARGETS = ["target1", "target2"]
+__all__ = ["haproxy"]  # a fixture, used by name
 
 
 def _default(option: str) -> int:
@@ -46,3 +57,83 @@ def test_the_targets_boot_without_a_boot_loader_install() -> None:
     """`switch-to-configuration boot` at every commit: GRUB's install on the test VM's bare
     disk would refuse it."""
     assert "boot.loader.grub.enable = false;" in VM
+
+
+# The fleets, evaluated.
+
+FLEETS = 'import (h.repo + "/tests/vm/fleets.nix") { inherit (h) lib; api = h.pkgs.fake "api"; }'
+
+
+@pytest.fixture(scope="module")
+def fleets(nix: Nix) -> dict[str, Any]:
+    """Per layout: the machines' addresses, every release's inventory and problems, and the
+    hosts' configurations in the first release."""
+    hosts = " ".join(
+        f"{n} = {HOST_VIEW.format(host=json.dumps(n))};" for n in [*TARGETS, "balancer"]
+    )
+    return nix.eval(  # type: ignore[no-any-return]
+        f"""let vm = {FLEETS}; lib = h.lib; in lib.mapAttrs (layout: byRelease: {{
+          addresses = lib.genAttrs (vm.machines layout) (vm.address layout);
+          releases = lib.mapAttrs (_: f: {{ inherit (f.config.build) inventory problems; }})
+            byRelease;
+          hosts = let f = byRelease.v1; all = {{ {hosts} }}; in
+            lib.filterAttrs (n: _: lib.elem n (vm.fleetHosts layout)) all;
+        }}) vm.fleets"""
+    )
+
+
+def test_the_fleets_address_the_machines_as_the_test_driver_does(fleets: dict[str, Any]) -> None:
+    """nixos/lib/testing/network.nix: 192.168.1.N, N the machine's place among the test's
+    machine names in order. The firewall matches addresses, so the balancer reaches the
+    targets only if the fleet knows them by these."""
+    for layout, balancers in LAYOUTS.items():
+        machines = sorted(["deployer", *TARGETS, *balancers])
+        expected = {m: f"192.168.1.{i}" for i, m in enumerate(machines, 1)}
+        assert fleets[layout]["addresses"] == expected
+        for release in fleets[layout]["releases"].values():
+            hosts = release["inventory"]["hosts"]
+            assert {n: h["address"] for n, h in hosts.items()} == {
+                n: expected[n] for n in [*TARGETS, *balancers]
+            }
+            assert release["problems"] == []
+    # Every machine checks its own address at evaluation (a driver that numbers otherwise).
+    assert "config.networking.primaryIPAddress == vm.address layout name" in VM
+
+
+def test_every_host_evaluates_without_warnings(fleets: dict[str, Any]) -> None:
+    """Addresses, not names: no host is told its firewall refuses a fleet host."""
+    for layout in LAYOUTS:
+        for name, host in fleets[layout]["hosts"].items():
+            assert host["failedAssertions"] == [] and host["warnings"] == [], (layout, name)
+
+
+def test_the_balanced_fleet_puts_the_balancer_in_front_of_both_targets(
+    fleets: dict[str, Any], haproxy: str, tmp_path: Path
+) -> None:
+    balanced = fleets["balanced"]
+    address = balanced["addresses"]
+    traffic = balanced["releases"]["v1"]["inventory"]["traffic"]
+    assert traffic["balancers"] == ["balancer"]
+    api = traffic["services"]["api"]
+    assert api["mode"] == "http" and api["maxUnavailable"] == 1
+    assert api["instances"] == {t: {"address": address[t], "port": 8080} for t in TARGETS}
+    assert fleets["plain"]["releases"]["v1"]["inventory"].get("traffic") is None
+
+    balancer = balanced["hosts"]["balancer"]
+    assert balancer["haproxy"]["enable"] and balancer["ports"] == [80]
+    haproxy_check(haproxy, NIXOS_PREFIX + balancer["haproxy"]["config"], tmp_path, "-dW")
+    # The API's port and the agent's, open to the balancer; the deployer is no fleet host.
+    for target in TARGETS:
+        rules = balanced["hosts"][target]["iptables"]
+        for port in (8080, traffic["agentPort"]):
+            for line in iptables(port, [address["balancer"]]):
+                assert line in rules, (target, port)
+        assert address["deployer"] not in rules
+        assert ipaddress.ip_address(address[target])
+
+
+def test_the_balanced_test_waits_out_the_drain_and_the_clients_timeouts() -> None:
+    """The clients' requests end within their own timeout after the stop; a drain longer
+    than the tool's wait for it would report sessions cut, and the test wants none."""
+    assert "drainTimeout = 10;" in VM
+    assert "--max-time 10" in VM and 'wait_for_file(f"/tmp/load{n}.done", timeout=60)' in VM

@@ -1,84 +1,27 @@
 # NixOS VM tests of the fleet tool: a deployer node runs the packaged tool
-# against two target nodes declared with the fleet module. `nix flake check`
-# runs them; one alone: `nix build .#checks.x86_64-linux.vm-deploy -L`.
+# against two target nodes declared with the fleet module (and, in the
+# traffic test, a balancer the fleet configures in front of them). `nix flake
+# check` runs them; one alone: `nix build .#checks.x86_64-linux.vm-deploy -L`.
 #
-# Every generation the tests deploy is a specialisation of the targets' base
+# Every generation the tests deploy is a specialisation of the hosts' base
 # configuration (same addresses and host names), differing in the example
 # API's release. The deployer gets a small flake per release whose `fleet` is
-# the inventory and whose toplevels are those prebuilt generations.
+# the inventory and whose toplevels are those prebuilt generations. The
+# fleets themselves are in ./fleets.nix.
 { pkgs, fleet }:
 let
   inherit (pkgs) lib;
 
   keys = import ./keys.nix;
-  evalFleet = import ../../modules/eval.nix { inherit lib; };
   api = pkgs.callPackage ../../examples/api { };
-
-  targets = [
-    "target1"
-    "target2"
-  ];
-
-  # The API's releases. `unhealthy` starts but fails its health check (it is
-  # pointed at a redis that is not there); `slow` takes a while to activate,
-  # long enough to cut the link in the middle.
-  releases = {
-    v1 = { };
-    v2 = { };
-    v3 = { };
-    unhealthy.environment.FLEET_REDIS_ADDRS = "127.0.0.1:9";
-    slow.activationDelay = 10;
-  };
-
-  declaration = release: {
-    hosts = lib.genAttrs targets (name: {
-      address = name;
-      tags = [ "app" ];
-      hostKey = keys.${name}.public;
-    });
-    authorizedKeys = [ keys.operator.public ];
-    services.api = {
-      package = api;
-      command = [
-        (lib.getExe api)
-        "--port"
-        "8080"
-      ];
-      environment = {
-        API_VERSION = release;
-      }
-      // releases.${release}.environment or { };
-      ports = [ 8080 ];
-      placement.tags = [ "app" ];
-      # allowFrom stays the default, the fleet's hosts: declared by name here,
-      # they cannot be matched, so 8080 is open to loopback only (the tool's
-      # checks come through ssh).
-      # A secret already on the host, as agenix leaves one (fleetTestSecret).
-      secrets.api-token.path = "/run/fleet-test/api-token";
-      healthCheck = {
-        type = "http";
-        path = "/health";
-        expectBody = "ok";
-        timeout = 2;
-        retries = 10;
-      };
-    };
-    # The dead-man switch fires at activation + health + confirm timeouts;
-    # a confirm timeout above the health timeout leaves the tool's own restore
-    # after a failed check well clear of it (tests/nix/test_nix_vm.py).
-    deploy = {
-      healthTimeout = 30;
-      confirmTimeout = 60;
-    };
-  };
-
-  fleets = lib.mapAttrs (release: _: evalFleet { modules = [ (declaration release) ]; }) releases;
-  inherit (fleets.v1.config.build) inventory;
+  vm = import ./fleets.nix { inherit lib api; };
+  inherit (vm) targets releases fleets;
 
   writeKey = name: pkgs.writeText "${name}-ssh-key" keys.${name}.private;
 
-  target =
-    name:
+  # A fleet host of a layout's test: a target or a balancer.
+  host =
+    layout: name:
     { config, ... }:
     {
       imports = [ ../../modules/host.nix ];
@@ -90,7 +33,17 @@ let
       };
 
       config = {
-        fleet = fleets.${config.fleetTest.release}.config.build.hosts.${name}.plan;
+        fleet = fleets.${layout}.${config.fleetTest.release}.config.build.hosts.${name}.plan;
+
+        assertions = [
+          {
+            assertion = config.networking.primaryIPAddress == vm.address layout name;
+            message =
+              "tests/vm: ${name} has the address ${config.networking.primaryIPAddress}, but its"
+              + " fleet declares ${vm.address layout name} (tests/vm/fleets.nix numbers the test's"
+              + " machines as the test driver does).";
+          }
+        ];
 
         # The host key the inventory pins.
         services.openssh.hostKeys = [
@@ -104,14 +57,15 @@ let
           mode = "0600";
         };
 
-        environment.systemPackages = [ pkgs.curl ];
-
         # Persisting runs `switch-to-configuration boot`: with GRUB (the default
         # outside containers) on the test VM's bare, unpartitioned root disk,
         # grub-install refuses and every commit would fail. No boot loader, as
         # nixpkgs' own in-VM switching tests (switch-test.nix) do.
         boot.loader.grub.enable = false;
 
+        environment.systemPackages = [ pkgs.curl ];
+      }
+      // lib.optionalAttrs (lib.elem name targets) {
         # The API's secret, made at boot on the host and never built: the
         # test checks that the unit gets it as a credential.
         systemd.services.fleet-test-secret = {
@@ -146,21 +100,22 @@ let
       };
     };
 
-  # The toplevel of a target's generation for a release.
+  # The toplevel of a host's generation for a release. A balancer runs the
+  # same system in every release: its haproxy.cfg does not name the release.
   toplevel =
     nodes: name: release:
     let
       node = nodes.${name};
     in
-    if release == "v1" then
+    if release == "v1" || !lib.elem name targets then
       node.system.build.toplevel
     else
       node.specialisation.${release}.configuration.system.build.toplevel;
 
-  # A flake that deploys one release: the inventory, and each target's
+  # A flake that deploys one release: the inventory, and each host's
   # prebuilt toplevel as a derivation whose output is already in the store.
   flakeOf =
-    nodes: release:
+    layout: nodes: release:
     let
       derivation =
         drv:
@@ -169,8 +124,10 @@ let
         in
         ''prebuilt "${drvPath}" "${drv.outPath}"'';
     in
-    pkgs.linkFarm "fleet-test-flake-${release}" {
-      "inventory.json" = pkgs.writeText "inventory.json" (builtins.toJSON inventory);
+    pkgs.linkFarm "fleet-test-flake-${layout}-${release}" {
+      "inventory.json" = pkgs.writeText "inventory.json" (
+        builtins.toJSON fleets.${layout}.v1.config.build.inventory
+      );
       "fleet.yaml" = pkgs.writeText "fleet.yaml" ''
         identityFile: /etc/fleet-test/operator-key
       '';
@@ -207,19 +164,33 @@ let
               nixosConfigurations = {
                 ${lib.concatMapStringsSep "\n        " (
                   name: "${name}.config.system.build.toplevel = ${derivation (toplevel nodes name release)};"
-                ) targets}
+                ) (vm.fleetHosts layout)}
               };
             };
         }
       '';
     };
 
-  flakes = nodes: lib.mapAttrs (release: _: flakeOf nodes release) releases;
+  flakes = layout: nodes: lib.mapAttrs (release: _: flakeOf layout nodes release) releases;
+
+  # Clients of the API behind the balancer, for as long as a file is absent:
+  # each answer's HTTP status on a line of the output file ("000": none).
+  load = pkgs.writeShellScript "fleet-test-load" ''
+    out=$1
+    : > "$out"
+    while [ ! -e /tmp/load-stop ]; do
+      ${lib.getExe pkgs.curl} -s -o /dev/null -w '%{http_code}\n' --max-time 10 \
+        http://balancer:${toString vm.ingressPort}/ >> "$out" || true
+    done
+    touch "$out.done"
+  '';
 
   deployer =
+    layout:
     { nodes, ... }:
     {
       environment.systemPackages = [ fleet ];
+      environment.etc."fleet-test/load".source = load;
       environment.etc."fleet-test/operator-key" = {
         source = writeKey "operator";
         mode = "0600";
@@ -234,14 +205,15 @@ let
       };
       # The flakes reference the generations and their derivations: both are
       # in the deployer's store, so nothing is built or downloaded.
-      virtualisation.additionalPaths = lib.attrValues (flakes nodes);
+      virtualisation.additionalPaths = lib.attrValues (flakes layout nodes);
       virtualisation.memorySize = 2048;
     };
 
   # Python shared by every test script.
-  prelude = nodes: ''
+  prelude = layout: nodes: ''
     import json
     import shlex
+    import time
 
     TARGETS = [target1, target2]
     TOPLEVELS = ${
@@ -251,7 +223,7 @@ let
         ) releases
       )
     }
-    FLAKES = ${builtins.toJSON (lib.mapAttrs (_: flake: "${flake}") (flakes nodes))}
+    FLAKES = ${builtins.toJSON (lib.mapAttrs (_: flake: "${flake}") (flakes layout nodes))}
 
 
     def use(release):
@@ -263,10 +235,11 @@ let
 
 
     def fleet(*args, expect=0):
-        """Run the fleet tool on the deployer; its JSON report."""
+        """Run the fleet tool on the deployer; its JSON report (expect=None: any exit)."""
         command = "fleet --flake /root/fleet --json " + shlex.join(args)
         status, out = deployer.execute(command)
-        assert status == expect, f"{command}: exit {status}, expected {expect}:\n{out}"
+        if expect is not None:
+            assert status == expect, f"{command}: exit {status}, expected {expect}:\n{out}"
         try:
             return json.loads(out)
         except ValueError:
@@ -296,14 +269,18 @@ let
             )
 
 
+    # Every fleet host: the targets, and the balancer if there is one.
+    HOSTS = [m for m in machines if m.name != "deployer"]
+
     start_all()
     deployer.wait_for_unit("multi-user.target")
-    for machine in TARGETS:
+    for machine in HOSTS:
         machine.wait_for_unit("sshd.service")
-        machine.wait_for_open_port(8080)
         # The boot recovery ran and succeeded (a failure fails wait_for_unit).
         machine.wait_for_unit("fleet-host-boot.service")
         machine.succeed("test -x /run/current-system/sw/bin/fleet-host")
+    for machine in TARGETS:
+        machine.wait_for_open_port(8080)
 
     with subtest("the running generation becomes the first release"):
         use("v1")
@@ -313,19 +290,23 @@ let
   '';
 
   mkTest =
-    name: script:
+    name:
+    {
+      layout ? "plain",
+      script,
+    }:
     pkgs.testers.runNixOSTest {
       name = "fleet-${name}";
       nodes = {
-        inherit deployer;
+        deployer = deployer layout;
       }
-      // lib.genAttrs targets target;
-      testScript = { nodes, ... }: prelude nodes + "\n" + script;
+      // lib.genAttrs (vm.fleetHosts layout) (host layout);
+      testScript = { nodes, ... }: prelude layout nodes + "\n" + script;
     };
 in
-lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)) {
+lib.mapAttrs' (name: test: lib.nameValuePair "vm-${name}" (mkTest name test)) {
   # (a) A new generation passes its health check and is persisted.
-  deploy = ''
+  deploy.script = ''
     with subtest("a healthy release is deployed and persisted"):
         use("v2")
         report = fleet("deploy")
@@ -359,7 +340,7 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
   '';
 
   # (b) A generation whose service fails its health check is rolled back.
-  health-rollback = ''
+  health-rollback.script = ''
     with subtest("an unhealthy release is rolled back on every host"):
         use("unhealthy")
         report = fleet(
@@ -372,7 +353,7 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
 
   # (c) The link is cut during activation: the target goes back to its
   # previous generation by itself once the confirmation does not come.
-  dead-man = ''
+  dead-man.script = ''
     with subtest("a target cut off during activation reactivates its previous generation"):
         use("slow")
         target1.succeed("rm -f /run/fleet-test-activating")
@@ -402,7 +383,7 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
 
   # (d) `fleet rollback --release ID` undoes release ID: every host that took
   # part in it goes back to the generation it ran before.
-  release-rollback = ''
+  release-rollback.script = ''
     with subtest("rolling a release back restores the one before it on both targets"):
         use("v2")
         earlier = fleet("deploy")["release"]
@@ -414,4 +395,101 @@ lib.mapAttrs' (name: script: lib.nameValuePair "vm-${name}" (mkTest name script)
         assert set(results(report).values()) == {"deployed"}, report
         runs("v2", *TARGETS)
   '';
+
+  # (e) Behind the balancer the fleet configures: each target is drained
+  # before it switches and back in rotation before the next one goes; the
+  # API's clients see no failed request, nor while a target is cut off.
+  traffic = {
+    layout = "balanced";
+    script = ''
+      def rotation():
+          """Each instance's state on the balancer, as the tool reads it."""
+          view = fleet("traffic", expect=None)
+          return {server["host"]: server["status"] for server in view["servers"]}
+
+
+      def wait_serving(timeout=120):
+          deadline = time.monotonic() + timeout
+          while True:
+              states = rotation()
+              if all(states.get(t.name, "").startswith("UP") for t in TARGETS):
+                  return
+              assert time.monotonic() < deadline, f"not back in rotation: {states}"
+              time.sleep(1)
+
+
+      def ask(times):
+          """The balancer's HTTP status for each of a few requests."""
+          return [
+              deployer.succeed(
+                  "curl -s -o /dev/null -w '%{http_code}' --max-time 30"
+                  " http://balancer:${toString vm.ingressPort}/"
+              ).strip()
+              for _ in range(times)
+          ]
+
+
+      def under_load(action):
+          """Runs action while two clients ask the balancer; every answer's status."""
+          deployer.succeed("rm -f /tmp/load-stop /tmp/load*.done")
+          for n in (1, 2):
+              deployer.succeed(
+                  f"/etc/fleet-test/load /tmp/load{n} < /dev/null > /dev/null 2>&1 &"
+              )
+          time.sleep(2)
+          result = action()
+          time.sleep(2)
+          deployer.succeed("touch /tmp/load-stop")
+          for n in (1, 2):
+              deployer.wait_for_file(f"/tmp/load{n}.done", timeout=60)
+          return result, deployer.succeed("cat /tmp/load1 /tmp/load2").split()
+
+
+      with subtest("the balancer the fleet configures serves the API from both targets"):
+          balancer.wait_for_unit("haproxy.service")
+          balancer.wait_for_open_port(${toString vm.ingressPort})
+          # The runtime API is a root-only unix socket, never a network port:
+          # HAProxy listens on the API's frontend alone.
+          balancer.succeed("test -S ${fleets.balanced.v1.config.build.inventory.traffic.socket}")
+          listening = balancer.succeed("ss -Htlnp | grep -F haproxy").splitlines()
+          assert listening and all(
+              ":${toString vm.ingressPort} " in line for line in listening
+          ), listening
+          wait_serving()
+          assert ask(4) == ["200"] * 4
+
+      with subtest("a rolling deploy behind the balancer loses no request"):
+          use("v2")
+          report, statuses = under_load(
+              lambda: fleet("deploy", "--canary", "0", "--batch-size", "1")
+          )
+          failed = [s for s in statuses if s != "200"]
+          assert len(statuses) >= 50 and not failed, f"{len(failed)} of {len(statuses)} failed"
+          assert set(results(report).values()) == {"deployed"}, report
+          for machine in TARGETS:
+              host = report["hosts"][machine.name]
+              assert "drain" in host["timings"] and host["traffic"] is None, host
+          runs("v2", *TARGETS)
+          wait_serving()
+
+      with subtest("a target cut off: its requests go to the other"):
+          target1.block()
+          try:
+              statuses = ask(20)
+          finally:
+              target1.unblock()
+          assert statuses == ["200"] * 20, statuses
+          wait_serving()
+
+      with subtest("an operator's drain takes a host out of rotation until undrained"):
+          fleet("drain", "target1", "--reason", "vm test")
+          deadline = time.monotonic() + 60
+          while not rotation()["target1"].startswith("DRAIN"):
+              assert time.monotonic() < deadline, rotation()
+              time.sleep(1)
+          assert ask(4) == ["200"] * 4
+          fleet("undrain", "target1")
+          wait_serving()
+    '';
+  };
 }

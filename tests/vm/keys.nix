@@ -36,4 +36,16 @@
       -----END OPENSSH PRIVATE KEY-----
     '';
   };
+  balancer = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXOvH5KMXoTaBZr7ke39KGJFwwm9e8uqr1dfJbYLg/m";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACBlzrx+SjF6E2gWa+5Ht/ShiRcMJvXvLqq9XXyW2C4P5gAAAKCKFrjYiha4
+      2AAAAAtzc2gtZWQyNTUxOQAAACBlzrx+SjF6E2gWa+5Ht/ShiRcMJvXvLqq9XXyW2C4P5g
+      AAAECtK0H3agi1mpKHRc1OXle8yAVwbud2W/wdakwAX1alJ2XOvH5KMXoTaBZr7ke39KGJ
+      Fwwm9e8uqr1dfJbYLg/mAAAAFmZsZWV0LXZtLXRlc3QtYmFsYW5jZXIBAgMEBQYH
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
 }
