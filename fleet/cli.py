@@ -610,13 +610,19 @@ def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
     "--balancers",
     type=click.IntRange(0),
     default=0,
-    help="How many of the hosts (the last ones) run HAProxy in front of the others' "
-    "lab-web (a new lab only).",
+    help="How many of the hosts (the last ones, before the monitoring host) run HAProxy in "
+    "front of the others' lab-web (a new lab only).",
+)
+@click.option(
+    "--monitoring",
+    is_flag=True,
+    help="The last host runs Prometheus, Alertmanager and the blackbox exporter, and every "
+    "host the node exporter (a new lab only).",
 )
 @click.pass_obj
-def lab_up(ctx: Context, count: int | None, balancers: int) -> None:
+def lab_up(ctx: Context, count: int | None, balancers: int, monitoring: bool) -> None:
     """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
-    states = lab_ops.up(_lab(), count, ctx.say, balancers)
+    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring)
     _emit(ctx, [asdict(s) for s in states], _state_rows(states))
 
 

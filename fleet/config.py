@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,25 @@ KEYS: dict[str, Key] = {
     "parallel": Key(int, "a whole number of hosts"),
     "healthTimeout": Key((int, float), "a number of seconds"),
     "confirmTimeout": Key((int, float), "a number of seconds"),
+    "events": Key(dict, "a mapping of file (a path) and url (an http or https URL)"),
+    "annotations": Key(
+        dict, "a mapping of url (Grafana's /api/annotations, http or https) and tokenFile"
+    ),
 }
 PATH_KEYS = ("identityFile", "knownHostsFile", "signingKey", "secretsDir")
+# Keys that are mappings of their own (docs/events.md): each sub-key a path or a URL.
+SECTIONS: dict[str, dict[str, str]] = {
+    "events": {"file": "path", "url": "url"},
+    "annotations": {"url": "url", "tokenFile": "path"},
+}
 # Keys only the operator's own file may set: what runs where (a jump host goes through a
 # shell), which flake is the fleet, which key signs (else a checkout could have its own
-# systems signed with any key the operator holds) and where secrets are read (else it could
-# have any file of the operator's sent to a host).
-OPERATOR_ONLY = ("flake", "jumpHost", "jumpHostKeys", "signingKey", "secretsDir")
+# systems signed with any key the operator holds), where secrets are read (else it could
+# have any file of the operator's sent to a host), and where the operator's deploys are
+# reported (else it could have them, and a Grafana token, sent anywhere).
+OPERATOR_ONLY = (
+    "flake", "jumpHost", "jumpHostKeys", "signingKey", "secretsDir", "events", "annotations"
+)  # fmt: skip
 
 # user@host:port, several joined by commas; host a name, an IPv4 address or [IPv6].
 _JUMP = re.compile(
@@ -70,6 +83,42 @@ def _jump_host_keys(value: dict[Any, Any]) -> bool:
         and _HOST_KEY.fullmatch(key) is not None
         for host, key in value.items()
     )
+
+
+def web_url(value: Any) -> bool:
+    """An http or https URL with a host, and no credentials (they belong in a file)."""
+    if not isinstance(value, str) or not value.isprintable() or " " in value:
+        return False
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname) and "@" not in url.netloc
+
+
+def _section(path: Path, key: str, value: dict[Any, Any]) -> dict[str, str]:
+    """One of SECTIONS: each sub-key checked, paths made absolute as PATH_KEYS are."""
+    kinds = SECTIONS[key]
+    found: dict[str, str] = {}
+    for sub, item in value.items():
+        name, kind = f"{key}.{sub}", kinds.get(str(sub))
+        if kind is None:
+            known = ", ".join(f"{key}.{k}" for k in kinds)
+            raise UsageError(f"{path}: unknown key {name!r}; known keys: {known}")
+        if kind == "url" and not web_url(item):
+            raise UsageError(
+                f"{path}: key {name!r}: expected an http or https URL without credentials, "
+                f"got {item!r}"
+            )
+        if kind == "path" and not (isinstance(item, str) and item):
+            raise UsageError(f"{path}: key {name!r}: expected a path, got {item!r}")
+        found[str(sub)] = (
+            item if kind == "url" else str((path.parent / Path(item).expanduser()).resolve())
+        )
+    if not found or (key == "annotations" and "url" not in found):
+        raise UsageError(f"{path}: key {key!r}: expected {KEYS[key].expected}, got {value!r}")
+    return found
 
 
 SHAPES: dict[str, Callable[[Any], bool]] = {
@@ -128,6 +177,8 @@ def _read(path: Path) -> dict[str, Any]:
         shape = SHAPES.get(str(key))
         if shape is not None and not shape(value):
             raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
+        if key in SECTIONS and isinstance(value, dict):
+            value = _section(path, str(key), value)
         if key in PATH_KEYS:
             value = str((path.parent / Path(str(value)).expanduser()).resolve())
             if any(c.isspace() for c in value):

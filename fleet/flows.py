@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import config, inventory, nix, secrets, traffic
+from fleet import config, events, inventory, nix, secrets, traffic
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -237,18 +237,23 @@ def deploy(
             )
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")
-        rollout = Rollout(
-            hosts,
-            options,
-            release,
-            transport,
-            reporter,
-            user,
-            secrets=delivered,
-            depends_on=session.inventory.depends_on,
-            **balancing(session.inventory),
-        )
-        return rollout.run(paths, [h.name for h in hosts])
+        names = [h.name for h in hosts]
+        with events.recording(session.config, release, names) as recorder:
+            rollout = Rollout(
+                hosts,
+                options,
+                release,
+                transport,
+                reporter,
+                user,
+                secrets=delivered,
+                depends_on=session.inventory.depends_on,
+                **balancing(session.inventory),
+                events=recorder,
+            )
+            report = rollout.run(paths, names)
+            recorder.release_end(report)
+        return report
 
 
 def sign(session: Session, paths: Iterable[str]) -> None:
@@ -328,15 +333,18 @@ def rollback(
     check_timeouts(options, hosts)
     release = Release.new("rollback", session.flake, None)
     reporter.note(f"release {release.id} (rollback)")
-    rollout = Rollout(hosts, options, release, transport, reporter,
-                      session.config.get("sshUser"),
-                      generations={n: g.number for n, g in plan.targets.items()
-                                   if g.number is not None},
-                      **balancing(session.inventory))  # fmt: skip
-    sign(session, (g.path for g in plan.targets.values()))
-    report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
-    for name, why in plan.unreachable.items():
-        missed = HostReport(name)
-        missed.fail(HostResult.UNREACHABLE, Phase.CONNECT, why)
-        report.reports.append(missed)
+    with events.recording(session.config, release, [*order, *plan.unreachable]) as recorder:
+        rollout = Rollout(hosts, options, release, transport, reporter,
+                          session.config.get("sshUser"),
+                          generations={n: g.number for n, g in plan.targets.items()
+                                       if g.number is not None},
+                          **balancing(session.inventory), events=recorder)  # fmt: skip
+        sign(session, (g.path for g in plan.targets.values()))
+        report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
+        for name, why in plan.unreachable.items():
+            missed = HostReport(name)
+            missed.fail(HostResult.UNREACHABLE, Phase.CONNECT, why)
+            report.reports.append(missed)
+            recorder.host_end(missed)
+        recorder.release_end(report)
     return report

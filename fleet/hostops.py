@@ -576,8 +576,22 @@ class HostOps:
         error = data.get("recordError")
         return str(error) if error else None
 
+    def prom_query(self, port: int, query: str, at: str | None = None) -> dict[str, Any]:
+        """A PromQL query to the host's own Prometheus (127.0.0.1:PORT), asked on the host
+        over the ssh connection: Prometheus's JSON answer (``status``, ``data``)."""
+        args = [f"--port={port}", f"--query={query}", *([f"--time={at}"] if at else [])]
+        return _without_ok(self.call("prom-query", *args))
+
+    def prom_alerts(self, port: int) -> dict[str, Any]:
+        """The alerts of the host's own Prometheus, as its /api/v1/alerts answers."""
+        return _without_ok(self.call("prom-alerts", f"--port={port}"))
+
     def running_closure(self) -> list[str]:
         result = self.remote.run(["nix-store", "-qR", "/run/current-system"], check=False)
         if not result.ok:
             raise FleetError(f"{self.name}: nix-store -qR: {result.last_error_line()}")
         return result.stdout.split()
+
+
+def _without_ok(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "ok"}

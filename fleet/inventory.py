@@ -118,6 +118,66 @@ class Traffic:
     socket: str  # HAProxy's runtime API on every balancer: a root-only unix socket
     balancers: tuple[str, ...]  # host names, sorted
     services: Mapping[str, Balanced]
+    metrics_port: int | None = None  # HAProxy's Prometheus exporter, with monitoring
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """A host's node exporter: every host of a monitored fleet runs one."""
+
+    host: str
+    address: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where one instance of a service serves its Prometheus metrics."""
+
+    host: str
+    address: str
+    port: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One instance's declared HTTP or TCP check, probed from the monitoring hosts."""
+
+    host: str
+    address: str
+    check: Check
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the monitoring hosts scrape and probe of one service."""
+
+    name: str
+    metrics: tuple[MetricsEndpoint, ...]  # sorted by host
+    probes: tuple[Probe, ...]  # sorted by host
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """The fleet's monitoring hosts and what they watch.
+
+    Prometheus and Alertmanager listen on 127.0.0.1 of each server only: the tool
+    reaches them through its ssh connection to the server.
+    """
+
+    servers: tuple[str, ...]  # host names, sorted
+    prometheus_port: int
+    alertmanager_port: int
+    blackbox_port: int
+    node_exporter_port: int
+    haproxy_port: int  # HAProxy's exporter on every balancer
+    scrape_interval: str  # a Prometheus duration such as "15s"
+    webhook: str | None  # where Alertmanager posts the alerts
+    textfile_directory: str  # where each host's fleet-host writes its deploy state
+    nodes: tuple[NodeTarget, ...]  # every host, sorted
+    services: Mapping[str, Watched]
+    balancers: tuple[str, ...]  # host names, sorted
 
 
 @dataclass(frozen=True)
@@ -128,6 +188,8 @@ class Inventory:
     depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # None when no service has an ingress
     traffic: Traffic | None = None
+    # None when no host carries the monitoring tag
+    monitoring: Monitoring | None = None
 
     def select(self, selectors: Sequence[str]) -> list[Host]:
         """Hosts matching any selector, in inventory order; no selector means all."""
@@ -242,6 +304,62 @@ def _traffic(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) -> 
         socket=raw["socket"],
         balancers=tuple(sorted(raw["balancers"])),
         services=services,
+        metrics_port=raw.get("metricsPort"),
+    )
+
+
+def _known(names: Iterable[str], hosts: Mapping[str, Host], where: str) -> None:
+    for name in names:
+        if name not in hosts:
+            raise InventoryError(f"{where}: {name!r} is not a host of the inventory")
+
+
+def _watched(name: str, raw: Mapping[str, Any], hosts: Mapping[str, Host], where: str) -> Watched:
+    _known(raw["metrics"], hosts, f"{where}.services.{name}.metrics")
+    _known(raw["probes"], hosts, f"{where}.services.{name}.probes")
+    probes = []
+    for host, probe in sorted(raw["probes"].items()):
+        check = _check(probe["check"])
+        if check.service != name:
+            raise InventoryError(
+                f"{where}.services.{name}.probes.{host}: the check is of service "
+                f"{check.service!r}, not {name!r}"
+            )
+        probes.append(Probe(host=host, address=probe["address"], check=check))
+    return Watched(
+        name=name,
+        metrics=tuple(
+            MetricsEndpoint(host=host, address=e["address"], port=e["port"], path=e["path"])
+            for host, e in sorted(raw["metrics"].items())
+        ),
+        probes=tuple(probes),
+    )
+
+
+def _monitoring(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) -> Monitoring:
+    where = f"inventory from {source}: monitoring"
+    _known(raw["servers"], hosts, f"{where}.servers")
+    _known(raw["nodes"], hosts, f"{where}.nodes")
+    _known(raw["balancers"], hosts, f"{where}.balancers")
+    return Monitoring(
+        servers=tuple(sorted(raw["servers"])),
+        prometheus_port=raw["prometheusPort"],
+        alertmanager_port=raw["alertmanagerPort"],
+        blackbox_port=raw["blackboxPort"],
+        node_exporter_port=raw["nodeExporterPort"],
+        haproxy_port=raw["haproxyPort"],
+        scrape_interval=raw["scrapeInterval"],
+        webhook=raw["webhook"],
+        textfile_directory=raw["textfileDirectory"],
+        nodes=tuple(
+            NodeTarget(host=host, address=n["address"], tags=tuple(n["tags"]))
+            for host, n in sorted(raw["nodes"].items())
+        ),
+        services={
+            name: _watched(name, service, hosts, where)
+            for name, service in sorted(raw["services"].items())
+        },
+        balancers=tuple(sorted(raw["balancers"])),
     )
 
 
@@ -288,7 +406,15 @@ def parse(data: Any, source: str) -> Inventory:
     }
     raw_traffic = data.get("traffic")
     traffic = None if raw_traffic is None else _traffic(raw_traffic, hosts, source)
-    return Inventory(hosts=hosts, deploy=policy, depends_on=depends_on, traffic=traffic)
+    raw_monitoring = data.get("monitoring")
+    monitoring = None if raw_monitoring is None else _monitoring(raw_monitoring, hosts, source)
+    return Inventory(
+        hosts=hosts,
+        deploy=policy,
+        depends_on=depends_on,
+        traffic=traffic,
+        monitoring=monitoring,
+    )
 
 
 def select_names(

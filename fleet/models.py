@@ -75,6 +75,8 @@ class HostReport:
     # What the balancers did not do in time (a drain or a return to rotation), for the
     # operator; the result stands.
     traffic: str | None = None
+    # A fleet-wide revert's own transaction on the host: its phases are "revert-PHASE".
+    reverting: bool = False
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message

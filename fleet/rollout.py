@@ -28,6 +28,7 @@ from typing import Any
 
 from fleet import health, nix, testhook, traffic
 from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
+from fleet.events import Events
 from fleet.hostops import (
     Declared,
     Expired,
@@ -235,6 +236,7 @@ class Rollout:
         depends_on: Mapping[str, Sequence[str]] | None = None,
         traffic: Traffic | None = None,
         balancers: Sequence[Host] = (),
+        events: Events | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
         # The balancers in front of the hosts' instances, read (never changed) to see a
@@ -253,6 +255,7 @@ class Rollout:
         self.transport = transport
         self.reporter = reporter
         self.ssh_user = ssh_user
+        self.events = events if events is not None else Events(release)  # none: no sinks
 
     def remote(self, name: str) -> Remote:
         return self.transport.remote(endpoint(self.hosts[name], self.ssh_user))
@@ -265,13 +268,19 @@ class Rollout:
     @contextlib.contextmanager
     def _phase(self, report: HostReport, phase: Phase) -> Iterator[None]:
         self.reporter.phase(report.name, phase)
+        label = f"revert-{phase.value}" if report.reverting else phase.value
+        self.events.phase_start(report, label)
         start = time.monotonic()
+        error: str | None = None
         try:
             yield
+        except BaseException as exc:
+            error = printable(str(exc) or type(exc).__name__)
+            raise
         finally:
-            report.timings[phase.value] = report.timings.get(phase.value, 0.0) + (
-                time.monotonic() - start
-            )
+            seconds = time.monotonic() - start
+            report.timings[phase.value] = report.timings.get(phase.value, 0.0) + seconds
+            self.events.phase_end(report, phase, label, seconds, error)
         testhook.pause(phase.value, report.name)
 
     def deploy_host(self, name: str, path: str) -> HostReport:
@@ -724,11 +733,15 @@ class Rollout:
             "result": report.result.value,
             "phase": report.phase.value if report.phase else None,
             "message": report.message,
+            # The phases so far (not the step that writes the record): for the host's
+            # metrics; `fleet history` does not show them.
+            "timings": {k: round(v, 3) for k, v in report.timings.items()},
         }
 
     def _done(self, report: HostReport) -> HostReport:
         detail = report.result.value + (f" ({report.message})" if report.message else "")
         self.reporter.phase(report.name, Phase.DONE, detail[:160])
+        self.events.host_end(report)
         return report
 
     # -- fleet-wide rollback of persisted hosts ------------------------------------------
@@ -737,7 +750,7 @@ class Rollout:
         """Put a host this release persisted back on its recorded generation, through a
         transaction of its own (switch, health, commit to the existing generation)."""
         assert report.previous is not None
-        back = HostReport(report.name, changed=True, previous=report.new)
+        back = HostReport(report.name, changed=True, previous=report.new, reverting=True)
         ops = HostOps(self.remote(report.name))
         target = report.previous
         # The host's record: this release, rolled back from what it ran before it.
@@ -761,6 +774,7 @@ class Rollout:
             report.phase = Phase.ROLLBACK
             report.message = f"fleet rollback failed: {back.message}"
             report.new = back.new
+        self.events.host_end(report)  # its second end: the release's revert of it
 
     # -- the fleet ---------------------------------------------------------------------
 

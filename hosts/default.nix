@@ -1,7 +1,8 @@
 # The example fleet: two application hosts running the example HTTP API, a
-# data host running redis, which the API depends on, and two balancers in
-# front of the API. The addresses are from a documentation range: replace
-# them, the operator key and the host modules.
+# data host running redis, which the API depends on, two balancers in front
+# of the API and a monitoring host watching them all. The addresses are from
+# a documentation range: replace them, the operator key and the host
+# modules.
 { lib, pkgs, ... }:
 let
   api = pkgs.callPackage ../examples/api { };
@@ -36,6 +37,14 @@ in
     lb2 = {
       address = "192.0.2.32";
       tags = [ "balancer" ];
+      modules = [ ./common.nix ];
+    };
+    # Prometheus, Alertmanager and the blackbox exporter: every host's node
+    # exporter, the API's and redis's health checks, the balancers' HAProxy
+    # (docs/monitoring.md). Set monitoring.webhook to be told of alerts.
+    mon1 = {
+      address = "192.0.2.41";
+      tags = [ "monitoring" ];
       modules = [ ./common.nix ];
     };
   };

@@ -181,11 +181,40 @@ let
     lib.unique (map (s: s.port) (attrValues balance.services))
   );
 
+  # Monitoring: with monitoring hosts in the fleet, every host runs the node
+  # exporter, open to them only; they run Prometheus, Alertmanager and the
+  # blackbox exporter on 127.0.0.1, and scrape the balancers' HAProxy.
+  inherit (cfg) monitoring;
+  monitorSources = lib.unique (filter fleetLib.isAddress monitoring.serverAddresses);
+  unmatchedMonitors = lib.unique (filter (a: !fleetLib.isAddress a) monitoring.serverAddresses);
+  inherit (monitoring) scrape;
+  monitoringFiles = fleetLib.prometheusConfig {
+    monitoring = scrape;
+    server = cfg.hostName;
+  };
+  metricsDir = fleetLib.defaults.monitoring.textfileDirectory;
+  haproxyMetricsPort = if balance == null then null else balance.metricsPort or null;
+  # What the monitoring hosts reach of a service: its metrics, and its
+  # check when it is one they can probe from elsewhere (HTTP or TCP).
+  probedTypes = [
+    "http"
+    "tcp"
+  ];
+  watched =
+    service:
+    service.metrics != null
+    || (service.healthCheck != null && elem service.healthCheck.type probedTypes);
+
   # The balancers reach the instances of what they balance (traffic and
-  # checks) whatever `allowFrom` says.
+  # checks), the monitoring hosts those of what they watch, whatever
+  # `allowFrom` says.
   openTo =
     service:
-    lib.unique (sourcesOf service ++ lib.optionals (service.ingress != null) balancerSources);
+    lib.unique (
+      sourcesOf service
+      ++ lib.optionals (service.ingress != null) balancerSources
+      ++ lib.optionals (monitoring.enable && watched service) monitorSources
+    );
 
   # One entry per service with open ports: what the rules say they are for,
   # the ports and the sources; the agent's port is open to the balancers
@@ -206,6 +235,16 @@ let
       what = "fleet agent";
       ports = [ cfg.traffic.agentPort ];
       sources = balancerSources;
+    }
+    ++ optional monitoring.enable {
+      what = "fleet node exporter";
+      ports = [ monitoring.nodeExporterPort ];
+      sources = monitorSources;
+    }
+    ++ optional (haproxyMetricsPort != null) {
+      what = "fleet haproxy metrics";
+      ports = [ haproxyMetricsPort ];
+      sources = monitorSources;
     };
 
   # iptables (networking.firewall.extraCommands): rules appended to NixOS's
@@ -274,14 +313,17 @@ let
   bootUnit = "fleet-host-boot";
   # The fleet agent's socket, and the template of its per-connection service.
   agentUnit = "fleet-agent";
-  # Unit names the host module keeps: its boot recovery, its agent, and `fleet`, whose
-  # StateDirectory would be /var/lib/fleet, where the host keeps its transaction and release
-  # records.
+  # The service and timer that write the deploy state for the node exporter.
+  metricsUnit = "fleet-metrics";
+  # Unit names the host module keeps: its boot recovery, its agent, its metrics, and
+  # `fleet`, whose StateDirectory would be /var/lib/fleet, where the host keeps its
+  # transaction and release records.
   reservedUnits = [
     bootUnit
     "fleet"
     agentUnit
     "${agentUnit}@"
+    metricsUnit
   ];
   clashing = filter (name: elem cfg.services.${name}.unit reservedUnits) (
     lib.attrNames cfg.services
@@ -414,6 +456,49 @@ in
       };
     };
 
+    monitoring = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Whether the fleet has monitoring hosts. This host then runs the node
+          exporter (with the systemd collector, and the textfile collector
+          reading what `fleet-metrics.timer` makes `fleet-host metrics` write
+          every minute: the host's deploy state), its port open to
+          {option}`fleet.monitoring.serverAddresses` only.
+        '';
+      };
+      nodeExporterPort = mkOption {
+        type = types.port;
+        default = fleetLib.defaults.monitoring.nodeExporterPort;
+        description = "Port of the node exporter.";
+      };
+      serverAddresses = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "192.0.2.41" ];
+        description = ''
+          Addresses of the fleet's monitoring hosts: the only sources the
+          node exporter's port (and, on a balancer, HAProxy's exporter's) is
+          open to, and sources every port of a service with `metrics` or an
+          HTTP or TCP `healthCheck` is open to as well (they scrape and probe
+          it). DNS names cannot be matched by a firewall; they are left out,
+          with a warning.
+        '';
+      };
+      scrape = mkOption {
+        type = types.nullOr types.attrs;
+        default = null;
+        description = ''
+          When this host is one of the fleet's monitoring hosts, the fleet's
+          monitoring as the inventory has it (`monitoring`,
+          docs/inventory.md): the host runs Prometheus, Alertmanager and the
+          blackbox exporter, on 127.0.0.1 only, with the configuration
+          fleet/nix/prometheus.nix makes of it. Null on other hosts.
+        '';
+      };
+    };
+
     manifest = mkOption {
       type = types.raw;
       readOnly = true;
@@ -511,8 +596,47 @@ in
           };
         };
       }
+      ++ optional monitoring.enable {
+        ${metricsUnit} = {
+          description = "Write the host's deploy state for the node exporter";
+          # Root, to read the root-only deploy state, but with no capability,
+          # no network and nothing writable but the node exporter's textfile
+          # folder.
+          serviceConfig = hardening // {
+            Type = "oneshot";
+            # `-`: a run that fails leaves no failed unit, which would fail
+            # every deploy's health check; FleetMetricsStale says it instead.
+            ExecStart = "-${runningHelper} metrics";
+            TimeoutStartSec = 30;
+            StateDirectory = baseNameOf metricsDir;
+            StateDirectoryMode = "0755";
+            CapabilityBoundingSet = "";
+            PrivateNetwork = true;
+            RestrictAddressFamilies = "none";
+            IPAddressDeny = "any";
+            ProtectProc = "invisible";
+            ProcSubset = "pid";
+            MemoryDenyWriteExecute = true;
+            SystemCallFilter = [
+              "@system-service"
+              "~@privileged @resources"
+            ];
+          };
+        };
+      }
       ++ concatMap (x: x) (mapAttrsToList unitsOf cfg.services)
     );
+
+    systemd.timers = mkIf monitoring.enable {
+      ${metricsUnit} = {
+        description = "Write the host's deploy state for the node exporter every minute";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = "minutely";
+          AccuracySec = "5s";
+        };
+      };
+    };
 
     # The transaction record and the release records; the host's lock.
     systemd.tmpfiles.rules = [
@@ -520,7 +644,9 @@ in
       "d /run/fleet 0700 root root - -"
     ]
     # The secrets the fleet tool uploads, root-only.
-    ++ optional (any (s: s.upload) secrets) "d ${fleetLib.secretsDir} 0700 root root - -";
+    ++ optional (any (s: s.upload) secrets) "d ${fleetLib.secretsDir} 0700 root root - -"
+    # The deploy state for the node exporter, which reads it as a user of its own.
+    ++ optional monitoring.enable "d ${metricsDir} 0755 root root - -";
 
     # The services' ports, open to their sources only (sshd's port is the
     # openssh module's). The nftables firewall refuses extraCommands.
@@ -544,6 +670,11 @@ in
         "fleet: host ${cfg.hostName}: the fleet agent's port is open to the balancers, but the firewall cannot match DNS names ("
         + concatStringsSep ", " unmatchedBalancers
         + "): those balancers cannot ask it, and keep this host's instances in rotation while a deploy changes them; declare the balancers by IP address."
+      )
+      ++ optional (monitoring.enable && unmatchedMonitors != [ ]) (
+        "fleet: host ${cfg.hostName}: the node exporter's port is open to the monitoring hosts, but the firewall cannot match DNS names ("
+        + concatStringsSep ", " unmatchedMonitors
+        + "): those monitoring hosts cannot scrape this host nor probe its services; declare the monitoring hosts by IP address."
       );
 
     # The balancers: HAProxy with the fleet's configuration, its frontends
@@ -553,6 +684,44 @@ in
       config = fleetLib.haproxyConfig balance;
     };
     networking.firewall.allowedTCPPorts = frontendPorts;
+
+    # Monitoring: the node exporter on every host; Prometheus, Alertmanager
+    # and the blackbox exporter on the monitoring hosts, on 127.0.0.1 only
+    # (the fleet tool reaches Prometheus through its ssh connection).
+    services.prometheus = mkMerge [
+      (mkIf monitoring.enable {
+        exporters.node = {
+          enable = true;
+          port = monitoring.nodeExporterPort;
+          # Every IPv6 address too, when a monitoring host has one.
+          listenAddress = mkDefault (if any isV6 monitorSources then "[::]" else "0.0.0.0");
+          enabledCollectors = [ "systemd" ];
+          extraFlags = [ "--collector.textfile.directory=${metricsDir}" ];
+        };
+      })
+      (mkIf (scrape != null) {
+        enable = true;
+        listenAddress = "127.0.0.1";
+        port = scrape.prometheusPort;
+        # It names the rules' store path; promtool checks both at build time.
+        configText = monitoringFiles.prometheus;
+        checkConfig = mkDefault true;
+        alertmanager = {
+          enable = true;
+          listenAddress = "127.0.0.1";
+          port = scrape.alertmanagerPort;
+          configText = monitoringFiles.alertmanager;
+          # No cluster: its gossip would listen on every address, port 9094.
+          extraFlags = [ "--cluster.listen-address=" ];
+        };
+        exporters.blackbox = {
+          enable = true;
+          listenAddress = "127.0.0.1";
+          port = scrape.blackboxPort;
+          configFile = pkgs.writeText "fleet-blackbox.yml" monitoringFiles.blackbox;
+        };
+      })
+    ];
 
     # The fleet agent: the balancers ask it, once a second per instance,
     # whether to keep this host's instance of a service in rotation ("ready

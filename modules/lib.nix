@@ -28,11 +28,16 @@ let
   # `traffic`.
   haproxyConfig = import ../fleet/nix/haproxy.nix;
 
+  # The one generator of the monitoring hosts' Prometheus, Alertmanager and
+  # blackbox exporter configurations, from the inventory's `monitoring`.
+  prometheusConfig = import ../fleet/nix/prometheus.nix;
+
   # The producer fills defaults; read them back from it so that no option
   # below restates them.
   probe = produceInventory {
     hosts.probe = {
       address = "probe";
+      services = [ "probe" ];
       checks = [
         {
           name = "probe";
@@ -42,6 +47,10 @@ let
       ];
     };
     traffic.services.probe.port = 1;
+    monitoring = {
+      servers = [ "probe" ];
+      metrics.probe.port = 1;
+    };
   };
 
   primaryPort = service: if service.ports == [ ] then null else head service.ports;
@@ -119,6 +128,10 @@ let
     isAddress s
     || m != null && (isIPv4 address && bits <= 32 || isIPv6 address && bits <= 128);
 
+  # A path Prometheus scrapes: printable ASCII without spaces, `?` or `#`
+  # (it is sent as the request's path, never as a query).
+  isMetricsPath = p: builtins.match "/[!-~]*" p != null && builtins.match ".*[?#].*" p == null;
+
   # Credential names (a service's `secrets`) and the names of the files the
   # tool uploads: one path component, never `.` or `..`.
   secretNamePattern = "[A-Za-z0-9][A-Za-z0-9_.-]{0,254}";
@@ -140,6 +153,7 @@ in
   inherit
     produceInventory
     haproxyConfig
+    prometheusConfig
     primaryPort
     isIPv4
     isIPv6
@@ -150,6 +164,7 @@ in
     isMemoryLimit
     isPercent
     isSource
+    isMetricsPath
     secretNamePattern
     secretsDir
     ;
@@ -159,6 +174,9 @@ in
 
   # A host's address: a DNS name, an IPv4 address or a bare IPv6 address.
   hostAddressType = checkedString "fleetHostAddress" isHostAddress "DNS name, IPv4 address or IPv6 address without brackets and without a port (the port is `sshPort`)";
+
+  # The path of a service's metrics.
+  metricsPathType = checkedString "fleetMetricsPath" isMetricsPath "absolute path of printable ASCII without spaces, `?` or `#` (such as /metrics)";
 
   # systemd's MemoryMax= and CPUQuota= values.
   memoryLimitType = checkedString "systemdMemoryLimit" isMemoryLimit "memory size for systemd's MemoryMax= (bytes with an optional K, M, G or T suffix, 1024-based, such as 512M; a percentage of the host's memory up to 100%, such as 25%; or \"infinity\")";
@@ -224,7 +242,31 @@ in
       balancerTag = "balancer";
       inherit (probe.traffic) agentPort drainTimeout;
     };
+    monitoring = {
+      hostTag = "monitoring";
+      inherit (probe.monitoring)
+        prometheusPort
+        alertmanagerPort
+        blackboxPort
+        nodeExporterPort
+        haproxyPort
+        scrapeInterval
+        webhook
+        textfileDirectory
+        ;
+    };
+    metrics = {
+      inherit (probe.monitoring.services.probe.metrics.probe) path;
+    };
   };
+
+  # Where Alertmanager posts: an http(s) URL of the characters RFC 3986
+  # allows, but `$`, which NixOS's alertmanager module would substitute from
+  # the environment (percent-encode it as %24).
+  webhookPattern = "https?://[]A-Za-z0-9._~:/?#[@!&'()*+,;=%-]+";
+
+  # A Prometheus duration, as the scrape interval takes it.
+  durationPattern = "[1-9][0-9]*(ms|s|m|h)";
 
   # What an HTTP check may request: printable ASCII without spaces, as the
   # request line and the inventory schema take it.

@@ -18,6 +18,24 @@ let
   fleetLib = import ./lib.nix { inherit lib; };
   checkDefaults = fleetLib.defaults.check;
 
+  metrics = {
+    options = {
+      port = mkOption {
+        type = types.port;
+        example = 9102;
+        description = ''
+          Port the service serves its Prometheus metrics on; it must be one
+          of the service's `ports`.
+        '';
+      };
+      path = mkOption {
+        type = fleetLib.metricsPathType;
+        default = fleetLib.defaults.metrics.path;
+        description = "Path of the metrics, scraped as `http://<address>:<port><path>`.";
+      };
+    };
+  };
+
   secret =
     { name, ... }:
     {
@@ -285,6 +303,23 @@ in
       type = types.nullOr (types.submodule healthCheck);
       default = null;
       description = "The check that gates a deployment of this service; null for none.";
+    };
+
+    metrics = mkOption {
+      type = types.nullOr (types.submodule metrics);
+      default = null;
+      example = literalExpression ''
+        {
+          port = 8080;
+          path = "/metrics";
+        }
+      '';
+      description = ''
+        Where each instance serves Prometheus metrics, or null for none. The
+        fleet's monitoring hosts (tagged `monitoring.hostTag`) scrape every
+        instance, labelled with its host, the host's tags and the service;
+        the port is opened to them.
+      '';
     };
 
     limits = {

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # nix-setup-systemd makes the nixbld build users; it is only a Recommends of nix-bin.
 packages=(nix-bin nix-setup-systemd systemd-container debootstrap debian-archive-keyring iproute2 util-linux
-          openssh-client curl python3 python3-venv haproxy)
+          openssh-client curl python3 python3-venv haproxy
+          prometheus prometheus-alertmanager prometheus-blackbox-exporter prometheus-node-exporter)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,11 +16,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # HAProxy is here for `haproxy -c` of the generated configurations (the lab's balancers
-  # run their own); Debian starts its own on install.
-  if [[ " ${missing[*]} " == *" haproxy "* ]]; then
-    systemctl disable --now haproxy.service >/dev/null 2>&1 || true
-  fi
+  # HAProxy and Prometheus's programs are here for their own checkers of the generated
+  # configurations (haproxy -c, promtool, amtool, the blackbox exporter's --config.check)
+  # and the tests that run them; the lab's hosts run their own. Debian starts each as a
+  # service on install.
+  for service in haproxy prometheus prometheus-alertmanager prometheus-blackbox-exporter \
+                 prometheus-node-exporter; do
+    if [[ " ${missing[*]} " == *" $service "* ]]; then
+      systemctl disable --now "$service.service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 python=python3

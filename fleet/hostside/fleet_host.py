@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import calendar
 import contextlib
 import fcntl
+import http.client
 import json
+import math
 import os
 import re
 import select
@@ -25,9 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -135,6 +141,11 @@ class Paths:
         """An operator's drain of the whole host (`fleet drain`): on disk, it outlives a
         reboot until `fleet undrain`."""
         return self.state_dir / "maintenance.json"
+
+    @property
+    def metrics(self) -> Path:
+        """node exporter's textfile (its collector reads ``*.prom`` in this folder)."""
+        return self._p("/var/lib/fleet-metrics/fleet.prom")
 
     @property
     def gcroots(self) -> Path:
@@ -321,7 +332,7 @@ def last_record(paths: Paths) -> dict[str, Any] | None:
     """The newest record of a change of system (a drain or undrain changes none)."""
     for line in reversed(read_lines(paths.records)[-50:]):
         record = parse_record(line)
-        if record is not None and record.get("action") not in ("drain", "undrain"):
+        if record is not None and changes_system(record):
             return record
     return None
 
@@ -366,6 +377,7 @@ class Txn:
     # added, so that a later `rollback` never lands on one that was never current.
     newest: int | None = None
     drained: list[str] = field(default_factory=list)  # services taken out of rotation
+    began: float = 0.0  # when the lock was taken, by this host's clock (0: not recorded)
     version: int = TXN_VERSION
 
     @property
@@ -868,6 +880,254 @@ def cmd_maintenance(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         return {"before": before, "maintenance": maintenance(paths), "record_error": error}
 
 
+# -- metrics ----------------------------------------------------------------------------
+# node exporter's textfile, derived from nothing but the host's own state, so that it can
+# never disagree with the host. docs/transaction.md names the metrics.
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One family of the textfile: (labels, value) samples; none leaves it out whole."""
+
+    name: str
+    kind: str
+    help: str
+    samples: tuple[tuple[dict[str, str], float], ...]
+
+
+def label_value(text: str) -> str:
+    """Escaped as Prometheus's text format wants: backslash, double quote, newline."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(round(value, 3))
+
+
+def exposition(metrics: list[Metric]) -> str:
+    lines = []
+    for metric in metrics:
+        if metric.samples:
+            lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
+        for labels, value in metric.samples:
+            inner = ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
+            lines.append(f"{metric.name}{{{inner}}}" if inner else metric.name)
+            lines[-1] += f" {sample_value(value)}"
+    return "\n".join(lines) + "\n"
+
+
+def epoch(text: Any) -> float | None:
+    """A record's ISO 8601 time in seconds since the epoch (no zone: UTC)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return calendar.timegm(when.utctimetuple()) + when.microsecond / 1e6
+
+
+def changes_system(record: dict[str, Any]) -> bool:
+    """A release record of a change of system: a drain or an undrain changes none."""
+    return record.get("action") not in ("drain", "undrain")
+
+
+def rolled_back(record: dict[str, Any]) -> bool:
+    return record.get("action") == "rollback" or record.get("result") == "rolled-back"
+
+
+@dataclass
+class Releases:
+    """What the release records say, newest of each kind."""
+
+    last: dict[str, Any] | None = None  # of a change of system
+    success: dict[str, Any] | None = None  # result deployed
+    rollback: dict[str, Any] | None = None
+    rollbacks: int = 0
+
+
+def releases(paths: Paths) -> Releases:
+    found = Releases()
+    for record in map(parse_record, read_lines(paths.records)):
+        if record is None:
+            continue
+        if changes_system(record):
+            found.last = record
+        if record.get("result") == "deployed":
+            found.success = record
+        if rolled_back(record):
+            found.rollbacks += 1
+            found.rollback = record
+    return found
+
+
+def durations(record: dict[str, Any] | None) -> tuple[tuple[dict[str, str], float], ...]:
+    """The phases the tool timed, from a record that has them (older ones do not)."""
+    timings = record.get("timings") if record else None
+    if not isinstance(timings, dict):
+        return ()
+    return tuple(({"phase": str(phase)}, float(seconds)) for phase, seconds in timings.items()
+                 if isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                 and math.isfinite(seconds))  # fmt: skip
+
+
+def lock_facts(paths: Paths, at: float) -> tuple[int, float, int]:
+    """(the deploy lock held, for how many seconds, a change under way not committed)."""
+    try:
+        txn = read_txn(paths)
+        change = txn is not None and txn.mode != "gc" and txn.state != State.COMMITTED
+    except Failure:  # unreadable: it holds the lock all the same, and may hold a change
+        txn, change = None, True
+    if txn is None and not change:
+        return 0, 0.0, 0
+    began = txn.began if txn is not None and txn.began else None
+    if began is None:  # a record from before `began`: it was written since the lock was taken
+        try:
+            began = paths.txn.stat().st_mtime
+        except OSError:
+            began = at
+    return 1, max(0.0, at - began), int(change)
+
+
+def metrics_text(paths: Paths, at: float) -> str:
+    running = readlink(paths.current_system)
+    found = releases(paths)
+    last = found.last
+    held, held_for, change = lock_facts(paths, at)
+
+    def one(value: float | None) -> tuple[tuple[dict[str, str], float], ...]:
+        return () if value is None else (({}, value),)
+
+    info = {k: "" if last.get(k) is None else str(last.get(k))
+            for k in ("release", "action", "result")} if last else {}  # fmt: skip
+    return exposition([
+        Metric("fleet_generation_running", "gauge", "Generation of the system profile the "
+               "host runs; no sample when it runs a system in no generation.",
+               one(number_of(paths, running) if running else None)),
+        Metric("fleet_generation_current", "gauge", "The system profile's current generation: "
+               "the one the host should run and boots.", one(current_number(paths))),
+        Metric("fleet_generation_drift", "gauge", "1 when the running system is not the "
+               "profile's current generation (a change under way, a --boot deploy awaiting "
+               "its reboot, or a change by hand), else 0.",
+               one(int(running is None or running != readlink(paths.profile)))),
+        Metric("fleet_release_info", "gauge", "The newest release record of a change of "
+               "system (drains left out): its release, action and result.",
+               ((info, 1),) if last else ()),
+        Metric("fleet_release_timestamp_seconds", "gauge", "When the newest release record "
+               "of a change of system was written.",
+               one(epoch(last.get("time")) if last else None)),
+        Metric("fleet_last_success_timestamp_seconds", "gauge", "When the newest release "
+               "record whose result is deployed was written.",
+               one(epoch(found.success.get("time")) if found.success else None)),
+        Metric("fleet_rollbacks_total", "counter", "Release records that rolled back: action "
+               "rollback (fleet rollback) or result rolled-back (an undone change).",
+               one(found.rollbacks)),
+        Metric("fleet_last_rollback_timestamp_seconds", "gauge", "When the newest release "
+               "record that rolled back was written.",
+               one(epoch(found.rollback.get("time")) if found.rollback else None)),
+        Metric("fleet_phase_duration_seconds", "gauge", "Seconds per phase of the newest "
+               "release record of a change of system, as the tool timed them.",
+               durations(last)),
+        Metric("fleet_lock_held", "gauge", "1 while a transaction (gc included) holds the "
+               "host's deploy lock, else 0.", one(held)),
+        Metric("fleet_lock_held_seconds", "gauge", "How long the deploy lock has been held; "
+               "0 when it is free.", one(held_for)),
+        Metric("fleet_transaction_open", "gauge", "1 while a change of system is under way "
+               "and not committed (the host may still undo it by itself), else 0.", one(change)),
+        Metric("fleet_maintenance", "gauge", "1 while the whole host is drained for "
+               "maintenance (fleet drain), else 0.", one(int(maintenance(paths) is not None))),
+        Metric("fleet_metrics_timestamp_seconds", "gauge", "When fleet-host wrote these "
+               "metrics.", one(at)),
+    ])  # fmt: skip
+
+
+def write_metrics(paths: Paths, at: float | None = None) -> Path:
+    """Replace the textfile whole (a temporary file in its folder, then a rename): the
+    collector never reads half of one. No fsync: the next step or the timer rewrites it."""
+    text = metrics_text(paths, now() if at is None else at)
+    folder = paths.metrics.parent
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o755)  # node exporter reads it as a user of its own
+    fd, tmp = tempfile.mkstemp(prefix=f".{paths.metrics.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(text)
+        os.replace(tmp, paths.metrics)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return paths.metrics
+
+
+def refresh_metrics(paths: Paths) -> None:
+    """After a step: best effort, one line on stderr at worst; the step's outcome stands."""
+    try:
+        write_metrics(paths)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            print(f"fleet-host: metrics not written: {exc}", file=sys.stderr)
+
+
+def cmd_metrics(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
+    return {"written": str(write_metrics(paths))}
+
+
+# -- Prometheus, for the tool: asked here, so that nothing but ssh needs to be open ------
+
+PROM_MAX = 4 << 20
+
+
+def prom_get(port: int, path: str, params: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Prometheus's JSON answer to GET 127.0.0.1:PORT/PATH, bounded in time and size; an
+    error answer fails with Prometheus's own words."""
+    where = f"127.0.0.1:{port}{path}"
+    end = time.monotonic() + timeout
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    chunks: list[bytes] = []
+    try:
+        target = f"{path}?{urllib.parse.urlencode(params)}" if params else path
+        conn.request("GET", target, headers={"Accept": "application/json"})
+        response = conn.getresponse()
+        while chunk := response.read1(65536):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > PROM_MAX:
+                raise Failure(Exit.FAILED, f"{where}: an answer larger than {PROM_MAX >> 20} MiB")
+            if time.monotonic() > end:
+                raise Failure(Exit.FAILED, f"{where}: no whole answer within {timeout:g} s")
+    except (OSError, http.client.HTTPException) as exc:
+        raise Failure(Exit.FAILED, f"{where}: {getattr(exc, 'strerror', None) or exc}") from exc
+    finally:
+        conn.close()
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise Failure(Exit.FAILED, f"{where}: HTTP {response.status}, not Prometheus's JSON")
+    if response.status != 200 or data.get("status") != "success":
+        why = f"{data.get('errorType', 'error')}: {data.get('error', 'no reason given')}"
+        raise Failure(Exit.FAILED, f"{where}: HTTP {response.status}: {why}"[:500],
+                      errorType=data.get("errorType"))  # fmt: skip
+    return data
+
+
+def cmd_prom_query(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    params = {"query": args.query} | ({"time": args.time} if args.time else {})
+    return prom_get(args.port, "/api/v1/query", params, args.timeout)
+
+
+def cmd_prom_alerts(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    return prom_get(args.port, "/api/v1/alerts", {}, args.timeout)
+
+
+def port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError("a port is a number from 1 to 65535")
+    return int(text)
+
+
 # -- secrets ----------------------------------------------------------------------------
 
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
@@ -1142,6 +1402,7 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
                 set(inherited.drained if inherited else [])
                 | (set(args.drain) if args.mode != "boot" else set())
             ),
+            began=now(),
         )
         write_txn(paths, txn)
         for service in txn.drained:  # after the record names them: undo finds them all
@@ -1285,7 +1546,8 @@ def cmd_undo(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         txn = ours(paths, args.token)
         if txn.state == State.COMMITTED:
             raise Failure(Exit.FAILED, "the transaction is committed; roll back instead")
-        txn.base = txn.base | {k: v for k, v in record.items() if k in ("phase", "message")}
+        kept = ("phase", "message", "timings")  # the tool's view of what failed, and when
+        txn.base = txn.base | {k: v for k, v in record.items() if k in kept}
         return undo(
             paths,
             txn,
@@ -1407,6 +1669,7 @@ def cmd_gc(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             deadline=now() + args.deadline,
             confirm=0.0,
             helper=helper_path(),
+            began=now(),
         )
         write_txn(paths, txn)
         start_watcher(paths, txn)
@@ -1565,6 +1828,15 @@ def parser() -> argparse.ArgumentParser:
     maint = command("maintenance", "drain the whole host (on) or undrain it (off)")
     maint.add_argument("action", choices=["on", "off"])
     maint.add_argument("--holder", default="", help="JSON: operator, reason")
+    command("metrics", "write node exporter's textfile of this host's deploy state")
+    query = command("prom-query", "ask the Prometheus on 127.0.0.1:PORT; its JSON answer")
+    query.add_argument("--port", required=True, type=port_arg)
+    query.add_argument("--query", required=True, help="PromQL")
+    query.add_argument("--time", default="", help="evaluation time (RFC 3339 or epoch)")
+    query.add_argument("--timeout", type=float, default=5.0)
+    alerts = command("prom-alerts", "the alerts of the Prometheus on 127.0.0.1:PORT")
+    alerts.add_argument("--port", required=True, type=port_arg)
+    alerts.add_argument("--timeout", type=float, default=5.0)
     return top
 
 
@@ -1587,7 +1859,13 @@ COMMANDS = {
     "traffic-stat": cmd_traffic_stat,
     "weight": cmd_weight,
     "maintenance": cmd_maintenance,
+    "metrics": cmd_metrics,
+    "prom-query": cmd_prom_query,
+    "prom-alerts": cmd_prom_alerts,
 }
+# The steps that may change what the metrics say: each rewrites them as it ends.
+REFRESHES = ("begin", "activate", "commit", "undo", "reboot", "watch", "recover", "boot",
+             "gc", "record", "maintenance")  # fmt: skip
 
 
 def emit(data: dict[str, Any]) -> None:
@@ -1609,6 +1887,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":  # HAProxy's protocol, not ours: one line, never JSON
         cmd_agent(paths, args)
         return Exit.OK
+    try:
+        return run_command(paths, args)
+    finally:
+        if args.command in REFRESHES:  # after the answer, whatever it was: milliseconds
+            refresh_metrics(paths)
+
+
+def run_command(paths: Paths, args: argparse.Namespace) -> int:
     try:
         emit(COMMANDS[args.command](paths, args) | {"ok": True})
         return Exit.OK

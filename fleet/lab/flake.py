@@ -23,6 +23,19 @@ TEMPLATE = (
 INGRESS_PORT = 8000  # lab-web's frontend on the balancers
 AGENT_PORT = 9777
 DRAIN_TIMEOUT = 10
+# Monitoring (lab up --monitoring): the ports of a real fleet's defaults, and a short scrape
+# interval so that tests see a change within seconds.
+MONITORING = {
+    "prometheusPort": 9090,
+    "alertmanagerPort": 9093,
+    "blackboxPort": 9115,
+    "nodeExporterPort": 9100,
+    "haproxyPort": 8405,
+    "scrapeInterval": "2s",
+}
+# Alertmanager's webhook: a port on the operator machine's address on the lab bridge, where
+# a test (or an operator's `nc -l`) listens for the alerts.
+WEBHOOK_PORT = 9799
 # The host's half of fleet's transactions, from the package, installed by every lab system
 # at sw/bin/fleet-host (see build-system.sh).
 HOST_HELPER = "fleet-host.py"
@@ -55,7 +68,8 @@ def write_template(lab: Lab) -> None:
         _write_if_changed(lab.flake / name, template.joinpath(name).read_text())
     helper = resources.files("fleet.hostside").joinpath("fleet_host.py").read_text()
     _write_if_changed(lab.flake / HOST_HELPER, helper)
-    for name in ("inventory.nix", "haproxy.nix"):  # the generators a real fleet uses
+    # The generators a real fleet uses.
+    for name in ("inventory.nix", "haproxy.nix", "prometheus.nix"):
         text = resources.files("fleet").joinpath(f"nix/{name}").read_text()
         _write_if_changed(lab.flake / name, text)
 
@@ -73,10 +87,15 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def write(
-    lab: Lab, hosts: list[LabHost], host_keys: dict[str, str], balancers: list[str] | None = None
+    lab: Lab,
+    hosts: list[LabHost],
+    host_keys: dict[str, str],
+    balancers: list[str] | None = None,
+    monitoring: list[str] | None = None,
 ) -> None:
     write_template(lab)
     balancers = balancers or []
+    monitoring = monitoring or []
     spec = {
         "system": nix_system(),
         "webPort": WEB_PORT,
@@ -85,12 +104,18 @@ def write(
         "ingressPort": INGRESS_PORT,
         "agentPort": AGENT_PORT,
         "drainTimeout": DRAIN_TIMEOUT,
+        # Hosts that run Prometheus, Alertmanager and the blackbox exporter (not lab-web).
+        "monitoring": monitoring,
+        **MONITORING,
+        "webhook": f"http://{lab.gateway}:{WEBHOOK_PORT}/alerts" if monitoring else None,
         "hosts": {
             h.name: {
                 "address": h.address,
                 "sshPort": 22,
                 "sshUser": "root",
-                "tags": h.tags + (["balancer"] if h.name in balancers else []),
+                "tags": h.tags
+                + (["balancer"] if h.name in balancers else [])
+                + (["monitoring"] if h.name in monitoring else []),
                 "system": nix_system(),
                 "hostKey": host_keys[h.name],
             }

@@ -150,7 +150,9 @@ def _profile_link(root: Path, path: str) -> None:
         (gcroots / name).symlink_to(target)
 
 
-def _create(lab: Lab, hosts: list[LabHost], say: Say, balancers: int = 0) -> None:
+def _create(
+    lab: Lab, hosts: list[LabHost], say: Say, balancers: int = 0, monitoring: bool = False
+) -> None:
     """State, keys, flake and each host's disk with generation 1 installed."""
     lab.state.mkdir(parents=True, exist_ok=True)
     _keygen(lab.identity, f"fleet-lab{lab.instance}")
@@ -179,7 +181,10 @@ def _create(lab: Lab, hosts: list[LabHost], say: Say, balancers: int = 0) -> Non
         )
         for folder in ("nix", "boot", "var-fleet"):
             (root / folder).mkdir()
-    flake.write(lab, hosts, keys, [h.name for h in hosts[len(hosts) - balancers :]])
+    names = [h.name for h in hosts]
+    watchers = names[-1:] if monitoring else []
+    served = names[: len(names) - len(watchers)]
+    flake.write(lab, hosts, keys, served[len(served) - balancers :], watchers)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
     try:
@@ -327,14 +332,23 @@ def _stale(lab: Lab, hosts: list[LabHost]) -> bool:
     return any(lab.host_root(h) not in mounted for h in hosts)
 
 
-def up(lab: Lab, count: int | None, say: Say, balancers: int = 0) -> list[HostState]:
-    """``balancers``: how many of the hosts (the last ones) run HAProxy in front of the
-    others' lab-web, instead of lab-web."""
+def up(
+    lab: Lab, count: int | None, say: Say, balancers: int = 0, monitoring: bool = False
+) -> list[HostState]:
+    """``balancers``: how many of the hosts run HAProxy in front of the others' lab-web,
+    instead of lab-web; ``monitoring``: the last host runs Prometheus, Alertmanager and
+    the blackbox exporter instead (the balancers are the ones before it)."""
     require_root("fleet lab up")
     if count is not None and not 1 <= count <= MAX_HOSTS:
         raise UsageError(f"--hosts {count}: expected 1 to {MAX_HOSTS}")
-    if balancers and (count is None or not 0 < balancers < count):
-        raise UsageError(f"--balancers {balancers}: expected fewer than --hosts")
+    if (balancers or monitoring) and count is None:
+        raise UsageError("--balancers and --monitoring need --hosts")
+    served = (count or 0) - monitoring  # hosts other than the monitoring host
+    if monitoring and served < 1:
+        raise UsageError("--monitoring needs --hosts 2 or more: a host to watch and its monitor")
+    if balancers and not 0 < balancers < served:
+        extra = " less the monitoring host" if monitoring else ""
+        raise UsageError(f"--balancers {balancers}: expected fewer than --hosts{extra}")
     _require_tools()
     with _locked(lab):
         existing = flake.hosts(lab)
@@ -351,7 +365,7 @@ def up(lab: Lab, count: int | None, say: Say, balancers: int = 0) -> list[HostSt
         image = rootfs.ensure(lab.cache, say)
         try:
             if existing is None:
-                _create(lab, hosts, say, balancers)
+                _create(lab, hosts, say, balancers, monitoring)
             else:
                 flake.write_template(lab)  # the next systems carry this package's programs
             network.ensure_bridge(lab)

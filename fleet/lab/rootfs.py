@@ -18,12 +18,21 @@ PACKAGES = (
     "nix-bin", "libdbi-perl",  # debootstrap does not resolve nix-bin's virtual perl-dbdabi dep
     "sudo",
     "haproxy",  # the balancer hosts' (lab up --balancers); the package's unit stays masked
+    # The monitoring host's (lab up --monitoring) and every host's node exporter; the
+    # packages' own units stay masked too.
+    "prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter",
+    "prometheus-node-exporter",
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "6"
+LAYOUT_VERSION = "7"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
-# Debian's haproxy.service runs Debian's configuration; a balancer runs its system's own.
-MASKED = ("console-getty.service", "systemd-remount-fs.service", "haproxy.service")
+# Debian's own units of the balancer's and the monitoring's programs run Debian's
+# configuration; a lab host runs its system's own units of them.
+MASKED = (
+    "console-getty.service", "systemd-remount-fs.service", "haproxy.service",
+    "prometheus.service", "prometheus-alertmanager.service",
+    "prometheus-blackbox-exporter.service", "prometheus-node-exporter.service",
+)  # fmt: skip
 READY = ".fleet-lab-ready"
 
 SSHD_CONFIG = """\

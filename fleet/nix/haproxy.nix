@@ -1,9 +1,10 @@
 # The whole haproxy.cfg of the fleet's balancers, from the inventory's
 # `traffic` (docs/inventory.md): one frontend and one backend per service,
 # one server per instance, each checked as the service declares and asked
-# by the host's fleet agent whether to stay in rotation. The host module and
-# the lab's flake both use it, so a real fleet's balancers and the lab's are
-# configured alike.
+# by the host's fleet agent whether to stay in rotation; and, when the fleet
+# has monitoring hosts (`metricsPort`), HAProxy's own Prometheus exporter.
+# The host module and the lab's flake both use it, so a real fleet's
+# balancers and the lab's are configured alike.
 #
 # It needs no nixpkgs: the lab's flake has no inputs.
 #
@@ -171,6 +172,25 @@ let
       };
     in
     [ "" ] ++ frontend checked s ++ [ "" ] ++ backend checked s;
+
+  # HAProxy's Prometheus exporter, for the monitoring hosts (the firewall
+  # lets no one else reach the port). Its name starts with `_`, which no
+  # service's can, so that it never clashes with a service's frontend.
+  metrics =
+    let
+      metricsPort = traffic.metricsPort or null;
+    in
+    if metricsPort == null then
+      [ ]
+    else
+      [
+        ""
+        "frontend _prometheus"
+        "  mode http"
+        "  bind :${port "metrics port" metricsPort}"
+        "  http-request use-service prometheus-exporter if { path /metrics }"
+        "  no log"
+      ];
 in
 lines (
   [
@@ -201,5 +221,6 @@ lines (
     "  default-server init-addr last,libc,none"
   ]
   ++ builtins.concatMap proxies (attrNames traffic.services)
+  ++ metrics
 )
 + "\n"

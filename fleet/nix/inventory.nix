@@ -16,11 +16,20 @@
 #                                  check?; }; }
 #           maxUnavailable may be a share ("25%"): it is resolved here against
 #           the number of instances.
+#   monitoring: null, or the hosts that watch the fleet with Prometheus:
+#           { servers; prometheusPort?; alertmanagerPort?; blackboxPort?;
+#             nodeExporterPort?; haproxyPort?; scrapeInterval?; webhook?;
+#             metrics? = service -> { port; path?; }; }
+#           What they scrape comes from the hosts (every host's node
+#           exporter, the instances of each service with `metrics`, every
+#           HTTP and TCP check of a service) and from `traffic` (the
+#           balancers' HAProxy exporter).
 {
   hosts,
   deploy ? { },
   services ? { },
   traffic ? null,
+  monitoring ? null,
 }:
 let
   checkDefaults = {
@@ -79,6 +88,9 @@ let
     socket = traffic.socket or "/run/haproxy/admin.sock";
     balancers = builtins.sort builtins.lessThan (traffic.balancers or [ ]);
     services = builtins.mapAttrs normaliseBalanced traffic.services;
+    # HAProxy's own Prometheus exporter on every balancer, when the fleet
+    # has monitoring hosts to scrape it.
+    metricsPort = if normalisedMonitoring == null then null else normalisedMonitoring.haproxyPort;
   };
 
   normaliseHost = _name: host: {
@@ -93,15 +105,98 @@ let
     # { service; name; file; path; }: what the tool uploads before activating.
     secrets = host.secrets or [ ];
   };
+
+  normalisedHosts = builtins.mapAttrs normaliseHost hosts;
+  hostNames = builtins.attrNames normalisedHosts;
+
+  normalisedTraffic =
+    if traffic == null || (traffic.services or { }) == { } then null else normaliseTraffic traffic;
+
+  unique = builtins.foldl' (seen: x: if builtins.elem x seen then seen else seen ++ [ x ]) [ ];
+
+  # What the monitoring hosts probe through their blackbox exporter: a
+  # service's HTTP and TCP checks. A command check runs on its own host only.
+  probed = check: check.service != null && (check.type == "http" || check.type == "tcp");
+
+  normaliseMonitoring =
+    monitoring:
+    let
+      metrics = monitoring.metrics or { };
+      runs =
+        service: builtins.filter (h: builtins.elem service normalisedHosts.${h}.services) hostNames;
+      endpoints =
+        service:
+        builtins.listToAttrs (
+          map (host: {
+            name = host;
+            value = {
+              inherit (normalisedHosts.${host}) address;
+              inherit (metrics.${service}) port;
+              path = metrics.${service}.path or "/metrics";
+            };
+          }) (runs service)
+        );
+      checksOf =
+        service: host:
+        builtins.filter (c: probed c && c.service == service) normalisedHosts.${host}.checks;
+      # A host's first check of the service (a fleet declares one).
+      probes =
+        service:
+        builtins.listToAttrs (
+          builtins.concatMap (
+            host:
+            map (check: {
+              name = host;
+              value = {
+                inherit (normalisedHosts.${host}) address;
+                inherit check;
+              };
+            }) (checksOf service host)
+          ) hostNames
+        );
+      probedServices = builtins.concatMap (
+        host: map (c: c.service) (builtins.filter probed normalisedHosts.${host}.checks)
+      ) hostNames;
+      watched = unique (builtins.attrNames metrics ++ probedServices);
+    in
+    {
+      servers = builtins.sort builtins.lessThan monitoring.servers;
+      prometheusPort = monitoring.prometheusPort or 9090;
+      alertmanagerPort = monitoring.alertmanagerPort or 9093;
+      blackboxPort = monitoring.blackboxPort or 9115;
+      nodeExporterPort = monitoring.nodeExporterPort or 9100;
+      haproxyPort = monitoring.haproxyPort or 8405;
+      scrapeInterval = monitoring.scrapeInterval or "15s";
+      webhook = monitoring.webhook or null;
+      # The node exporter's textfile collector reads the fleet's metrics here.
+      textfileDirectory = "/var/lib/fleet-metrics";
+      nodes = builtins.mapAttrs (_host: host: { inherit (host) address tags; }) normalisedHosts;
+      services = builtins.listToAttrs (
+        map (service: {
+          name = service;
+          value = {
+            metrics = if metrics ? ${service} then endpoints service else { };
+            probes = probes service;
+          };
+        }) watched
+      );
+      balancers = if normalisedTraffic == null then [ ] else normalisedTraffic.balancers;
+    };
+
+  normalisedMonitoring =
+    if monitoring == null || (monitoring.servers or [ ]) == [ ] then
+      null
+    else
+      normaliseMonitoring monitoring;
 in
 {
   schemaVersion = 1;
-  hosts = builtins.mapAttrs normaliseHost hosts;
+  hosts = normalisedHosts;
   services = builtins.mapAttrs (_name: service: {
     dependsOn = service.dependsOn or [ ];
   }) services;
-  traffic =
-    if traffic == null || (traffic.services or { }) == { } then null else normaliseTraffic traffic;
+  traffic = normalisedTraffic;
+  monitoring = normalisedMonitoring;
   deploy = {
     parallel = 8;
     canary = 1;

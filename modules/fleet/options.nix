@@ -5,7 +5,12 @@ let
   inherit (lib) literalExpression mkOption types;
 
   fleetLib = import ../lib.nix { inherit lib; };
-  inherit (fleetLib.defaults) host deploy traffic;
+  inherit (fleetLib.defaults)
+    host
+    deploy
+    traffic
+    monitoring
+    ;
 
   name = types.strMatching fleetLib.namePattern;
 
@@ -178,6 +183,82 @@ in
         description = ''
           Seconds a deploy waits for an instance's connections to end once the
           balancers stopped sending it new ones, before it changes the host.
+        '';
+      };
+    };
+
+    monitoring = {
+      hostTag = mkOption {
+        type = name;
+        default = monitoring.hostTag;
+        description = ''
+          Hosts with this tag run Prometheus, Alertmanager and the blackbox
+          exporter, and watch the whole fleet: every host's node exporter,
+          the services' `metrics`, their HTTP and TCP health checks and the
+          balancers' HAProxy. Monitoring is on when at least one host carries
+          the tag; every host then runs the node exporter, open to the
+          monitoring hosts only.
+        '';
+      };
+      prometheusPort = mkOption {
+        type = types.port;
+        default = monitoring.prometheusPort;
+        description = ''
+          Port of Prometheus on the monitoring hosts. It listens on 127.0.0.1
+          only: the fleet tool reaches it through its ssh connection.
+        '';
+      };
+      alertmanagerPort = mkOption {
+        type = types.port;
+        default = monitoring.alertmanagerPort;
+        description = "Port of Alertmanager on the monitoring hosts, on 127.0.0.1 only.";
+      };
+      blackboxPort = mkOption {
+        type = types.port;
+        default = monitoring.blackboxPort;
+        description = ''
+          Port of the blackbox exporter on the monitoring hosts, on 127.0.0.1
+          only: Prometheus asks it to probe the services' health checks.
+        '';
+      };
+      nodeExporterPort = mkOption {
+        type = types.port;
+        default = monitoring.nodeExporterPort;
+        description = ''
+          Port of the node exporter on every host, open to the monitoring
+          hosts' addresses only.
+        '';
+      };
+      haproxyPort = mkOption {
+        type = types.port;
+        default = monitoring.haproxyPort;
+        description = ''
+          Port of HAProxy's own Prometheus exporter on every balancer (when a
+          service has an `ingress`), open to the monitoring hosts' addresses
+          only.
+        '';
+      };
+      webhook = mkOption {
+        type = types.nullOr (types.strMatching fleetLib.webhookPattern);
+        default = monitoring.webhook;
+        example = "http://127.0.0.1:8000/hook";
+        description = ''
+          URL Alertmanager posts every alert to (its webhook format), or null
+          to send none: the alerts are still in Prometheus and Alertmanager.
+          A chat or a pager is reached through a relay that takes
+          Alertmanager's webhook and holds their tokens, such as
+          alertmanager-ntfy on the monitoring host (docs/monitoring.md). The
+          URL is in the Nix store: it must hold no token, and no `$` (write
+          it %24); an http(s) URL.
+        '';
+      };
+      scrapeInterval = mkOption {
+        type = types.strMatching fleetLib.durationPattern;
+        default = monitoring.scrapeInterval;
+        example = "30s";
+        description = ''
+          How often Prometheus scrapes every target and evaluates the rules:
+          a number and a unit (ms, s, m or h).
         '';
       };
     };

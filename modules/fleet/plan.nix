@@ -13,6 +13,7 @@ let
     concatMapStringsSep
     elem
     filter
+    filterAttrs
     foldl'
     genAttrs
     groupBy
@@ -103,6 +104,33 @@ let
     else
       map (h: fleetLib.hostPort cfg.hosts.${h}.address ingress.port) balancers;
 
+  # Monitoring: the hosts tagged monitoring.hostTag run Prometheus,
+  # Alertmanager and the blackbox exporter; when there is one, every host
+  # runs the node exporter.
+  monitors = filter (h: elem cfg.monitoring.hostTag cfg.hosts.${h}.tags) hostNames;
+  monitored = monitors != [ ];
+
+  # The inventory's `monitoring` before the producer fills its targets in.
+  monitoring =
+    if !monitored then
+      null
+    else
+      {
+        servers = monitors;
+        inherit (cfg.monitoring)
+          prometheusPort
+          alertmanagerPort
+          blackboxPort
+          nodeExporterPort
+          haproxyPort
+          scrapeInterval
+          webhook
+          ;
+        metrics = mapAttrs (_: s: { inherit (s.metrics) port path; }) (
+          filterAttrs (_: s: s.metrics != null) cfg.services
+        );
+      };
+
   # The inventory's `traffic` before the producer fills its defaults.
   traffic =
     if exposed == [ ] then
@@ -163,6 +191,7 @@ let
       d: "${where}: depends on service ${quote d}, which declares no ports to be found at"
     ) portlessDeps
     ++ healthCheckProblems where s
+    ++ metricsProblems where s
     ++ ingressProblems where s
     ++ fleetLib.secretProblems where s
     ++ optional (
@@ -180,6 +209,22 @@ let
         "${where}: ingress needs a port to send traffic to, but the service declares no ports: declare the port it listens on in `ports`"
       ++ optional (s.ingress.port == cfg.traffic.agentPort)
         "${where}: ingress.port ${toString s.ingress.port} is traffic.agentPort, where the fleet agent of every host with a balanced instance listens: choose another ingress.port, or move traffic.agentPort"
+    );
+
+  metricsProblems =
+    where: s:
+    let
+      port = toString s.metrics.port;
+      ports = concatMapStringsSep ", " toString s.ports;
+    in
+    optionals (s.metrics != null) (
+      if s.ports == [ ] then
+        [
+          "${where}: metrics on port ${port}, but the service declares no ports: add ${port} to `ports`"
+        ]
+      else
+        optional (!(elem s.metrics.port s.ports))
+          "${where}: metrics on port ${port}, which the service does not declare (ports: ${ports}): add ${port} to `ports`, or set metrics.port to one of them"
     );
 
   healthCheckProblems =
@@ -240,12 +285,27 @@ let
           inherit (cfg.services.${s}.ingress) port;
           by = "the balancers' frontend of service ${quote s} (ingress.port)";
           frontend = true;
+          fix = "give the frontend another ingress.port, or move the other off that port";
         }) exposed
       )
       ++ optional (runsAgent host) {
         port = cfg.traffic.agentPort;
         by = "the fleet agent (traffic.agentPort)";
-        agent = true;
+        fix = "set traffic.agentPort to a port no host uses";
+      }
+      ++ optional monitored (monitoringClaim "the node exporter" "nodeExporterPort")
+      ++ optionals (elem host monitors) [
+        (monitoringClaim "Prometheus" "prometheusPort")
+        (monitoringClaim "Alertmanager" "alertmanagerPort")
+        (monitoringClaim "the blackbox exporter" "blackboxPort")
+      ]
+      ++ optional (monitored && exposed != [ ] && elem host balancers) (
+        monitoringClaim "HAProxy's metrics exporter" "haproxyPort"
+      );
+      monitoringClaim = what: option: {
+        port = cfg.monitoring.${option};
+        by = "${what} (monitoring.${option})";
+        fix = "set monitoring.${option} to a port no host uses";
       };
       # Frontends that share a port are a problem of the traffic, named once.
       clashes = filter (c: length c > 1 && !all (x: x.frontend or false) c) (
@@ -259,17 +319,13 @@ let
       "host ${quote host}: the name is not a valid host name (networking.hostName): use letters, digits and '-' only, at most 63 characters, not starting or ending with '-'; rename the host (its address may still be a longer DNS name)"
     ++ map (
       c:
+      let
+        fixes = filter (x: x ? fix) c;
+      in
       "host ${quote host}: port ${toString (builtins.head c).port} is claimed twice, by ${
         concatMapStringsSep " and " (x: x.by) c
       }"
-      + (
-        if any (x: x.frontend or false) c then
-          ": give the frontend another ingress.port, or move the other off that port"
-        else if any (x: x.agent or false) c then
-          ": set traffic.agentPort to a port no host uses"
-        else
-          ""
-      )
+      + (if fixes == [ ] then "" else ": ${(builtins.head fixes).fix}")
     ) clashes
     ++ map (
       services:
@@ -348,7 +404,7 @@ let
   # The options read only on the hosts are type-checked here too, so that
   # the inventory fails on them as the hosts' configurations would.
   hostOnly = map (s: {
-    inherit (cfg.services.${s}) allowFrom limits;
+    inherit (cfg.services.${s}) allowFrom limits metrics;
     secrets = lib.mapAttrs (_: secret: { inherit (secret) file path; }) cfg.services.${s}.secrets;
   }) serviceNames;
 
@@ -401,6 +457,14 @@ let
         balancerAddresses = map (n: cfg.hosts.${n}.address) balancers;
         # What this host's HAProxy serves, when it is a balancer.
         balance = if elem host balancers then produced.traffic else null;
+      };
+      monitoring = {
+        enable = monitored;
+        inherit (cfg.monitoring) nodeExporterPort;
+        # The only sources the node exporter's port is open to.
+        serverAddresses = map (n: cfg.hosts.${n}.address) monitors;
+        # What this host's Prometheus watches, when it is a monitoring host.
+        scrape = if elem host monitors then produced.monitoring else null;
       };
     };
 
@@ -456,7 +520,7 @@ let
     ) cfg.hosts;
     inherit (cfg) deploy;
     services = mapAttrs (_: s: { inherit (s) dependsOn; }) cfg.services;
-    inherit traffic;
+    inherit traffic monitoring;
   };
 in
 {

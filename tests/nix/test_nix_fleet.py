@@ -40,13 +40,14 @@ def good(nix: Nix) -> Any:
 
 def test_example_inventory_passes_the_schema(example: Any) -> None:
     inventory = parse(example["inventory"], "the example fleet")
-    assert sorted(inventory.hosts) == ["app1", "app2", "db1", "lb1", "lb2"]
+    assert sorted(inventory.hosts) == ["app1", "app2", "db1", "lb1", "lb2", "mon1"]
     app1 = inventory.hosts["app1"]
     assert (app1.address, app1.ssh_port, app1.ssh_user) == ("192.0.2.11", 22, "root")
     assert app1.tags == ("app",)
     assert inventory.deploy.canary == 1
     assert inventory.deploy.batch_size == 1
     assert inventory.deploy.health_timeout == 90
+    assert inventory.monitoring is not None and inventory.monitoring.servers == ("mon1",)
 
 
 def test_example_places_the_api_on_app_hosts_and_redis_on_the_data_host(example: Any) -> None:
@@ -54,8 +55,8 @@ def test_example_places_the_api_on_app_hosts_and_redis_on_the_data_host(example:
     hosts = example["inventory"]["hosts"]
     assert hosts["app1"]["services"] == ["api"]
     assert hosts["db1"]["services"] == ["redis"]
-    # The balancers run HAProxy, no service of the fleet.
-    assert hosts["lb1"]["services"] == hosts["lb2"]["services"] == []
+    # The balancers run HAProxy, the monitoring host Prometheus: no service of the fleet.
+    assert hosts["lb1"]["services"] == hosts["lb2"]["services"] == hosts["mon1"]["services"] == []
 
 
 def test_example_checks(example: Any) -> None:
@@ -88,7 +89,14 @@ def test_example_api_finds_redis(example: Any) -> None:
 
 def test_example_host_modules(example: Any) -> None:
     # host module, plan, host name, common.nix; db1 adds db1.nix and redis's module
-    assert example["moduleCounts"] == {"app1": 4, "app2": 4, "db1": 6, "lb1": 4, "lb2": 4}
+    assert example["moduleCounts"] == {
+        "app1": 4,
+        "app2": 4,
+        "db1": 6,
+        "lb1": 4,
+        "lb2": 4,
+        "mon1": 4,
+    }
     assert set(example["systems"].values()) == {"x86_64-linux"}
     plan = example["plans"]["db1"]
     assert plan["services"]["redis"]["createUnit"] is False

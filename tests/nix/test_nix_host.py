@@ -71,8 +71,9 @@ def example(nix: Nix) -> dict[str, Any]:
 
 
 def fleet_units(host: dict[str, Any]) -> list[str]:
-    """The units of services (the host module's own unit left out)."""
-    return sorted(u for u in host["units"] if u.startswith("fleet-") and u != BOOT_UNIT)
+    """The units of services (the host module's own units left out)."""
+    own = {BOOT_UNIT, "fleet-metrics"}
+    return sorted(u for u in host["units"] if u.startswith("fleet-") and u not in own)
 
 
 def test_each_placed_service_gets_a_unit(hosts: dict[str, Any]) -> None:
@@ -261,14 +262,15 @@ def test_example_hosts(example: dict[str, Any]) -> None:
     assert api["serviceConfig"]["LoadCredential"] == [
         "redis-password:/var/lib/fleet/secrets/api/redis-password"
     ]
-    fleet = ["192.0.2.11", "192.0.2.12", "192.0.2.21", "192.0.2.31", "192.0.2.32"]
-    # The API's port to the fleet (the balancers among it), the agent's to the balancers.
+    fleet = ["192.0.2.11", "192.0.2.12", "192.0.2.21", "192.0.2.31", "192.0.2.32", "192.0.2.41"]
+    # The API's port to the fleet (the balancers and the monitoring host among it), the
+    # agent's to the balancers, the node exporter's to the monitoring host.
     assert rules(example["app1"]["iptables"]) == [
         f"iptables -w -A nixos-fw -p tcp --dport 8080 -s {a} -j nixos-fw-accept" for a in fleet
     ] + [
         f"iptables -w -A nixos-fw -p tcp --dport 9777 -s {a} -j nixos-fw-accept"
         for a in ["192.0.2.31", "192.0.2.32"]
-    ]
+    ] + ["iptables -w -A nixos-fw -p tcp --dport 9100 -s 192.0.2.41 -j nixos-fw-accept"]
     redis = example["db1"]["units"]["redis-main"]
     assert redis["serviceConfig"] == {
         "MemoryMax": "512M",
@@ -276,7 +278,7 @@ def test_example_hosts(example: dict[str, Any]) -> None:
     }
     assert rules(example["db1"]["iptables"]) == [
         f"iptables -w -A nixos-fw -p tcp --dport 6379 -s {a} -j nixos-fw-accept" for a in fleet
-    ]
+    ] + ["iptables -w -A nixos-fw -p tcp --dport 9100 -s 192.0.2.41 -j nixos-fw-accept"]
     assert all(host["ports"] == [] and host["warnings"] == [] for host in example.values())
     assert fleet_units(example["db1"]) == []
 

@@ -1,7 +1,7 @@
 """The host module against nixpkgs' own option declarations, not stubs.
 
 The NixOS sources come from a nixpkgs checkout (FLEET_NIXPKGS; the flake's checks
-pass nixpkgs itself) or from the few files listed here, kept in
+pass nixpkgs itself) or from the few files tests/nix/nixpkgs_files.py lists, kept in
 ~/.cache/fleet/nixpkgs; without them these tests are skipped, with that reason.
 What is evaluated, and what is still declared by hand, is in
 fixtures/nixos-real.nix. A test also proves that every stub the other Nix tests
@@ -18,20 +18,7 @@ from typing import Any
 import pytest
 
 from tests.nix.conftest import FIXTURES, REPO, Nix, nix_path, nixpkgs_path
-
-NIXOS_LIB = ["utils.nix", "systemd-lib.nix", "systemd-unit-options.nix", "systemd-types.nix"]
-# The flake's devShell and package name these; each is pkgs/development/python-modules/<name>.
-PYTHON_PACKAGES = ["click", "jinja2", "jsonschema", "mypy", "pytest", "pyyaml", "tabulate",
-                   "types-pyyaml", "types-tabulate"]  # fmt: skip
-
-
-def needed(modules: list[str]) -> list[str]:
-    return (
-        [f"nixos/lib/{f}" for f in NIXOS_LIB]
-        + ["pkgs/pkgs-lib/formats.nix"]
-        + [f"nixos/modules/{m}" for m in modules]
-        + [f"pkgs/development/python-modules/{p}/default.nix" for p in PYTHON_PACKAGES]
-    )
+from tests.nix.nixpkgs_files import PYTHON_PACKAGES, needed
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +40,7 @@ let c = h.realConfig h.example {host}; in {{
   failed = c.failedAssertions;
   units = c.unitText;
   sockets = c.socketText;
+  timers = c.timerText;
   haproxy = {{ inherit (c.services.haproxy) enable config; }};
   ports = c.networking.firewall.allowedTCPPorts;
   users = builtins.mapAttrs (_: u: {{ inherit (u) isSystemUser group useDefaultShell
@@ -70,13 +58,19 @@ let c = h.realConfig h.example {host}; in {{
   packages = map (p: p.name) c.environment.systemPackages;
   switch = c.system.switch.enable;
   redis = c.services.redis.servers;
+  prometheus = {{
+    inherit (c.services.prometheus) enable listenAddress port checkConfig;
+    alertmanager = {{ inherit (c.services.prometheus.alertmanager) enable listenAddress port; }};
+    node = {{ inherit (c.services.prometheus.exporters.node) enable port enabledCollectors; }};
+    blackbox = {{ inherit (c.services.prometheus.exporters.blackbox) enable listenAddress; }};
+  }};
 }}
 """
 
 
 @pytest.fixture(scope="module")
 def example(real: Nix) -> dict[str, Any]:
-    hosts = ["app1", "app2", "db1", "lb1"]
+    hosts = ["app1", "app2", "db1", "lb1", "mon1"]
     views = " ".join(f"{h} = {EXAMPLE_VIEW.format(host=json.dumps(h))};" for h in hosts)
     result: dict[str, Any] = real.eval("{ " + views + " }")
     return result
@@ -137,6 +131,36 @@ def test_the_balancer_runs_nixpkgs_haproxy_module(example: dict[str, Any]) -> No
     assert lb1["ports"] == [80]
     assert example["app1"]["haproxy"] == {"enable": False, "config": None}
     assert example["app1"]["ports"] == []
+
+
+def test_monitoring_sets_nixpkgs_prometheus_modules(example: dict[str, Any]) -> None:
+    """Prometheus, Alertmanager and the blackbox exporter on the monitoring host, on
+    loopback; the node exporter on every host; the metrics timer as NixOS writes it."""
+    mon1 = example["mon1"]["prometheus"]
+    assert (mon1["enable"], mon1["listenAddress"], mon1["port"]) == (True, "127.0.0.1", 9090)
+    assert mon1["checkConfig"] is True
+    assert mon1["alertmanager"] == {"enable": True, "listenAddress": "127.0.0.1", "port": 9093}
+    assert mon1["blackbox"] == {"enable": True, "listenAddress": "127.0.0.1"}
+    for name, host in example.items():
+        assert host["prometheus"]["node"] == {
+            "enable": True,
+            "port": 9100,
+            "enabledCollectors": ["systemd"],
+        }, name
+        timer = host["timers"]["fleet-metrics"]
+        assert "[Timer]\nAccuracySec=5s\nOnCalendar=minutely\n" in timer
+        assert "WantedBy=timers.target" in timer
+        unit = host["units"]["fleet-metrics"]
+        for line in [
+            "Type=oneshot",
+            "ExecStart=-/run/current-system/sw/bin/fleet-host metrics",
+            "StateDirectory=fleet-metrics",
+            "PrivateNetwork=true",
+            "ProtectSystem=strict",
+        ]:
+            assert f"{line}\n" in unit, line
+    app1 = example["app1"]["prometheus"]
+    assert app1["enable"] is app1["alertmanager"]["enable"] is app1["blackbox"]["enable"] is False
 
 
 def test_redis_is_nixpkgs_own_module(example: dict[str, Any]) -> None:

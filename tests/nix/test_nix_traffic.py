@@ -116,6 +116,7 @@ def test_the_inventory_says_what_the_balancers_serve(fixture: dict[str, Any]) ->
         "drainTimeout": 30,
         "socket": "/run/haproxy/admin.sock",
         "balancers": ["lb1", "lb2"],
+        "metricsPort": None,  # no monitoring host
     }
     services = traffic["services"]
     assert sorted(services) == ["api", "batch", "cache", "store"]

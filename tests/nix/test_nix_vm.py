@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 
 from tests.nix.conftest import REPO, Nix
+from tests.nix.test_nix_monitoring import generate, promtool, written
+from tests.nix.test_nix_monitoring import run as run_program
 from tests.nix.test_nix_traffic import HOST_VIEW, NIXOS_PREFIX, haproxy, haproxy_check, iptables
 
 VM = "\n".join((REPO / "tests" / "vm" / name).read_text() for name in ("default.nix", "fleets.nix"))
-LAYOUTS = {"plain": [], "balanced": ["balancer"]}
+LAYOUTS = {"plain": [], "balanced": ["balancer"], "monitored": ["monitor"]}
 TARGETS = ["target1", "target2"]
-__all__ = ["haproxy"]  # a fixture, used by name
+__all__ = ["haproxy", "promtool"]  # fixtures, used by name
 
 
 def _default(option: str) -> int:
@@ -69,7 +71,7 @@ def fleets(nix: Nix) -> dict[str, Any]:
     """Per layout: the machines' addresses, every release's inventory and problems, and the
     hosts' configurations in the first release."""
     hosts = " ".join(
-        f"{n} = {HOST_VIEW.format(host=json.dumps(n))};" for n in [*TARGETS, "balancer"]
+        f"{n} = {HOST_VIEW.format(host=json.dumps(n))};" for n in [*TARGETS, "balancer", "monitor"]
     )
     return nix.eval(  # type: ignore[no-any-return]
         f"""let vm = {FLEETS}; lib = h.lib; in lib.mapAttrs (layout: byRelease: {{
@@ -137,3 +139,28 @@ def test_the_balanced_test_waits_out_the_drain_and_the_clients_timeouts() -> Non
     than the tool's wait for it would report sessions cut, and the test wants none."""
     assert "drainTimeout = 10;" in VM
     assert "--max-time 10" in VM and 'wait_for_file(f"/tmp/load{n}.done", timeout=60)' in VM
+
+
+def test_the_monitored_fleet_is_watched_from_its_monitoring_host(
+    fleets: dict[str, Any], nix: Nix, promtool: str, tmp_path: Path
+) -> None:
+    monitored = fleets["monitored"]
+    address = monitored["addresses"]
+    monitoring = monitored["releases"]["v1"]["inventory"]["monitoring"]
+    assert monitoring["servers"] == ["monitor"]
+    assert set(monitoring["nodes"]) == {"monitor", *TARGETS}
+    assert set(monitoring["services"]["api"]["probes"]) == set(TARGETS)
+    for name in ("plain", "balanced"):
+        assert fleets[name]["releases"]["v1"]["inventory"].get("monitoring") is None
+    # The node exporter and the API's port, open to the monitoring host; not the deployer.
+    for target in TARGETS:
+        rules = monitored["hosts"][target]["iptables"]
+        for port in (monitoring["nodeExporterPort"], 8080):
+            for line in iptables(port, [address["monitor"]]):
+                assert line in rules, (target, port)
+        assert address["deployer"] not in rules
+    # What the monitoring host runs passes Prometheus's own check.
+    generated = generate(nix, monitoring, tmp_path, "monitor")
+    config = written(generated, tmp_path)
+    assert "SUCCESS" in run_program(promtool, "check", "config", str(config))
+    assert 'job="fleet-health"' in VM and "fleet_release_info" in VM

@@ -60,7 +60,8 @@ def test_exit_codes_table_matches_the_code() -> None:
 def test_every_config_key_is_documented() -> None:
     section = README.split("## Operator configuration", 1)[1].split("\n## ", 1)[0]
     for key in config.KEYS:
-        assert f"`{key}`" in section, key
+        for name in (key, *(f"{key}.{sub}" for sub in config.SECTIONS.get(key, {}))):
+            assert f"`{name}`" in section, name
     for key in config.OPERATOR_ONLY:
         assert f"`{key}`" in section.split("may not set", 1)[1], key
 

@@ -4,12 +4,15 @@ real)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -112,13 +115,17 @@ def helper(host: Path, *args: str, stdin: str = "", env: dict[str, str] | None =
     return proc.returncode, (json.loads(lines[-1]) if lines else None)
 
 
-def begin(host: Path, token: str, target: str = "sys-b", *extra: str):
-    return helper(
-        host, "begin", "--token", token, "--holder", json.dumps({"release": token[:6]}),
+def begin_args(host: Path, token: str, target: str = "sys-b", *extra: str) -> list[str]:
+    return [
+        "begin", "--token", token, "--holder", json.dumps({"release": token[:6]}),
         "--base", json.dumps({"release": token[:6], "host": "h"}), "--mode", "switch",
         "--target", str(host / "store" / target), "--deadline", "30", "--confirm", "20",
         *extra,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def begin(host: Path, token: str, target: str = "sys-b", *extra: str):
+    return helper(host, *begin_args(host, token, target, *extra))
 
 
 def test_a_whole_transaction_commits_and_leaves_nothing(host: Path) -> None:
@@ -666,3 +673,405 @@ def test_recover_puts_back_what_no_transaction_holds(host: Path) -> None:
     code, out = helper(host, "recover")
     assert code == 0 and out["recovered"] is None and out["undrained"] == ["web"]
     assert agent(host, "web\n") == "ready 100%\n"
+
+
+# -- metrics: node exporter's textfile, from the host's own state ------------------------
+
+AT = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+HELP_AND_TYPE = {
+    "fleet_generation_running": "gauge",
+    "fleet_generation_current": "gauge",
+    "fleet_generation_drift": "gauge",
+    "fleet_release_info": "gauge",
+    "fleet_release_timestamp_seconds": "gauge",
+    "fleet_last_success_timestamp_seconds": "gauge",
+    "fleet_rollbacks_total": "counter",
+    "fleet_last_rollback_timestamp_seconds": "gauge",
+    "fleet_phase_duration_seconds": "gauge",
+    "fleet_lock_held": "gauge",
+    "fleet_lock_held_seconds": "gauge",
+    "fleet_transaction_open": "gauge",
+    "fleet_maintenance": "gauge",
+    "fleet_metrics_timestamp_seconds": "gauge",
+}
+
+
+def samples(host: Path, at: float = AT) -> list[str]:
+    """The textfile's samples; every family present has its HELP and TYPE lines first."""
+    text = fh.metrics_text(fh.Paths(host), at)
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            assert f"# TYPE {name} {HELP_AND_TYPE[name]}" in lines[:i], name
+            assert any(x.startswith(f"# HELP {name} ") for x in lines[:i]), name
+    return [line for line in lines if not line.startswith("#")]
+
+
+def records(host: Path, *items: dict[str, object]) -> None:
+    path = host / "var/lib/fleet/releases.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for item in items:
+            handle.write(json.dumps(item) + "\n")
+
+
+def on_generation_2(host: Path, running: str = "sys-b") -> None:
+    """Generation 2 (sys-b) is the profile's current one; the host runs ``running``."""
+    profiles = host / "nix/var/nix/profiles"
+    (profiles / "system-2-link").symlink_to(host / "store/sys-b")
+    (profiles / "system").unlink()
+    (profiles / "system").symlink_to("system-2-link")
+    (host / "run/current-system").unlink()
+    (host / "run/current-system").symlink_to(host / "store" / running)
+
+
+FREE = [
+    "fleet_lock_held 0",
+    "fleet_lock_held_seconds 0",
+    "fleet_transaction_open 0",
+    "fleet_maintenance 0",
+    "fleet_metrics_timestamp_seconds 1800000000",
+]
+
+
+def test_metrics_of_a_fresh_host(host: Path) -> None:
+    text = fh.metrics_text(fh.Paths(host), AT + 0.25)
+    assert text == "".join(
+        f"# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        for name, kind, value, help in [
+            ("fleet_generation_running", "gauge", "1", "Generation of the system profile the "
+             "host runs; no sample when it runs a system in no generation."),
+            ("fleet_generation_current", "gauge", "1", "The system profile's current "
+             "generation: the one the host should run and boots."),
+            ("fleet_generation_drift", "gauge", "0", "1 when the running system is not the "
+             "profile's current generation (a change under way, a --boot deploy awaiting its "
+             "reboot, or a change by hand), else 0."),
+            ("fleet_rollbacks_total", "counter", "0", "Release records that rolled back: "
+             "action rollback (fleet rollback) or result rolled-back (an undone change)."),
+            ("fleet_lock_held", "gauge", "0", "1 while a transaction (gc included) holds the "
+             "host's deploy lock, else 0."),
+            ("fleet_lock_held_seconds", "gauge", "0", "How long the deploy lock has been "
+             "held; 0 when it is free."),
+            ("fleet_transaction_open", "gauge", "0", "1 while a change of system is under way "
+             "and not committed (the host may still undo it by itself), else 0."),
+            ("fleet_maintenance", "gauge", "0", "1 while the whole host is drained for "
+             "maintenance (fleet drain), else 0."),
+            ("fleet_metrics_timestamp_seconds", "gauge", "1800000000.25", "When fleet-host "
+             "wrote these metrics."),
+        ]
+    )  # fmt: skip
+
+
+def test_metrics_after_a_deploy(host: Path) -> None:
+    on_generation_2(host)
+    timings = {"activate": 0.5, "connect": 0.1, "copy": 2, "health": 1.25}
+    records(host, {"release": "r1", "action": "deploy", "result": "deployed",
+                   "time": "2027-01-15T07:00:00+00:00", "timings": timings})  # fmt: skip
+    assert samples(host) == [
+        "fleet_generation_running 2",
+        "fleet_generation_current 2",
+        "fleet_generation_drift 0",
+        'fleet_release_info{release="r1",action="deploy",result="deployed"} 1',
+        "fleet_release_timestamp_seconds 1799996400",
+        "fleet_last_success_timestamp_seconds 1799996400",
+        "fleet_rollbacks_total 0",
+        'fleet_phase_duration_seconds{phase="activate"} 0.5',
+        'fleet_phase_duration_seconds{phase="connect"} 0.1',
+        'fleet_phase_duration_seconds{phase="copy"} 2',
+        'fleet_phase_duration_seconds{phase="health"} 1.25',
+        *FREE,
+    ]
+
+
+def test_metrics_after_rollbacks(host: Path) -> None:
+    """An undone change and a `fleet rollback` both count; a drain is no release."""
+    records(
+        host,
+        {"release": "r1", "action": "deploy", "result": "deployed",
+         "time": "2027-01-15T06:00:00+00:00"},
+        {"release": "r2", "action": "deploy", "result": "rolled-back", "phase": "health",
+         "time": "2027-01-15T07:00:00+00:00", "timings": {"health": 5.1, "rollback": 0.6}},
+        {"release": "r3", "action": "rollback", "result": "deployed",
+         "time": "2027-01-15T07:30:00+00:00"},
+        {"release": "r4", "action": "drain", "result": "drained",
+         "time": "2027-01-15T07:45:00+00:00"},
+    )  # fmt: skip
+    assert samples(host) == [
+        "fleet_generation_running 1",
+        "fleet_generation_current 1",
+        "fleet_generation_drift 0",
+        'fleet_release_info{release="r3",action="rollback",result="deployed"} 1',
+        "fleet_release_timestamp_seconds 1799998200",
+        "fleet_last_success_timestamp_seconds 1799998200",
+        "fleet_rollbacks_total 2",
+        "fleet_last_rollback_timestamp_seconds 1799998200",
+        *FREE,
+    ]
+    records(host, {"release": "r5", "action": "deploy", "result": "rolled-back",
+                   "time": "2027-01-15T07:50:00Z", "timings": {"lock": 0.1}})  # fmt: skip
+    assert samples(host)[3:9] == [
+        'fleet_release_info{release="r5",action="deploy",result="rolled-back"} 1',
+        "fleet_release_timestamp_seconds 1799999400",
+        "fleet_last_success_timestamp_seconds 1799998200",
+        "fleet_rollbacks_total 3",
+        "fleet_last_rollback_timestamp_seconds 1799999400",
+        'fleet_phase_duration_seconds{phase="lock"} 0.1',
+    ]
+
+
+def test_metrics_of_a_drifted_host(host: Path) -> None:
+    on_generation_2(host, running="sys-a")  # runs generation 1; the profile says 2
+    assert samples(host)[:3] == [
+        "fleet_generation_running 1",
+        "fleet_generation_current 2",
+        "fleet_generation_drift 1",
+    ]
+    (host / "store/sys-c").mkdir()
+    (host / "run/current-system").unlink()
+    (host / "run/current-system").symlink_to(host / "store/sys-c")  # in no generation
+    assert samples(host)[:2] == ["fleet_generation_current 2", "fleet_generation_drift 1"]
+
+
+def test_metrics_of_a_held_lock(host: Path) -> None:
+    code, _ = begin(host, tk("m1"))
+    assert code == 0
+    txn_file = host / "var/lib/fleet/txn.json"
+    txn = json.loads(txn_file.read_text())
+    assert abs(txn["began"] - fh.now()) < 30
+    txn["began"] = AT - 42.5
+    txn_file.write_text(json.dumps(txn))
+    assert samples(host)[-5:] == [
+        "fleet_lock_held 1",
+        "fleet_lock_held_seconds 42.5",
+        "fleet_transaction_open 1",
+        "fleet_maintenance 0",
+        "fleet_metrics_timestamp_seconds 1800000000",
+    ]
+    # Past the commit point, or a gc: the lock is held, but no change is left to undo.
+    for key, value in (("state", "committed"), ("mode", "gc")):
+        txn_file.write_text(json.dumps(txn | {key: value}))
+        assert samples(host)[-5:-2] == [
+            "fleet_lock_held 1",
+            "fleet_lock_held_seconds 42.5",
+            "fleet_transaction_open 0",
+        ]
+    # A record from before `began`: held since at least its last write.
+    del txn["began"]
+    txn_file.write_text(json.dumps(txn))
+    os.utime(txn_file, (AT - 7, AT - 7))
+    assert samples(host)[-4] == "fleet_lock_held_seconds 7"
+    txn_file.write_text("{torn")  # unreadable: nobody can begin, so held all the same
+    os.utime(txn_file, (AT - 3, AT - 3))
+    assert samples(host)[-5:-2] == [
+        "fleet_lock_held 1", "fleet_lock_held_seconds 3", "fleet_transaction_open 1"]  # fmt: skip
+
+
+def test_metrics_of_maintenance(host: Path) -> None:
+    helper(host, "maintenance", "on", "--holder", json.dumps({"reason": "disk"}))
+    assert "fleet_maintenance 1" in samples(host)
+    assert "fleet_rollbacks_total 0" in samples(host)  # a drain is neither release nor rollback
+
+
+def test_metrics_escape_what_a_record_says(host: Path) -> None:
+    """Release ids, results and phases come from operators: a quote, a backslash or a
+    newline stays inside its label; a message never reaches the file at all."""
+    records(host, {
+        "release": 'r"1\n# TYPE fleet_lock_held counter', "action": "deploy\\x",
+        "result": "rolled-back", "message": 'bad"\nfleet_lock_held 1',
+        "time": "not a time", "timings": {'he"al\\th\n': 1.5, "word": "x", "nan": float("nan"),
+                                          "flag": True},
+    })  # fmt: skip
+    lines = samples(host)
+    assert lines[3:7] == [
+        'fleet_release_info{release="r\\"1\\n# TYPE fleet_lock_held counter",'
+        'action="deploy\\\\x",result="rolled-back"} 1',
+        "fleet_rollbacks_total 1",
+        'fleet_phase_duration_seconds{phase="he\\"al\\\\th\\n"} 1.5',
+        "fleet_lock_held 0",
+    ]
+    assert sum(line.startswith("fleet_lock_held ") for line in lines) == 1
+    assert "bad" not in fh.metrics_text(fh.Paths(host), AT)
+
+
+def test_each_step_rewrites_the_metrics(host: Path) -> None:
+    prom = host / "var/lib/fleet-metrics/fleet.prom"
+    begin(host, tk("m2"))
+    assert "fleet_lock_held 1" in prom.read_text().splitlines()
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+    assert stat.S_IMODE(prom.parent.stat().st_mode) == 0o755
+    helper(host, "activate", "--token", tk("m2"), "--health", "5", "--confirm", "5")
+    assert "fleet_generation_drift 1" in prom.read_text()  # running the new, not yet current
+    timings = {"connect": 0.1, "lock": 0.2, "activate": 0.3, "health": 0.4}
+    helper(host, "commit", "--token", tk("m2"), stdin=json.dumps({"timings": timings}))
+    text = prom.read_text()
+    assert "fleet_lock_held 0" in text and "fleet_generation_current 2" in text
+    assert 'fleet_phase_duration_seconds{phase="health"} 0.4' in text
+    assert [p.name for p in prom.parent.iterdir()] == ["fleet.prom"]  # no temporary left
+
+
+def test_an_undo_keeps_the_timings_the_tool_sent(host: Path) -> None:
+    begin(host, tk("m3"))
+    helper(host, "undo", "--token", tk("m3"), "--settle", "0",
+           stdin=json.dumps({"phase": "health", "timings": {"health": 2.5}}))  # fmt: skip
+    [record] = [json.loads(x) for x in (host / "var/lib/fleet/releases.jsonl").open()]
+    assert record["timings"] == {"health": 2.5} and record["result"] == "rolled-back"
+    text = (host / "var/lib/fleet-metrics/fleet.prom").read_text()
+    assert 'fleet_phase_duration_seconds{phase="health"} 2.5' in text
+
+
+def test_metrics_are_replaced_whole(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector sees the old file or the new one, never part of one: at the rename,
+    the new text is complete in a temporary file beside it, which the collector skips."""
+    paths = fh.Paths(host)
+    fh.write_metrics(paths, AT - 60)
+    old = paths.metrics.read_text()
+    seen: list[tuple[str, str, str, int]] = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: Path) -> None:
+        seen.append((os.path.dirname(src), Path(src).read_text(), Path(dst).read_text(),
+                     stat.S_IMODE(os.stat(src).st_mode)))  # fmt: skip
+        assert not Path(src).name.endswith(".prom")  # node exporter reads *.prom only
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fh.os, "replace", replace)
+    fh.write_metrics(paths, AT)
+    [(folder, new, before, mode)] = seen
+    assert folder == str(paths.metrics.parent) and before == old and mode == 0o644
+    assert new == paths.metrics.read_text() == fh.metrics_text(paths, AT)
+
+    def refuse(src: str, dst: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fh.os, "replace", refuse)
+    with pytest.raises(OSError):
+        fh.write_metrics(paths, AT + 60)
+    assert paths.metrics.read_text() == new
+    assert [p.name for p in paths.metrics.parent.iterdir()] == ["fleet.prom"]
+
+
+def test_a_step_succeeds_when_metrics_cannot_be_written(host: Path) -> None:
+    (host / "var/lib").mkdir(parents=True)
+    (host / "var/lib/fleet-metrics").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), *begin_args(host, tk("m4"))],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, FLEET_HOST_ROOT=str(host),
+                 PATH=f"{host.parent / 'bin'}:{os.environ['PATH']}"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["begun"]
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("fleet-host: metrics not written: ")
+    assert (host / "var/lib/fleet/txn.json").exists()
+    code, out = helper(host, "metrics")  # asked for on its own, it is the step's failure
+    assert code == fh.Exit.FAILED and not out["ok"]
+
+
+# -- Prometheus, asked on the host for the tool -----------------------------------------
+
+
+@dataclass
+class FakePrometheus:
+    """A tiny HTTP server on 127.0.0.1: each request's path, one canned answer."""
+
+    port: int
+    paths: list[str] = field(default_factory=list)
+    status: int = 200
+    body: bytes = b'{"status": "success", "data": {"resultType": "vector", "result": []}}'
+    delay: float = 0.0
+
+
+@pytest.fixture()
+def prometheus() -> Iterator[FakePrometheus]:
+    import http.server
+    import threading
+    import time
+
+    class QuietServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # a client that gave up (the point of some tests) is no error
+
+    fake = FakePrometheus(0)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fake.paths.append(self.path)
+            time.sleep(fake.delay)
+            self.send_response(fake.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(fake.body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(fake.body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = QuietServer(("127.0.0.1", 0), Handler)
+    fake.port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def test_prom_query_asks_prometheus_and_prints_its_answer(
+    host: Path, prometheus: FakePrometheus
+) -> None:
+    port = str(prometheus.port)
+    code, out = helper(host, "prom-query", "--port", port, "--query", 'up{job="a b"} > 0',
+                       "--time", "2027-01-15T08:00:00Z")  # fmt: skip
+    assert code == 0, out
+    assert out == {"ok": True, "status": "success",
+                   "data": {"resultType": "vector", "result": []}}  # fmt: skip
+    assert prometheus.paths == [
+        "/api/v1/query?query=up%7Bjob%3D%22a+b%22%7D+%3E+0&time=2027-01-15T08%3A00%3A00Z"
+    ]
+    code, out = helper(host, "prom-alerts", "--port", port)
+    assert code == 0 and out["status"] == "success"
+    assert prometheus.paths[-1] == "/api/v1/alerts"
+
+
+def test_prometheus_errors_are_one_line_failures(host: Path, prometheus: FakePrometheus) -> None:
+    port = str(prometheus.port)
+    prometheus.status = 400
+    prometheus.body = b'{"status": "error", "errorType": "bad_data", "error": "parse error"}'
+    code, out = helper(host, "prom-query", "--port", port, "--query", "up{")
+    assert code == fh.Exit.FAILED and out["errorType"] == "bad_data"
+    assert out["error"] == f"127.0.0.1:{port}/api/v1/query: HTTP 400: bad_data: parse error"
+    prometheus.status, prometheus.body = 404, b"404 page not found"
+    code, out = helper(host, "prom-alerts", "--port", port)
+    assert code == fh.Exit.FAILED and "HTTP 404, not Prometheus's JSON" in out["error"]
+    prometheus.status, prometheus.body = 200, b'{"status": "success", "data": "' + (
+        b"x" * (5 << 20)) + b'"}'  # fmt: skip
+    code, out = helper(host, "prom-query", "--port", port, "--query", "up")
+    assert code == fh.Exit.FAILED and "larger than 4 MiB" in out["error"]
+
+
+def test_a_prometheus_that_is_not_there_or_hangs_fails_in_time(
+    host: Path, prometheus: FakePrometheus
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = str(unused.getsockname()[1])
+    code, out = helper(host, "prom-query", "--port", closed, "--query", "up")
+    assert code == fh.Exit.FAILED and out["error"].endswith("Connection refused")
+    prometheus.delay = 10
+    started = time.monotonic()
+    code, out = helper(host, "prom-alerts", "--port", str(prometheus.port), "--timeout", "0.5")
+    assert code == fh.Exit.FAILED and "timed out" in out["error"]
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "x", "-1"])
+def test_prom_query_takes_a_port_and_nothing_else(host: Path, port: str) -> None:
+    code, _ = helper(host, "prom-query", f"--port={port}", "--query", "up")
+    assert code == fh.Exit.USAGE

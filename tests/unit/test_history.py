@@ -111,3 +111,12 @@ def test_records_of_another_shape_are_passed_over():
     assert [e.id for e in entries] == ["r1"]
     assert entries[0].result  # a summary, whatever the odd records hold
     assert rollback_target("a", state(2, [1, 2]), odd, release="r1") is None
+
+
+def test_timings_in_the_records_leave_history_as_it_was():
+    """Records carry the phases' timings for the hosts' metrics; history does not show them."""
+    timed = {
+        host: [r | {"timings": {"connect": 0.1, "health": 2.5}} for r in records]
+        for host, records in RECORDS.items()
+    }
+    assert [e.as_json() for e in merge(timed)] == [e.as_json() for e in merge(RECORDS)]

@@ -82,3 +82,21 @@ def test_a_drain_no_transaction_holds_is_a_breach_recover_repairs() -> None:
     # While a transaction runs, its drain is its own.
     txn = {"token": "ab" * 16, "holder": {}, "mode": "switch", "state": "begun", "deadline": 0}
     assert parse_state(base | {"traffic": {"api": "drain"}, "txn": txn}).breaches("web1") == []
+
+
+def test_a_prometheus_query_goes_through_the_hosts_program() -> None:
+    """Every word one argument: a query that looks like an option stays a query."""
+    answer = json.dumps({"ok": True, "status": "success", "data": {"result": []}})
+    host, remote = ops((0, answer, ""), (0, answer, ""))
+    assert host.prom_query(9090, "-up or x", at="2027-01-15T08:00:00Z") == {
+        "status": "success", "data": {"result": []}}  # fmt: skip
+    assert remote.calls[0] == [RUNNING_HELPER, "prom-query", "--port=9090", "--query=-up or x",
+                               "--time=2027-01-15T08:00:00Z"]  # fmt: skip
+    assert host.prom_alerts(9090)["status"] == "success"
+    assert remote.calls[1] == [RUNNING_HELPER, "prom-alerts", "--port=9090"]
+    failed = json.dumps({"ok": False, "error": "127.0.0.1:9090/api/v1/query: Connection refused"})
+    host, _ = ops((1, failed, ""))
+    with pytest.raises(
+        HelperError, match=r"web1: 127\.0\.0\.1:9090/api/v1/query: Connection refused"
+    ):
+        host.prom_query(9090, "up")

@@ -13,7 +13,19 @@ from pathlib import Path
 import pytest
 
 from fleet.errors import InventoryError, UsageError
-from fleet.inventory import Balanced, CheckType, Instance, Secret, Traffic, parse, select_names
+from fleet.inventory import (
+    Balanced,
+    CheckType,
+    Instance,
+    MetricsEndpoint,
+    Monitoring,
+    NodeTarget,
+    Probe,
+    Secret,
+    Traffic,
+    parse,
+    select_names,
+)
 
 EXAMPLE = {
     "schemaVersion": 1,
@@ -324,6 +336,119 @@ def test_bad_traffic_names_the_field(mutate, message):
     _refused_traffic(mutate, message)
 
 
+# The balanced example watched from lb1: web1's api serves metrics and is probed.
+MONITORING = {
+    "servers": ["lb1"],
+    "prometheusPort": 9090,
+    "alertmanagerPort": 9093,
+    "blackboxPort": 9115,
+    "nodeExporterPort": 9100,
+    "haproxyPort": 8405,
+    "scrapeInterval": "15s",
+    "webhook": "http://127.0.0.1:8000/hook",
+    "textfileDirectory": "/var/lib/fleet-metrics",
+    "nodes": {
+        "web1": {"address": "192.0.2.11", "tags": ["web", "canary"]},
+        "lb1": {"address": "192.0.2.31", "tags": ["web", "canary"]},
+    },
+    "services": {
+        "api": {
+            "metrics": {"web1": {"address": "192.0.2.11", "port": 8080, "path": "/metrics"}},
+            "probes": {
+                "web1": {"address": "192.0.2.11", "check": EXAMPLE["hosts"]["web1"]["checks"][0]}
+            },
+        }
+    },
+    "balancers": ["lb1"],
+}
+
+
+def watched() -> dict:
+    data = balanced()
+    data["traffic"]["metricsPort"] = 8405
+    data["monitoring"] = copy.deepcopy(MONITORING)
+    return data
+
+
+def test_monitoring_parses():
+    inventory = parse(watched(), "example")
+    assert inventory.traffic is not None and inventory.traffic.metrics_port == 8405
+    monitoring = inventory.monitoring
+    assert isinstance(monitoring, Monitoring)
+    assert (monitoring.servers, monitoring.prometheus_port) == (("lb1",), 9090)
+    assert monitoring.scrape_interval == "15s"
+    # Sorted by host.
+    assert monitoring.nodes == (
+        NodeTarget("lb1", "192.0.2.31", ("web", "canary")),
+        NodeTarget("web1", "192.0.2.11", ("web", "canary")),
+    )
+    api = monitoring.services["api"]
+    assert api.metrics == (MetricsEndpoint("web1", "192.0.2.11", 8080, "/metrics"),)
+    check = parse(EXAMPLE, "example").hosts["web1"].checks[0]
+    assert api.probes == (Probe("web1", "192.0.2.11", check),)
+    assert monitoring.balancers == ("lb1",)
+
+
+@pytest.mark.parametrize("value", ["absent", None])
+def test_no_monitoring(value):
+    data = balanced()
+    if value is None:
+        data["monitoring"] = None
+        data["traffic"]["metricsPort"] = None
+    inventory = parse(data, "example")
+    assert inventory.monitoring is None
+    assert inventory.traffic is not None and inventory.traffic.metrics_port is None
+
+
+def _watched_api(monitoring):
+    return monitoring["services"]["api"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda m: m.update(servers=["mon9"]),
+            "inventory from example: monitoring.servers: 'mon9' is not a host of the inventory",
+        ),
+        (lambda m: m.update(servers=[]), "monitoring.servers"),
+        (lambda m: m["nodes"].update(web9=m["nodes"]["web1"]), "monitoring.nodes: 'web9'"),
+        (lambda m: m.update(balancers=["lb9"]), "monitoring.balancers: 'lb9'"),
+        (
+            lambda m: _watched_api(m)["metrics"].update(web9=_watched_api(m)["metrics"]["web1"]),
+            "monitoring.services.api.metrics: 'web9' is not a host of the inventory",
+        ),
+        (
+            lambda m: _watched_api(m)["probes"]["web1"]["check"].update(service="worker"),
+            "monitoring.services.api.probes.web1: the check is of service 'worker', not 'api'",
+        ),
+        (
+            lambda m: _watched_api(m)["probes"]["web1"].update(
+                check=EXAMPLE["hosts"]["db1"]["checks"][0]
+            ),
+            "monitoring.services.api.probes.web1.check",
+        ),
+        (
+            lambda m: _watched_api(m)["metrics"]["web1"].update(path="/metrics#x"),
+            "monitoring.services.api.metrics.web1.path",
+        ),
+        (lambda m: m.update(webhook="https://chat.example/$TOKEN"), "monitoring.webhook"),
+        (lambda m: m.update(webhook="relay:8000"), "monitoring.webhook"),
+        (lambda m: m.update(scrapeInterval="0s"), "monitoring.scrapeInterval"),
+        (lambda m: m.update(textfileDirectory="/tmp"), "monitoring.textfileDirectory"),
+        (lambda m: m.update(nodeExporterPort=0), "monitoring.nodeExporterPort"),
+        (lambda m: m.pop("balancers"), "'balancers' is a required property"),
+    ],
+)
+def test_bad_monitoring_names_the_field(mutate, message):
+    data = watched()
+    mutate(data["monitoring"])
+    with pytest.raises(InventoryError) as error:
+        parse(data, "example")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 NAMES = ["web1", "web2", "db1"]
 TAGS = {"web1": ["web", "canary"], "web2": ["web"], "db1": ["db"]}
 
@@ -387,3 +512,5 @@ def test_the_documented_example_is_a_valid_inventory():
     assert inventory.traffic is not None
     assert inventory.traffic.balancers == ("lb1",)
     assert [i.host for i in inventory.traffic.services["api"].instances] == ["web1"]
+    assert inventory.monitoring is not None
+    assert inventory.monitoring.servers == inventory.monitoring.balancers == ("lb1",)

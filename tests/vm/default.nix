@@ -100,8 +100,9 @@ let
       };
     };
 
-  # The toplevel of a host's generation for a release. A balancer runs the
-  # same system in every release: its haproxy.cfg does not name the release.
+  # The toplevel of a host's generation for a release. A balancer or a
+  # monitoring host runs the same system in every release: what it is given
+  # does not name the API's release.
   toplevel =
     nodes: name: release:
     let
@@ -490,6 +491,65 @@ lib.mapAttrs' (name: test: lib.nameValuePair "vm-${name}" (mkTest name test)) {
           assert ask(4) == ["200"] * 4
           fleet("undrain", "target1")
           wait_serving()
+    '';
+  };
+
+  # (f) Watched by the fleet's monitoring host: Prometheus scrapes every
+  # host's node exporter and probes the API's declared check, and a deploy's
+  # release reaches it from each host's own metrics; the tool asks it
+  # through ssh, as Prometheus listens on loopback only.
+  monitoring = {
+    layout = "monitored";
+    script = ''
+      def prometheus(query):
+          """The instant vector Prometheus answers, asked through the tool's ssh."""
+          report = fleet(
+              "exec", "monitor", "--", "/run/current-system/sw/bin/fleet-host",
+              "prom-query", "--port", "9090", "--query", query,
+          )
+          answer = json.loads(report["hosts"]["monitor"]["stdout"])
+          assert answer["status"] == "success", answer
+          return answer["data"]["result"]
+
+
+      def wait_for(query, done, timeout=180):
+          deadline = time.monotonic() + timeout
+          while True:
+              found = prometheus(query)
+              if done(found):
+                  return found
+              assert time.monotonic() < deadline, f"{query}: {found}"
+              time.sleep(2)
+
+
+      def hosts(vector):
+          return {sample["metric"]["host"] for sample in vector}
+
+
+      with subtest("the monitoring host runs Prometheus, Alertmanager and blackbox on loopback"):
+          for unit in ("prometheus", "alertmanager", "prometheus-blackbox-exporter"):
+              monitor.wait_for_unit(f"{unit}.service")
+          monitor.wait_for_open_port(9090)
+          deployer.fail("curl -sf --max-time 5 http://monitor:9090/-/ready")
+          # The node exporter answers the monitoring host, and nobody else.
+          deployer.fail("curl -sf --max-time 5 http://target1:9100/metrics")
+
+      with subtest("Prometheus scrapes every host and probes the API's check"):
+          wait_for('up{job="node"} == 1', lambda v: hosts(v) == {"monitor", "target1", "target2"})
+          wait_for(
+              'probe_success{job="fleet-health",service="api"} == 1',
+              lambda v: hosts(v) == {"target1", "target2"},
+          )
+
+      with subtest("a deploy's release reaches Prometheus from each host"):
+          use("v2")
+          release = fleet("deploy")["release"]
+          runs("v2", *TARGETS)
+          wait_for(
+              f'fleet_release_info{{release="{release}",result="deployed"}}',
+              lambda v: hosts(v) == {"target1", "target2"},
+          )
+          assert prometheus('ALERTS{alertstate="firing"}') == []
     '';
   };
 }

@@ -13,16 +13,20 @@ rec {
     "target2"
   ];
 
-  # `plain`: a deployer and the targets. `balanced`: the same behind a
-  # balancer, which the fleet configures (HAProxy, from the declaration).
+  # Each layout's fleet hosts besides the targets, with their tag. `plain`: a
+  # deployer and the targets. `balanced`: the same behind a balancer, which
+  # the fleet configures (HAProxy, from the declaration). `monitored`: the
+  # same watched by a monitoring host (Prometheus, Alertmanager, blackbox).
   layouts = {
-    plain = [ ];
-    balanced = [ "balancer" ];
+    plain = { };
+    balanced.balancer = "balancer";
+    monitored.monitor = "monitoring";
   };
 
   # Every machine of a layout's test, and those of them that are fleet hosts.
-  machines = layout: [ "deployer" ] ++ targets ++ layouts.${layout};
-  fleetHosts = layout: targets ++ layouts.${layout};
+  extras = layout: lib.attrNames layouts.${layout};
+  machines = layout: [ "deployer" ] ++ targets ++ extras layout;
+  fleetHosts = layout: targets ++ extras layout;
 
   # The address the test driver gives a machine (nixos/lib/testing/network.nix):
   # 192.168.1.N, N its place among the test's machine names in order. The
@@ -62,11 +66,11 @@ rec {
         tags = [ "app" ];
         hostKey = keys.${name}.public;
       })
-      // lib.genAttrs layouts.${layout} (name: {
+      // lib.mapAttrs (name: tag: {
         address = address layout name;
-        tags = [ "balancer" ];
+        tags = [ tag ];
         hostKey = keys.${name}.public;
-      });
+      }) layouts.${layout};
     authorizedKeys = [ keys.operator.public ];
     services.api = {
       package = api;
@@ -92,7 +96,7 @@ rec {
         timeout = 2;
         retries = 10;
       };
-      ingress = lib.mkIf (layouts.${layout} != [ ]) {
+      ingress = lib.mkIf (layout == "balanced") {
         port = ingressPort;
         mode = "http";
         # One target at a time out of rotation: the other serves.

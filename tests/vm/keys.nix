@@ -48,4 +48,16 @@
       -----END OPENSSH PRIVATE KEY-----
     '';
   };
+  monitor = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILlQMICmv/MZrsvqdsFHqzLZyGOmEZnw7jUa8xYqbzAB";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACC5UDCApr/zGa7L6nbBR6sy2chjphGZ8O41GvMWKm8wAQAAAJgKS73TCku9
+      0wAAAAtzc2gtZWQyNTUxOQAAACC5UDCApr/zGa7L6nbBR6sy2chjphGZ8O41GvMWKm8wAQ
+      AAAEDLmufHMXUvyRfxmLSZlEGNm5xzHtNhqz5iLpaUUh0NN7lQMICmv/MZrsvqdsFHqzLZ
+      yGOmEZnw7jUa8xYqbzABAAAAFWZsZWV0LXZtLXRlc3QtbW9uaXRvcg==
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
 }

@@ -57,6 +57,43 @@ ExecReload=/bin/kill -USR2 \$MAINPID
 Restart=always
 UNIT
   serviceManifest='"haproxy": {"unit": "fleet-haproxy.service"}'
+elif [ -n "$prometheusConfig" ]; then
+  # The monitoring host: Debian's Prometheus, Alertmanager and blackbox exporter with
+  # the files the fleet's generator made, on loopback (the tool comes through ssh).
+  mkdir -p "$out/etc/prometheus"
+  printf '%s\n' "$prometheusConfig" > "$out/etc/prometheus/prometheus.yml"
+  # (prometheus.yml names its rules by their own store path, which the generator made.)
+  printf '%s\n' "$alertmanagerConfig" > "$out/etc/prometheus/alertmanager.yml"
+  printf '%s\n' "$blackboxConfig" > "$out/etc/prometheus/blackbox.yml"
+  cat > "$out/etc/systemd/system/fleet-prometheus.service" <<UNIT
+[Unit]
+Description=Prometheus, the lab's monitoring
+
+[Service]
+ExecStartPre=/usr/bin/promtool check config $out/etc/prometheus/prometheus.yml
+ExecStart=/usr/bin/prometheus --config.file=$out/etc/prometheus/prometheus.yml --storage.tsdb.path=/var/lib/fleet-prometheus --web.listen-address=127.0.0.1:$prometheusPort
+StateDirectory=fleet-prometheus
+Restart=always
+UNIT
+  cat > "$out/etc/systemd/system/fleet-alertmanager.service" <<UNIT
+[Unit]
+Description=Alertmanager, the lab's monitoring
+
+[Service]
+ExecStart=/usr/bin/prometheus-alertmanager --config.file=$out/etc/prometheus/alertmanager.yml --storage.path=/var/lib/fleet-alertmanager --web.listen-address=127.0.0.1:$alertmanagerPort --cluster.listen-address=
+StateDirectory=fleet-alertmanager
+Restart=always
+UNIT
+  cat > "$out/etc/systemd/system/fleet-blackbox.service" <<UNIT
+[Unit]
+Description=blackbox exporter: the services' health checks, probed continuously
+
+[Service]
+ExecStart=/usr/bin/prometheus-blackbox-exporter --config.file=$out/etc/prometheus/blackbox.yml --web.listen-address=127.0.0.1:$blackboxPort
+DynamicUser=yes
+Restart=always
+UNIT
+  serviceManifest='"prometheus": {"unit": "fleet-prometheus.service"}, "alertmanager": {"unit": "fleet-alertmanager.service"}, "blackbox": {"unit": "fleet-blackbox.service"}'
 else
   cat > "$out/etc/systemd/system/lab-web.service" <<UNIT
 [Unit]
@@ -70,6 +107,31 @@ TimeoutStartSec=120
 $secretUnit
 UNIT
   serviceManifest='"lab-web": {"unit": "lab-web.service"}'
+fi
+# Every host's node exporter (Debian's) when the lab has monitoring, with the deploy
+# metrics `fleet-host metrics` writes every minute and after every step that changes them.
+if [ "$nodeExporterPort" != 0 ]; then
+  cat > "$out/etc/systemd/system/fleet-node-exporter.service" <<UNIT
+[Unit]
+Description=Prometheus node exporter, with the fleet's deploy metrics
+
+[Service]
+ExecStart=/usr/bin/prometheus-node-exporter --web.listen-address=:$nodeExporterPort --collector.textfile.directory=/var/lib/fleet-metrics --collector.systemd
+# Not a dynamic user: the container's D-Bus cannot resolve one, and refuses the systemd
+# collector's connection.
+User=nobody
+Restart=always
+UNIT
+  # The host module runs `fleet-host metrics` from a timer; in a lab container a oneshot
+  # started again in its old cgroup may fail to start (219/CGROUP), so a loop instead.
+  cat > "$out/etc/systemd/system/fleet-metrics.service" <<UNIT
+[Unit]
+Description=fleet deploy metrics for the node exporter, every minute
+
+[Service]
+ExecStart=/bin/sh -c 'while :; do /run/current-system/sw/bin/fleet-host metrics > /dev/null; sleep 60; done'
+Restart=always
+UNIT
 fi
 # The agent HAProxy asks whether this host's instances are in rotation: one fleet-host
 # per connection, from a socket systemd holds (no daemon of ours to die drained).

@@ -39,7 +39,51 @@
       # in front of every other host's lab-web; the others answer its agent checks.
       balancers = lab.balancers or [ ];
       isBalancer = name: builtins.elem name balancers;
-      apps = builtins.filter (name: !isBalancer name) (builtins.attrNames lab.hosts);
+      # Monitoring hosts run Prometheus, Alertmanager and the blackbox exporter (not
+      # lab-web), with the files a real fleet's generator makes; every host then runs
+      # the node exporter.
+      watchers = lab.monitoring or [ ];
+      isWatcher = name: builtins.elem name watchers;
+      apps = builtins.filter (name: !isBalancer name && !isWatcher name) (
+        builtins.attrNames lab.hosts
+      );
+      monitoring =
+        if watchers == [ ] then
+          null
+        else
+          {
+            servers = watchers;
+            inherit (lab)
+              prometheusPort
+              alertmanagerPort
+              blackboxPort
+              nodeExporterPort
+              haproxyPort
+              scrapeInterval
+              ;
+            webhook = lab.webhook or null;
+            metrics.lab-web = {
+              port = lab.webPort;
+              path = "/metrics";
+            };
+          };
+      monitoringFiles =
+        name:
+        import ./prometheus.nix {
+          inherit (self.fleet) monitoring;
+          server = name;
+        };
+      # A monitoring host is proven by Prometheus accepting connections; on loopback
+      # only, so no service is named: the blackbox exporter does not probe it.
+      monitoringCheck = {
+        name = "lab-prometheus";
+        service = null;
+        type = "tcp";
+        port = lab.prometheusPort;
+        timeout = 1;
+        interval = 0.2;
+        retries = 50;
+      };
       traffic =
         if balancers == [ ] then
           null
@@ -76,11 +120,18 @@
         interval = 0.2;
         retries = 25;
       };
-      checksOf = name: if isBalancer name then [ balancerCheck ] else checks;
+      checksOf =
+        name:
+        if isBalancer name then
+          [ balancerCheck ]
+        else if isWatcher name then
+          [ monitoringCheck ]
+        else
+          checks;
     in
     {
       fleet = import ./inventory.nix {
-        inherit traffic;
+        inherit traffic monitoring;
         hosts = builtins.mapAttrs (
           name: host:
           host
@@ -88,11 +139,17 @@
             services =
               if isBalancer name then
                 [ "haproxy" ]
+              else if isWatcher name then
+                [
+                  "prometheus"
+                  "alertmanager"
+                  "blackbox"
+                ]
               else
                 [ "lab-web" ] ++ (if release.extra or null != null then [ "lab-extra" ] else [ ]);
             checks = checksOf name;
             secrets =
-              if release.secret or false && !isBalancer name then
+              if release.secret or false && builtins.elem name apps then
                 [
                   {
                     service = "lab-web";
@@ -114,11 +171,12 @@
             inherit name;
             inherit (lab) system webPort;
             # The agent, on the hosts behind balancers only (0: none).
-            agentPort = if balancers == [ ] || isBalancer name then 0 else lab.agentPort;
+            agentPort = if balancers == [ ] || !builtins.elem name apps then 0 else lab.agentPort;
             checks = checksOf name;
+            nodeExporterPort = if monitoring == null then 0 else lab.nodeExporterPort;
           }
-          # A balancer's system does not change with lab-web's releases: deploying one
-          # leaves it (and the connections through it) alone.
+          # A balancer's or a monitoring host's system does not change with lab-web's
+          # releases: deploying one leaves it (and the connections through it) alone.
           // (
             if isBalancer name then
               {
@@ -127,6 +185,16 @@
                   broken = null;
                 };
                 inherit haproxyConfig;
+              }
+            else if isWatcher name then
+              {
+                release = {
+                  version = "monitoring";
+                  broken = null;
+                };
+                haproxyConfig = "";
+                monitoringFiles = monitoringFiles name;
+                monitoringPorts = self.fleet.monitoring;
               }
             else
               {

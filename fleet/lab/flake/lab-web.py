@@ -11,6 +11,8 @@ warms up);
 --sick-after S answers 503 on /health and 500 on /version from S seconds after it is ready
 (a release that passes its first checks, then fails under traffic).
 GET /slow/N answers its release after N seconds (at most 120): a long-lived session.
+GET /metrics answers Prometheus' text format: the requests served (other than /health and
+/metrics) by status code, their durations as a histogram, and the release.
 """
 
 import argparse
@@ -34,6 +36,55 @@ def notify(message: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.connect(path)
         sock.sendall(message.encode())
+
+
+# Upper bounds of the request duration histogram, in seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """What a service's clients saw: the counts a canary's analysis asks about."""
+
+    def __init__(self, release: str) -> None:
+        self.release = release
+        self.lock = threading.Lock()
+        self.requests: dict[int, int] = {}
+        self.buckets = [0] * len(BUCKETS)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    self.buckets[i] += 1
+            self.count += 1
+            self.total += seconds
+
+    def text(self) -> str:
+        with self.lock:
+            lines = [
+                "# HELP lab_web_requests_total Requests answered, by HTTP status code.",
+                "# TYPE lab_web_requests_total counter",
+                *(
+                    f'lab_web_requests_total{{code="{c}"}} {n}'
+                    for c, n in sorted(self.requests.items())
+                ),
+                "# HELP lab_web_request_duration_seconds Time to answer a request.",
+                "# TYPE lab_web_request_duration_seconds histogram",
+                *(
+                    f'lab_web_request_duration_seconds_bucket{{le="{b}"}} {n}'
+                    for b, n in zip(BUCKETS, self.buckets, strict=True)
+                ),
+                f'lab_web_request_duration_seconds_bucket{{le="+Inf"}} {self.count}',
+                f"lab_web_request_duration_seconds_sum {self.total}",
+                f"lab_web_request_duration_seconds_count {self.count}",
+                "# HELP lab_web_release_info The release this instance runs.",
+                "# TYPE lab_web_release_info gauge",
+                f'lab_web_release_info{{release="{self.release}"}} 1',
+            ]
+        return "\n".join(lines) + "\n"
 
 
 def accept_and_close(server: socket.socket) -> None:
@@ -69,10 +120,15 @@ def main() -> int:
     warm_at = time.monotonic() + args.healthy_after
     sick_at = time.monotonic() + args.sick_after if args.sick_after else float("inf")
 
+    metrics = Metrics(args.release)
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            sick = time.monotonic() >= sick_at
-            if self.path == "/version":
+            started = time.monotonic()
+            sick = started >= sick_at
+            if self.path == "/metrics":
+                status, body = 200, metrics.text().rstrip("\n")
+            elif self.path == "/version":
                 status, body = (500, "sick") if sick else (200, args.release)
             elif self.path.startswith("/slow/") and self.path[6:].isdigit():
                 time.sleep(min(120, int(self.path[6:])))
@@ -91,6 +147,8 @@ def main() -> int:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            if self.path not in ("/health", "/metrics"):
+                metrics.observe(status, time.monotonic() - started)
 
         def log_message(self, format: str, *log_args: object) -> None:
             pass

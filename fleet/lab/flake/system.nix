@@ -8,6 +8,11 @@
   checks,
   agentPort,
   haproxyConfig,
+  # Every host's node exporter port when the lab has monitoring (0: none).
+  nodeExporterPort ? 0,
+  # The monitoring host's: the generator's files and the ports they listen on.
+  monitoringFiles ? null,
+  monitoringPorts ? { },
 }:
 derivation {
   name = "lab-system-${name}-${release.version}";
@@ -28,6 +33,14 @@ derivation {
   agentPort = toString agentPort;
   # A balancer's: HAProxy's configuration instead of lab-web.
   inherit haproxyConfig;
+  nodeExporterPort = toString nodeExporterPort;
+  # The monitoring host's: Prometheus, Alertmanager and blackbox instead of lab-web.
+  prometheusConfig = if monitoringFiles == null then "" else monitoringFiles.prometheus;
+  alertmanagerConfig = if monitoringFiles == null then "" else monitoringFiles.alertmanager;
+  blackboxConfig = if monitoringFiles == null then "" else monitoringFiles.blackbox;
+  prometheusPort = toString (monitoringPorts.prometheusPort or 0);
+  alertmanagerPort = toString (monitoringPorts.alertmanagerPort or 0);
+  blackboxPort = toString (monitoringPorts.blackboxPort or 0);
   startDelay = toString (release.startDelay or 0);
   healthyAfter = toString (release.healthyAfter or 0);
   sickAfter = toString (release.sickAfter or 0);

@@ -1,0 +1,244 @@
+"""The fleet's monitoring in the lab: Debian's Prometheus, Alertmanager, blackbox and node
+exporters, configured by the fleet's generator, watching real lab hosts through deploys,
+rollbacks and faults; Prometheus reached as the tool reaches it, through ssh."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from fleet.lab import flake, ops
+from fleet.lab.layout import Lab
+from tests.lab.fleetrun import assert_safe, faulted, results, run_fleet, set_release
+
+pytestmark = [pytest.mark.lab]
+
+APPS = ["lab1", "lab2"]
+BALANCER = "lab3"
+MONITOR = "lab4"
+HOSTS = [*APPS, BALANCER, MONITOR]
+FLEET_HOST = "/run/current-system/sw/bin/fleet-host"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """Four hosts beside the session's lab: two run lab-web, one HAProxy, one monitors."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + 52) % 255))
+        instance = Lab.from_env()
+        ops.down(instance)
+        ops.up(instance, 4, lambda _m: None, balancers=1, monitoring=True)
+        set_release(instance, "0")
+        code, _, err = run_fleet(instance, "deploy")
+        assert code == 0, err
+        yield instance
+        ops.down(instance)
+
+
+@pytest.fixture()
+def safe(lab: Lab) -> Iterator[None]:
+    assert_safe(lab)
+    yield
+    set_release(lab, "0")
+    code, _, err = run_fleet(lab, "deploy")
+    assert code == 0, err
+    assert_safe(lab)
+
+
+def query(lab: Lab, promql: str) -> list[dict[str, Any]]:
+    """The instant vector Prometheus answers, asked through the monitoring host's ssh."""
+    argv = ["exec", MONITOR, "--", FLEET_HOST, "prom-query", "--port", "9090", "--query", promql]
+    code, report, err = run_fleet(lab, *argv)
+    assert code == 0, err
+    answer = json.loads(report["hosts"][MONITOR]["stdout"])
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]  # type: ignore[no-any-return]
+
+
+def wait_for(
+    lab: Lab,
+    promql: str,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 60,
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = query(lab, promql)
+        if done(found):
+            return found
+        assert time.monotonic() < deadline, f"{promql}: {found}"
+        time.sleep(1)
+
+
+def by_host(vector: list[dict[str, Any]]) -> dict[str, str]:
+    return {s["metric"]["host"]: s["value"][1] for s in vector}
+
+
+class Webhook:
+    """Alertmanager's receiver: the operator machine's address on the lab bridge."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length", "0"))
+                received.append(json.loads(self.rfile.read(size)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((lab.gateway, flake.WEBHOOK_PORT), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alertnames(self) -> set[tuple[str, str, str]]:
+        return {
+            (a["labels"]["alertname"], a["labels"].get("host", ""), a["status"])
+            for message in self.received
+            for a in message["alerts"]
+        }
+
+
+def test_prometheus_scrapes_every_host_and_service_labelled(lab: Lab, safe: None) -> None:
+    up = wait_for(lab, "up", lambda v: len(v) == 12 and all(s["value"][1] == "1" for s in v))
+    jobs: dict[str, set[str]] = {}
+    for sample in up:
+        jobs.setdefault(sample["metric"]["job"], set()).add(sample["metric"]["host"])
+    assert jobs == {
+        "node": set(HOSTS),
+        "fleet-service": set(APPS),  # lab-web's /metrics
+        "fleet-health": {*APPS, BALANCER},  # the declared checks, probed by blackbox
+        "haproxy": {BALANCER},  # HAProxy's own exporter
+        "prometheus": {MONITOR},
+        "alertmanager": {MONITOR},
+    }
+    tags = {s["metric"]["host"]: s["metric"]["tags"] for s in up if s["metric"]["job"] == "node"}
+    assert tags == {
+        "lab1": ",lab,odd,",
+        "lab2": ",lab,even,",
+        "lab3": ",lab,odd,balancer,",
+        "lab4": ",lab,even,monitoring,",
+    }
+    health = by_host(query(lab, 'probe_success{job="fleet-health"}'))
+    assert health == {"lab1": "1", "lab2": "1", "lab3": "1"}
+    # Each instance behind the balancer, as HAProxy counts it.
+    servers = query(lab, 'haproxy_server_status{state="UP",proxy="lab-web"}')
+    assert {s["metric"]["server"]: s["value"][1] for s in servers} == {"lab1": "1", "lab2": "1"}
+    # Quiet: nothing fires on a healthy fleet.
+    assert query(lab, 'ALERTS{alertstate="firing"}') == []
+
+
+def test_a_deploy_leaves_its_release_and_phases_on_every_host(lab: Lab, safe: None) -> None:
+    set_release(lab, "m1")
+    code, report, err = run_fleet(lab, "deploy")
+    assert code == 0, err
+    release = report["release"]
+    # The hosts it changed: the balancer's and the monitor's systems do not follow lab-web.
+    info = wait_for(
+        lab,
+        f'fleet_release_info{{release="{release}"}}',
+        lambda v: {s["metric"]["host"] for s in v} == set(APPS),
+    )
+    assert {s["metric"]["result"] for s in info} == {"deployed"}
+    phases = query(lab, 'fleet_phase_duration_seconds{host="lab1",phase="activate"}')
+    assert len(phases) == 1 and float(phases[0]["value"][1]) > 0
+    assert by_host(query(lab, "fleet_generation_drift")) == dict.fromkeys(HOSTS, "0")
+    assert by_host(query(lab, "fleet_lock_held")) == dict.fromkeys(HOSTS, "0")
+    # The release joined to what is scraped, and named the fleet's last.
+    joined = query(lab, 'fleet:up:release{job="fleet-service"}')
+    assert {s["metric"]["release"] for s in joined} == {release}
+    latest = wait_for(lab, "fleet:release:latest", lambda v: len(v) > 0)
+    assert {s["metric"]["release"] for s in latest} == {release}
+    # lab-web's own metrics carry the lab release each instance runs.
+    versions = query(lab, "lab_web_release_info")
+    assert {s["metric"]["host"]: s["metric"]["release"] for s in versions} == {
+        "lab1": "m1",
+        "lab2": "m1",
+    }
+
+
+def test_a_rollback_fires_its_alert_and_reaches_the_webhook(lab: Lab, safe: None) -> None:
+    webhook = Webhook(lab)
+    try:
+        set_release(lab, "m2", broken="health")
+        code, report, err = run_fleet(lab, "deploy", "lab1")
+        assert code == 3, err
+        assert results(report) == {"lab1": "rolled-back"}
+        rolled = {"lab1"}
+        counts = wait_for(
+            lab,
+            "fleet_rollbacks_total",
+            lambda v: {h for h, n in by_host(v).items() if n != "0"} == rolled,
+        )
+        assert set(by_host(counts)) == set(HOSTS)
+        firing = wait_for(
+            lab,
+            'ALERTS{alertname="FleetRecentRollback",alertstate="firing"}',
+            lambda v: {s["metric"]["host"] for s in v} == rolled,
+        )
+        assert {s["metric"]["severity"] for s in firing} == {"warning"}
+        # Alertmanager waits 30 s to group before it posts.
+        deadline = time.monotonic() + 90
+        wanted = {("FleetRecentRollback", h, "firing") for h in rolled}
+        while not wanted <= webhook.alertnames():
+            assert time.monotonic() < deadline, webhook.received
+            time.sleep(1)
+    finally:
+        webhook.close()
+
+
+def test_a_failed_unit_a_failing_check_and_a_lost_host_are_alerted(lab: Lab, safe: None) -> None:
+    # lab-web killed outside any deploy: its unit fails (Restart=no), its check fails.
+    # (The main process alone: a container refuses systemd's kill of a whole cgroup.)
+    try:
+        kill = ["systemctl", "kill", "--kill-who=main", "-s", "KILL", "lab-web"]
+        code, _, err = run_fleet(lab, "exec", "lab2", "--", *kill)
+        assert code == 0, err
+        pending = wait_for(
+            lab,
+            'ALERTS{host="lab2"}',
+            lambda v: (
+                {"FleetUnitFailed", "FleetHealthCheckFailing"}
+                <= {s["metric"]["alertname"] for s in v}
+            ),
+        )
+        assert {s["metric"]["alertstate"] for s in pending} <= {"pending", "firing"}
+        unit = [s for s in pending if s["metric"]["alertname"] == "FleetUnitFailed"]
+        assert unit[0]["metric"]["name"] == "lab-web.service"
+        # A host cut off: its node exporter stops answering.
+        with faulted(lab, "lab1", ops.Fault.PARTITION):
+            wait_for(
+                lab,
+                'ALERTS{alertname="FleetHostDown"}',
+                lambda v: {s["metric"]["host"] for s in v} == {"lab1"},
+            )
+    finally:
+        code, _, err = run_fleet(
+            lab,
+            "exec",
+            "lab2",
+            "--",
+            "sh",
+            "-c",
+            "systemctl reset-failed lab-web; systemctl start lab-web",
+        )
+        assert code == 0, err
+    # Mended: the alerts end.
+    wait_for(
+        lab,
+        'ALERTS{alertname=~"FleetUnitFailed|FleetHealthCheckFailing|FleetHostDown"}',
+        lambda v: v == [],
+    )
