@@ -69,7 +69,7 @@ def write_template(lab: Lab) -> None:
     helper = resources.files("fleet.hostside").joinpath("fleet_host.py").read_text()
     _write_if_changed(lab.flake / HOST_HELPER, helper)
     # The generators a real fleet uses.
-    for name in ("inventory.nix", "haproxy.nix", "prometheus.nix"):
+    for name in ("inventory.nix", "checked.nix", "haproxy.nix", "prometheus.nix"):
         text = resources.files("fleet").joinpath(f"nix/{name}").read_text()
         _write_if_changed(lab.flake / name, text)
 

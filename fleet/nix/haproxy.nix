@@ -20,41 +20,25 @@ let
     concatStringsSep
     fromJSON
     genList
-    isInt
-    isString
-    match
     replaceStrings
-    substring
     toJSON
     ;
 
-  refuse =
-    what: value:
-    throw "fleet/nix/haproxy.nix: ${what} ${toJSON value} cannot be written in haproxy.cfg";
+  checked = import ./checked.nix {
+    generator = "haproxy.nix";
+    file = "haproxy.cfg";
+  };
+  inherit (checked)
+    refuse
+    matching
+    name
+    address
+    port
+    hostPort
+    requestPath
+    ;
+  hex = checked.hex2;
 
-  matching =
-    pattern: what: value:
-    if isString value && match pattern value != null then value else refuse what value;
-
-  # Proxy and server names: HAProxy takes letters, digits, `-`, `_`, `.`
-  # and `:`; the inventory's names are narrower.
-  name = matching "[A-Za-z0-9][A-Za-z0-9_.-]*";
-  # A DNS name or a bare IPv4 or IPv6 address, as the inventory has them.
-  address = matching "[A-Za-z0-9:][A-Za-z0-9.:-]*" "address";
-  port =
-    what: value:
-    if isInt value && value >= 1 && value <= 65535 then toString value else refuse what value;
-
-  # "address:port", with brackets around an IPv6 address.
-  hostPort =
-    a: p:
-    let
-      host = if match ".*:.*" a != null then "[${address a}]" else address a;
-    in
-    "${host}:${port "port" p}";
-
-  digits = "0123456789abcdef";
-  hex = n: substring (n / 16) 1 digits + substring (n - n / 16 * 16) 1 digits;
   # The control characters a Nix string can hold (not NUL), as HAProxy's \xNN.
   codes = genList (i: i + 1) 31 ++ [ 127 ];
   controls = map (n: fromJSON ''"\u00${hex n}"'') codes;
@@ -68,10 +52,6 @@ let
       [ "\\\\" ''\"'' "\\$" ] ++ map (n: "\\x${hex n}") codes
     ) s
     + ''"'';
-
-  # A request target: printable ASCII without spaces (the declaration asks
-  # for percent-encoding); quoted all the same.
-  requestPath = matching "/[!-~]*" "health check path";
 
   milliseconds = seconds: "${toString (builtins.ceil (seconds * 1000))}ms";
 

@@ -41,36 +41,26 @@ let
     listToAttrs
     match
     replaceStrings
-    substring
     toFile
     toJSON
     ;
 
   m = monitoring;
 
-  refuse =
-    what: value:
-    throw "fleet/nix/prometheus.nix: ${what} ${toJSON value} cannot be written in the monitoring configuration";
-
-  matching =
-    pattern: what: value:
-    if isString value && match pattern value != null then value else refuse what value;
-
-  # Host, service, tag and check names, as the inventory has them.
-  name = matching "[A-Za-z0-9][A-Za-z0-9_.-]*";
-  # A DNS name or a bare IPv4 or IPv6 address, as the inventory has them.
-  address = matching "[A-Za-z0-9:][A-Za-z0-9.:-]*" "address";
-  port =
-    what: value:
-    if isInt value && value >= 1 && value <= 65535 then toString value else refuse what value;
-
-  # "address:port", with brackets around an IPv6 address.
-  hostPort =
-    a: p:
-    let
-      host = if match ".*:.*" a != null then "[${address a}]" else address a;
-    in
-    "${host}:${port "port" p}";
+  checked = import ./checked.nix {
+    generator = "prometheus.nix";
+    file = "the monitoring configuration";
+  };
+  inherit (checked)
+    refuse
+    matching
+    name
+    address
+    port
+    hostPort
+    requestPath
+    hex4
+    ;
 
   loopback = p: "127.0.0.1:${port "port" p}";
 
@@ -83,9 +73,8 @@ let
     else
       refuse "check timeout" seconds;
 
-  # What Prometheus requests: printable ASCII without spaces; a metrics path
-  # without a query or a fragment.
-  requestPath = matching "/[!-~]*" "health check path";
+  # What Prometheus requests: printable ASCII without spaces (requestPath);
+  # a metrics path without a query or a fragment.
   metricsPath =
     path:
     if isString path && match "/[!-~]*" path != null && match ".*[?#].*" path == null then
@@ -118,10 +107,6 @@ let
     host = name "host name" host;
     tags = tagsLabel (node host).tags;
   };
-
-  digits = "0123456789abcdef";
-  hex2 = n: substring (n / 16) 1 digits + substring (n - n / 16 * 16) 1 digits;
-  hex4 = n: hex2 (n / 256) + hex2 (n - n / 256 * 256);
 
   # An expected body as a regular expression (RE2, which the blackbox
   # exporter runs unanchored: the body contains it): metacharacters
