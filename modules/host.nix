@@ -94,6 +94,23 @@ let
     UMask = "0077";
   };
 
+  # The host's own small programs that read its root-only deploy state (the
+  # agent, the metrics writer): root, but with no capability, no network and
+  # no way to gain either.
+  helperSandbox = hardening // {
+    CapabilityBoundingSet = "";
+    PrivateNetwork = true;
+    RestrictAddressFamilies = "none";
+    IPAddressDeny = "any";
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    MemoryDenyWriteExecute = true;
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+  };
+
   sandbox =
     service:
     mapAttrs (_: mkDefault) (
@@ -576,23 +593,12 @@ in
           # Root, to read the root-only deploy state, but with no capability,
           # no network of its own (the connection is passed in) and nothing
           # writable.
-          serviceConfig = hardening // {
+          serviceConfig = helperSandbox // {
             ExecStart = "${runningHelper} agent";
             StandardInput = "socket";
             StandardOutput = "socket";
             StandardError = "journal";
             RuntimeMaxSec = 5;
-            CapabilityBoundingSet = "";
-            PrivateNetwork = true;
-            RestrictAddressFamilies = "none";
-            IPAddressDeny = "any";
-            ProtectProc = "invisible";
-            ProcSubset = "pid";
-            MemoryDenyWriteExecute = true;
-            SystemCallFilter = [
-              "@system-service"
-              "~@privileged @resources"
-            ];
           };
         };
       }
@@ -602,7 +608,7 @@ in
           # Root, to read the root-only deploy state, but with no capability,
           # no network and nothing writable but the node exporter's textfile
           # folder.
-          serviceConfig = hardening // {
+          serviceConfig = helperSandbox // {
             Type = "oneshot";
             # `-`: a run that fails leaves no failed unit, which would fail
             # every deploy's health check; FleetMetricsStale says it instead.
@@ -610,17 +616,6 @@ in
             TimeoutStartSec = 30;
             StateDirectory = baseNameOf metricsDir;
             StateDirectoryMode = "0755";
-            CapabilityBoundingSet = "";
-            PrivateNetwork = true;
-            RestrictAddressFamilies = "none";
-            IPAddressDeny = "any";
-            ProtectProc = "invisible";
-            ProcSubset = "pid";
-            MemoryDenyWriteExecute = true;
-            SystemCallFilter = [
-              "@system-service"
-              "~@privileged @resources"
-            ];
           };
         };
       }
