@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
+import pytest
+
 from fleet import health, nix, traffic
 from fleet.hostops import HostOps
 from fleet.inventory import Inventory, parse
@@ -32,6 +34,25 @@ def faulted(lab: Lab, host: str, fault: ops.Fault) -> Iterator[None]:
         yield
     finally:
         ops.fault(lab, host, MENDS[fault])
+
+
+@contextlib.contextmanager
+def own_lab(offset: int, count: int, **layout: Any) -> Iterator[Lab]:
+    """A lab of its own beside the session's (instance + offset), for one module's tests:
+    `count` hosts laid out as `ops.up` is told, release "0" deployed on every host; down
+    at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + offset) % 255))
+        instance = Lab.from_env()
+        ops.down(instance)
+        ops.up(instance, count, lambda _m: None, **layout)
+        set_release(instance, "0")
+        code, _, err = run_fleet(instance, "deploy")
+        assert code == 0, err
+        try:
+            yield instance
+        finally:
+            ops.down(instance)
 
 
 def fleet_argv(lab: Lab, *args: str) -> list[str]:

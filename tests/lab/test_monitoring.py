@@ -15,7 +15,7 @@ import pytest
 
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
-from tests.lab.fleetrun import assert_safe, faulted, results, run_fleet, set_release
+from tests.lab.fleetrun import assert_safe, faulted, own_lab, results, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab]
 
@@ -29,16 +29,8 @@ FLEET_HOST = "/run/current-system/sw/bin/fleet-host"
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """Four hosts beside the session's lab: two run lab-web, one HAProxy, one monitors."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + 52) % 255))
-        instance = Lab.from_env()
-        ops.down(instance)
-        ops.up(instance, 4, lambda _m: None, balancers=1, monitoring=True)
-        set_release(instance, "0")
-        code, _, err = run_fleet(instance, "deploy")
-        assert code == 0, err
+    with own_lab(52, 4, balancers=1, monitoring=True) as instance:
         yield instance
-        ops.down(instance)
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ from tests.lab.fleetrun import (
     faulted,
     fleet_argv,
     inventory,
+    own_lab,
     results,
     run_fleet,
     set_release,
@@ -38,16 +39,8 @@ ONE_AT_A_TIME = ("--canary", "1", "--batch-size", "1")
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """Five hosts beside the session's lab: four run lab-web, the fifth HAProxy."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + 50) % 255))
-        instance = Lab.from_env()
-        ops.down(instance)
-        ops.up(instance, 5, lambda _m: None, balancers=1)
-        set_release(instance, "0")
-        code, _, err = run_fleet(instance, "deploy")
-        assert code == 0, err
+    with own_lab(50, 5, balancers=1) as instance:
         yield instance
-        ops.down(instance)
 
 
 @pytest.fixture()
