@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -234,3 +236,56 @@ def test_a_failed_unit_a_failing_check_and_a_lost_host_are_alerted(lab: Lab, saf
         'ALERTS{alertname=~"FleetUnitFailed|FleetHealthCheckFailing|FleetHostDown"}',
         lambda v: v == [],
     )
+
+
+def test_a_deploy_tells_the_operators_file_and_grafana_each_phase(
+    lab: Lab, safe: None, tmp_path: Path
+) -> None:
+    """Deploy events from the operator's own config: JSON lines for every phase of every
+    host, and one annotation in Grafana's shape, to a local stand-in for Grafana."""
+    received: list[tuple[str, str | None, dict[str, Any]]] = []
+
+    class Grafana(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            size = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(size))
+            received.append((self.path, self.headers.get("Authorization"), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    grafana = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Grafana)
+    threading.Thread(target=grafana.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / ".config" / "fleet"
+        config.mkdir(parents=True)
+        (config / "token").write_text("s3cret\n")
+        events = tmp_path / "events.jsonl"
+        (config / "config.yaml").write_text(
+            f"events:\n  file: {events}\n"
+            f"annotations:\n  url: http://127.0.0.1:{grafana.server_port}/api/annotations\n"
+            "  tokenFile: token\n"
+        )
+        set_release(lab, "m3")
+        env = dict(os.environ, HOME=str(tmp_path))
+        code, report, err = run_fleet(lab, "deploy", *APPS, env=env)
+        assert code == 0, err
+    finally:
+        grafana.shutdown()
+        grafana.server_close()
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert {line["release"] for line in lines} == {report["release"]}
+    assert lines[0]["event"] == "release-start" and lines[-1]["event"] == "release-end"
+    assert lines[-1]["result"] == "deployed" and lines[-1]["exitCode"] == 0
+    for host in APPS:
+        phases = [e["phase"] for e in lines if e.get("host") == host and e["event"] == "phase-end"]
+        assert {"connect", "copy", "lock", "drain", "activate", "health", "confirm"} <= set(phases)
+        ends = [e for e in lines if e.get("host") == host and e["event"] == "host-end"]
+        assert [e["result"] for e in ends] == ["deployed"]
+    [(path, authorization, annotation)] = received
+    assert path == "/api/annotations" and authorization == "Bearer s3cret"
+    assert {"fleet", "deploy", "deployed"} <= set(annotation["tags"])
+    assert annotation["timeEnd"] >= annotation["time"] > 0
+    assert report["release"] in annotation["text"]
