@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 SYSTEMCTL = "@systemctl@"
 SYSTEMD_RUN = "@systemd_run@"
@@ -946,19 +946,77 @@ class Releases:
     rollbacks: int = 0
 
 
+# What the metrics keep of a record: never its message or its operator.
+KEPT = ("release", "action", "result", "time", "timings")
+
+
+def fold(found: Releases, record: dict[str, Any] | None) -> None:
+    if record is None:
+        return
+    kept = {k: record[k] for k in KEPT if k in record}
+    if changes_system(record):
+        found.last = kept
+    if record.get("result") == "deployed":
+        found.success = kept
+    if rolled_back(record):
+        found.rollbacks += 1
+        found.rollback = kept
+
+
 def releases(paths: Paths) -> Releases:
-    found = Releases()
-    for record in map(parse_record, read_lines(paths.records)):
-        if record is None:
-            continue
-        if changes_system(record):
-            found.last = record
-        if record.get("result") == "deployed":
-            found.success = record
-        if rolled_back(record):
-            found.rollbacks += 1
-            found.rollback = record
+    """What the records say, read on from where the last reading stopped (kept beside the
+    metrics, the one folder their writer may write): the log only grows, by whole lines,
+    and a host deployed for years must not parse all of it at every step."""
+    seen = paths.metrics.with_name(".releases-read.json")
+    try:
+        size, inode = paths.records.stat().st_size, paths.records.stat().st_ino
+    except OSError:
+        return Releases()
+    try:
+        with paths.records.open("rb") as log:
+            found, offset = resumed(seen, log, inode, size)
+            log.seek(offset)
+            data = log.read()
+    except OSError:
+        return Releases()
+    whole = data.rfind(b"\n") + 1  # a line still being appended is read next time
+    if whole == 0:
+        return found
+    for line in data[:whole].decode(errors="replace").splitlines():
+        fold(found, parse_record(line))
+    if seen.parent.is_dir():  # made by write_metrics, readable by the node exporter
+        end = offset + whole
+        mark = data[max(0, whole - 64) : whole].hex()
+        text = json.dumps({"inode": inode, "offset": end, "mark": mark, "releases": asdict(found)})
+        with contextlib.suppress(OSError):
+            publish(seen, text)
     return found
+
+
+def resumed(seen: Path, log: IO[bytes], inode: int, size: int) -> tuple[Releases, int]:
+    """Where the last reading of this very log stopped, and what it had found: checked by
+    the file's inode and the bytes just before that point, else the start."""
+    try:
+        saved = json.loads(seen.read_text())
+        offset, mark, kept = saved["offset"], saved["mark"], saved["releases"]
+        ok = saved["inode"] == inode and isinstance(offset, int) and 0 < offset <= size
+        found = Releases(**kept) if ok and isinstance(kept, dict) else None
+        bytes.fromhex(mark)
+    except (OSError, ValueError, TypeError, KeyError):
+        return Releases(), 0  # none yet, or unreadable
+    if (
+        found is None
+        or not isinstance(found.rollbacks, int)
+        or not all(
+            r is None or isinstance(r, dict) for r in (found.last, found.success, found.rollback)
+        )
+    ):
+        return Releases(), 0
+    expected = bytes.fromhex(mark) if isinstance(mark, str) else b""
+    log.seek(max(0, offset - len(expected)))
+    if not expected or log.read(len(expected)) != expected:
+        return Releases(), 0  # another log where the old one was
+    return found, offset
 
 
 def durations(record: dict[str, Any] | None) -> tuple[tuple[dict[str, str], float], ...]:
@@ -1049,16 +1107,22 @@ def write_metrics(paths: Paths, at: float | None = None) -> Path:
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o755)  # node exporter reads it as a user of its own
-    fd, tmp = tempfile.mkstemp(prefix=f".{paths.metrics.name}.", dir=folder)
+    publish(paths.metrics, text)
+    return paths.metrics
+
+
+def publish(path: Path, text: str) -> None:
+    """Replace a world-readable file whole (a temporary file in its folder, then a rename),
+    without fsync: the next step or the timer rewrites it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             os.fchmod(handle.fileno(), 0o644)
             handle.write(text)
-        os.replace(tmp, paths.metrics)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return paths.metrics
 
 
 def refresh_metrics(paths: Paths) -> None:

@@ -908,7 +908,8 @@ def test_each_step_rewrites_the_metrics(host: Path) -> None:
     text = prom.read_text()
     assert "fleet_lock_held 0" in text and "fleet_generation_current 2" in text
     assert 'fleet_phase_duration_seconds{phase="health"} 0.4' in text
-    assert [p.name for p in prom.parent.iterdir()] == ["fleet.prom"]  # no temporary left
+    # No temporary left: the metrics, and where their reading of the records stopped.
+    assert sorted(p.name for p in prom.parent.iterdir()) == [".releases-read.json", "fleet.prom"]
 
 
 def test_an_undo_keeps_the_timings_the_tool_sent(host: Path) -> None:
@@ -1075,3 +1076,74 @@ def test_a_prometheus_that_is_not_there_or_hangs_fails_in_time(
 def test_prom_query_takes_a_port_and_nothing_else(host: Path, port: str) -> None:
     code, _ = helper(host, "prom-query", f"--port={port}", "--query", "up")
     assert code == fh.Exit.USAGE
+
+
+def record_line(n: int, **fields: object) -> str:
+    record = {"release": f"r{n}", "action": "deploy", "result": "deployed",
+              "time": "2026-11-25T00:00:00+00:00", "message": f"secret {n}", **fields}  # fmt: skip
+    return json.dumps(record) + "\n"
+
+
+def test_the_records_are_read_on_from_where_the_last_reading_stopped(host: Path) -> None:
+    """A host deployed for years: every step rewrites the metrics, and must not parse the
+    whole log each time."""
+    paths = fh.Paths(host)
+    paths.records.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.parent.mkdir(parents=True)
+    paths.records.write_text("".join(record_line(n) for n in range(3)))
+    first = fh.releases(paths)
+    assert (first.rollbacks, first.last) == (0, {"release": "r2", "action": "deploy",
+            "result": "deployed", "time": "2026-11-25T00:00:00+00:00"})  # fmt: skip
+    # What was read is not read again: spoil it in place, same size, and it still counts.
+    text = paths.records.read_text()
+    paths.records.write_text(text.replace('"r0"', '"x0"'))
+    with paths.records.open("a") as log:
+        log.write(record_line(3, result="rolled-back") + record_line(4)[:20])  # the last, torn
+    found = fh.releases(paths)
+    assert found.rollbacks == 1 and found.last is not None and found.last["release"] == "r3"
+    with paths.records.open("a") as log:
+        log.write(record_line(4)[20:])
+    assert fh.releases(paths).last == {**found.last, "release": "r4", "result": "deployed"}
+    # Never the records' messages or operators, in a file anyone may read.
+    assert "secret" not in (paths.metrics.parent / ".releases-read.json").read_text()
+
+
+@pytest.mark.parametrize("change", ["replaced", "shorter", "garbage"])
+def test_a_log_that_is_not_the_one_read_is_read_from_the_start(host: Path, change: str) -> None:
+    paths = fh.Paths(host)
+    paths.records.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.parent.mkdir(parents=True)
+    paths.records.write_text(record_line(0, result="rolled-back") + record_line(1))
+    assert fh.releases(paths).rollbacks == 1
+    seen = paths.metrics.parent / ".releases-read.json"
+    if change == "replaced":  # a new file where the old one was, longer
+        new = paths.records.with_name("new")
+        new.write_text("".join(record_line(n) for n in range(5, 9)))
+        os.replace(new, paths.records)
+    elif change == "shorter":  # same file, rewritten shorter
+        with paths.records.open("r+") as log:
+            log.truncate(0)
+            log.write(record_line(7))
+    else:
+        seen.write_text('{"inode": "x", "offset": [], "releases": 3}')
+    found = fh.releases(paths)
+    expected = {"replaced": ("r8", 0), "shorter": ("r7", 0), "garbage": ("r1", 1)}[change]
+    assert found.last is not None and (found.last["release"], found.rollbacks) == expected
+
+
+def test_a_step_parses_only_the_records_added_since_the_last(
+    host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = fh.Paths(host)
+    paths.records.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.parent.mkdir(parents=True)
+    paths.records.write_text(record_line(0) * 10_000)
+    fh.releases(paths)
+    with paths.records.open("a") as log:
+        log.write(record_line(1))
+    parsed: list[str] = []
+    real = fh.parse_record
+    monkeypatch.setattr(fh, "parse_record", lambda line: parsed.append(line) or real(line))
+    assert fh.releases(paths).last == {"release": "r1", "action": "deploy", "result": "deployed",
+                                        "time": "2026-11-25T00:00:00+00:00"}  # fmt: skip
+    assert parsed == [record_line(1).rstrip("\n")]
