@@ -229,14 +229,18 @@ def deploy(
 @click.pass_obj
 def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
     """One row per host: running, current and booted generation, failed units, health,
-    last release, lock. Read from the hosts, in parallel."""
-    rows = flows.status(_session(ctx), selectors, desired)
-    _emit(ctx, {r.name: r.as_json() for r in rows}, [r.row() for r in rows])
+    last release, lock. Read from the hosts, in parallel. With monitoring, also each
+    host's alerts in Prometheus (firing, and pending marked), asked of the first
+    monitoring host that answers; they do not change the exit code."""
+    found = flows.status(_session(ctx), selectors, desired)
+    _emit(ctx, found.as_json(), found.table())
     if not ctx.json:
-        for r in rows:
+        for r in found.hosts:
             for breach in r.breaches:
                 ctx.say(f"{r.name}: {breach.message}; repair: {breach.repair}")
-    if not all(r.ok for r in rows):
+    if found.note:
+        ctx.say(found.note)
+    if not found.ok:
         sys.exit(ExitCode.ATTENTION)
 
 
@@ -558,18 +562,19 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
 )
 @click.pass_obj
 def report(ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int) -> None:
-    """A self-contained HTML page: the status table and the recent releases."""
+    """A self-contained HTML page: the status table, each host's alerts (with monitoring)
+    and the recent releases."""
     folder = Path(html_file).parent
     if not folder.is_dir():  # before any host is asked
         raise FleetUsageError(f"--html {html_file}: the folder {folder} does not exist")
     session = _session(ctx)
-    statuses = flows.status(session, selectors)
+    found = flows.status(session, selectors)
     releases, unread = flows.history(session, None, limit)
-    html_report.write(
-        Path(html_file), html_report.render(session.flake, statuses, releases, unread)
-    )
+    html_report.write(Path(html_file), html_report.render(session.flake, found, releases, unread))
     ctx.say(f"wrote {html_file}")
-    attention = sorted(s.name for s in statuses if not s.ok)
+    if found.note:
+        ctx.say(found.note)
+    attention = sorted(s.name for s in found.hosts if not s.ok)
     if ctx.json:
         click.echo(json.dumps({"file": html_file, "attention": attention}, indent=2))
     if attention:

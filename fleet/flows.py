@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import config, events, inventory, nix, secrets, traffic
+from fleet import alerts, config, events, inventory, nix, secrets, traffic
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -29,7 +29,7 @@ from fleet.rollout import (
     waves_for,
 )
 from fleet.ssh import SshConfig, Transport, jump_chain
-from fleet.status import HostStatus, probe
+from fleet.status import STATE_TIMEOUT, FleetStatus, HostStatus, probe
 from fleet.waves import Order
 
 # Status must not stall on a dead host: it reports it unreachable instead.
@@ -184,17 +184,33 @@ def parse_batch_size(text: str) -> int | str:
     raise UsageError(f"--batch-size {text!r}: expected a number of hosts or a share such as 25%")
 
 
-def status(session: Session, selectors: Sequence[str], desired: bool = False) -> list[HostStatus]:
+def status(session: Session, selectors: Sequence[str], desired: bool = False) -> FleetStatus:
     """Every selected host's state and health, queried in parallel with a short timeout;
-    with ``desired``, also whether it runs what the flake builds now (that needs a build)."""
+    with ``desired``, also whether it runs what the flake builds now (that needs a build).
+    With monitoring, the alerts are asked of a monitoring server at the same time, once."""
     wanted: dict[str, str] = {}
+    names = [h.name for h in session.inventory.select(selectors)]
     if desired:
-        names = [h.name for h in session.inventory.select(selectors)]
         wanted = nix.build_systems(session.flake, names)
-    found = session.each(selectors, probe, connect_timeout=STATUS_CONNECT_TIMEOUT)
-    return [dataclasses.replace(got, desired=wanted.get(name))
-            if not isinstance(got, FleetError) else HostStatus(name, False, str(got))
-            for name, got in found.items()]  # fmt: skip
+    monitoring = session.inventory.monitoring
+    hosts = session.inventory.hosts
+    with (
+        session.transport(STATUS_CONNECT_TIMEOUT) as transport,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        asked = None
+        if monitoring is not None:
+            asked = pool.submit(alerts.fetch, monitoring,
+                                lambda n: session.ops(transport, hosts[n]),
+                                names, hosts, STATE_TIMEOUT)  # fmt: skip
+        found = session.each(selectors, probe, transport)
+        fleet_alerts = asked.result() if asked is not None else None
+    statuses = [dataclasses.replace(got, desired=wanted.get(name))
+                if not isinstance(got, FleetError) else HostStatus(name, False, str(got))
+                for name, got in found.items()]  # fmt: skip
+    if fleet_alerts is not None:
+        statuses = [dataclasses.replace(s, alerts=fleet_alerts.of(s.name)) for s in statuses]
+    return FleetStatus(statuses, fleet_alerts)
 
 
 def traffic_view(

@@ -582,9 +582,10 @@ class HostOps:
         args = [f"--port={port}", f"--query={query}", *([f"--time={at}"] if at else [])]
         return _without_ok(self.call("prom-query", *args))
 
-    def prom_alerts(self, port: int) -> dict[str, Any]:
-        """The alerts of the host's own Prometheus, as its /api/v1/alerts answers."""
-        return _without_ok(self.call("prom-alerts", f"--port={port}"))
+    def prom_alerts(self, port: int, timeout: float | None = None) -> dict[str, Any]:
+        """The alerts of the host's own Prometheus, as its /api/v1/alerts answers;
+        ``timeout`` bounds the whole round trip (a hung host must not hang the caller)."""
+        return _without_ok(self.call("prom-alerts", f"--port={port}", timeout=timeout))
 
     def running_closure(self) -> list[str]:
         result = self.remote.run(["nix-store", "-qR", "/run/current-system"], check=False)

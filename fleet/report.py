@@ -1,5 +1,6 @@
 """`fleet report --html`: one self-contained page (no scripts, no network) with the status
-table and the recent releases, for someone who has never used the tool."""
+table, each host's alerts beside its last release, and the recent releases, for someone
+who has never used the tool."""
 
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ import jinja2
 from fleet.errors import UsageError
 from fleet.history import ReleaseEntry
 from fleet.output import short_path
-from fleet.status import HostStatus
+from fleet.status import FleetStatus
 
 
-def render(
-    flake: str, statuses: list[HostStatus], releases: list[ReleaseEntry], unread: list[str]
-) -> str:
+def render(flake: str, found: FleetStatus, releases: list[ReleaseEntry], unread: list[str]) -> str:
+    # Autoescape stays on: alerts, messages and records are other machines' words.
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("fleet", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     env.filters["short"] = short_path
-    hosts = [{"name": s.name, "message": s.message, **s.as_json()} for s in statuses]
+    hosts = [{"name": s.name, "message": s.message, **s.as_json()} for s in found.hosts]
+    monitored = found.alerts is not None
     return env.get_template("report.html.j2").render(
         flake=flake,
         generated=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -37,6 +38,13 @@ def render(
         healthy=sum(1 for h in hosts if h["reachable"] and h.get("healthy")),
         releases=[r.as_json() for r in releases],
         unread=unread,
+        monitored=monitored,
+        fleet_alerts=(
+            [a.as_json() | {"host": a.host} for a in found.alerts.fleet]
+            if found.alerts is not None
+            else []
+        ),
+        alerts_error=found.alerts.error if found.alerts is not None else None,
     )
 
 

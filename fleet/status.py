@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import health
+from fleet.alerts import Alert, FleetAlerts, cell
 from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock, printable
 from fleet.inventory import Host
 from fleet.models import Generation
@@ -22,6 +23,8 @@ class HostStatus:
     state: HostState | None = None
     health: health.Health | None = None
     desired: str | None = None  # what the flake builds now, when asked (it needs a build)
+    # Its alerts in the fleet's Prometheus; None: no monitoring, or no server answered.
+    alerts: tuple[Alert, ...] | None = None
 
     @property
     def breaches(self) -> list[Breach]:
@@ -51,8 +54,9 @@ class HostStatus:
 
     def as_json(self) -> dict[str, Any]:
         s = self.state
+        alerts = None if self.alerts is None else [a.as_json() for a in self.alerts]
         if s is None:
-            return {"reachable": False, "message": self.message}
+            return {"reachable": False, "message": self.message, "alerts": alerts}
         running = s.running_generation()
         current = Generation(s.current, s.current_path or "") if s.current else None
         return {
@@ -85,6 +89,7 @@ class HostStatus:
             # Out of rotation: an operator's `fleet drain`, or a transaction's drain or weight.
             "maintenance": dict(s.maintenance) if s.maintenance is not None else None,
             "traffic": dict(s.traffic),
+            "alerts": alerts,
         }
 
     def row(self) -> dict[str, str]:
@@ -109,6 +114,56 @@ class HostStatus:
             "invariant": "; ".join(f"{b.message} (repair: {b.repair})"
                                    for b in self.breaches)[:120] or "ok",
         } | ({} if self.drift is None else {"drift": "yes" if self.drift else "no"})  # fmt: skip
+
+
+# Top-level keys of the status document beside the hosts' names, with monitoring: a host
+# name holds letters, digits and '-' only, so no host can be named like them.
+FLEET_ALERTS, ALERTS_ERROR = "_fleetAlerts", "_alertsError"
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """Every selected host's status, and the alerts of the fleet's Prometheus."""
+
+    hosts: list[HostStatus]
+    alerts: FleetAlerts | None = None  # None: the fleet has no monitoring
+
+    @property
+    def ok(self) -> bool:
+        """The safety invariant alone: alerts are Prometheus's view, which lags, and
+        some (a recent rollback) outlast a fleet already repaired."""
+        return all(h.ok for h in self.hosts)
+
+    def as_json(self) -> dict[str, Any]:
+        """Host name -> its status; with monitoring, the fleet's alerts and why they are
+        unknown beside them."""
+        doc = {h.name: h.as_json() for h in self.hosts}
+        if self.alerts is None:
+            return doc
+        fleet = None
+        if self.alerts.error is None:
+            fleet = [a.as_json() | {"host": a.host} for a in self.alerts.fleet]
+        return doc | {FLEET_ALERTS: fleet, ALERTS_ERROR: self.alerts.error}
+
+    def table(self) -> list[dict[str, str]]:
+        """One row per host, every row with the same columns in the same order (an
+        unreachable host's row has fewer cells); the alerts last, with monitoring."""
+        rows = [h.row() for h in self.hosts]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        if self.alerts is not None:
+            for row, host in zip(rows, self.hosts, strict=True):
+                row["alerts"] = cell(host.alerts)
+            keys.append("alerts")
+        return [{k: r.get(k, "") for k in keys} for r in rows]
+
+    @property
+    def note(self) -> str | None:
+        """One line for the operator when a monitoring server did not answer."""
+        if self.alerts is None or not self.alerts.notes:
+            return None
+        if self.alerts.error is not None:
+            return f"alerts unknown: {self.alerts.error}"
+        return f"alerts from {self.alerts.server}; {'; '.join(self.alerts.notes)}"
 
 
 def rotation(state: HostState) -> str:
