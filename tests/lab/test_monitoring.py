@@ -131,8 +131,13 @@ def test_prometheus_scrapes_every_host_and_service_labelled(lab: Lab, safe: None
     # Each instance behind the balancer, as HAProxy counts it.
     servers = query(lab, 'haproxy_server_status{state="UP",proxy="lab-web"}')
     assert {s["metric"]["server"]: s["value"][1] for s in servers} == {"lab1": "1", "lab2": "1"}
-    # Quiet: nothing fires on a healthy fleet.
+    # Quiet: nothing fires on a healthy fleet, and `fleet status` says so per host.
     assert query(lab, 'ALERTS{alertstate="firing"}') == []
+    code, status, err = run_fleet(lab, "status")
+    assert code == 0, err
+    assert set(status) == {*HOSTS, "_fleetAlerts", "_alertsError"}
+    assert status["_alertsError"] is None and status["_fleetAlerts"] == []
+    assert all(status[h]["alerts"] == [] for h in HOSTS), status
 
 
 def test_a_deploy_leaves_its_release_and_phases_on_every_host(lab: Lab, safe: None) -> None:
@@ -194,7 +199,9 @@ def test_a_rollback_fires_its_alert_and_reaches_the_webhook(lab: Lab, safe: None
         webhook.close()
 
 
-def test_a_failed_unit_a_failing_check_and_a_lost_host_are_alerted(lab: Lab, safe: None) -> None:
+def test_a_failed_unit_a_failing_check_and_a_lost_host_are_alerted(
+    lab: Lab, safe: None, tmp_path: Path
+) -> None:
     # lab-web killed outside any deploy: its unit fails (Restart=no), its check fails.
     # (The main process alone: a container refuses systemd's kill of a whole cgroup.)
     try:
@@ -212,6 +219,19 @@ def test_a_failed_unit_a_failing_check_and_a_lost_host_are_alerted(lab: Lab, saf
         assert {s["metric"]["alertstate"] for s in pending} <= {"pending", "firing"}
         unit = [s for s in pending if s["metric"]["alertname"] == "FleetUnitFailed"]
         assert unit[0]["metric"]["name"] == "lab-web.service"
+        # `fleet status` shows it on lab2 alone, asked of the monitoring host through ssh.
+        code, status, err = run_fleet(lab, "status")
+        assert status is not None and status["_alertsError"] is None, err
+        failing = {h for h in HOSTS for a in status[h]["alerts"] if a["name"] == "FleetUnitFailed"}
+        assert failing == {"lab2"} and status["lab2"]["failedUnits"] == ["lab-web.service"]
+        [alert] = [a for a in status["lab2"]["alerts"] if a["name"] == "FleetUnitFailed"]
+        assert alert["state"] in ("pending", "firing") and alert["severity"] == "warning"
+        # The report shows it in lab2's row.
+        page = tmp_path / "report.html"
+        code, _, err = run_fleet(lab, "report", "--html", str(page))
+        assert code == 4, err  # a failed unit breaks the invariant
+        row = page.read_text().split('<tr data-host="lab2">', 1)[1].split("</tr>", 1)[0]
+        assert "FleetUnitFailed" in row
         # A host cut off: its node exporter stops answering.
         with faulted(lab, "lab1", ops.Fault.PARTITION):
             wait_for(
