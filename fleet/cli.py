@@ -166,6 +166,12 @@ def rollout_options(command: F) -> F:
     help="Seconds a weighted canary is held before the rollout continues (default 30).",
 )
 @click.option(
+    "--skip-analysis",
+    is_flag=True,
+    help="Do not run the declared canary analyses (deploy.analysis) after the canaries: "
+    "for emergencies.",
+)
+@click.option(
     "--order",
     type=click.Choice([o.value for o in Order]),
     help="Waves by dependencies (default: a dependency's hosts before its dependents') "
@@ -197,10 +203,14 @@ def deploy(
             }
             for p in sorted(outcome, key=lambda p: p.wave)
         ]
+        analyses = flows.analyses_to_run(session.inventory, options, outcome)
+        if not ctx.json:
+            ctx.say(f"analysis after the canaries: {', '.join(analyses) or 'none'}")
         _emit(
             ctx,
             {
                 "dryRun": True,
+                "analysis": analyses,
                 "hosts": {
                     p.host: {
                         "running": p.running,

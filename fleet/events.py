@@ -33,6 +33,7 @@ from fleet.errors import ExitCode, FleetError
 from fleet.models import HostReport, Phase
 
 if TYPE_CHECKING:
+    from fleet.analysis import Run
     from fleet.rollout import Release, Report
 
 TIMEOUT = 2.0  # seconds per HTTP delivery
@@ -46,6 +47,7 @@ class Kind(StrEnum):
     PHASE_START = "phase-start"
     PHASE_END = "phase-end"
     HOST_END = "host-end"
+    ANALYSIS = "analysis"
     RELEASE_END = "release-end"
 
 
@@ -281,6 +283,13 @@ class Events:
                        phase=report.phase.value if report.phase else None,
                        message=report.message, changed=report.changed,
                        seconds=round(at - self.began.get(report.name, at), 3))  # fmt: skip
+
+    def analysis(self, run: Run) -> None:
+        """One canary analysis's verdict, once its measurements are in."""
+        with self.lock:
+            self._emit(Kind.ANALYSIS, self.clock(), name=run.analysis.name, query=run.query,
+                       result=run.result.value if run.result else None, message=run.message,
+                       measurements=len(run.measurements))  # fmt: skip
 
     def release_end(self, report: Report) -> None:
         with self.lock:

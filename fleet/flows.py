@@ -149,6 +149,7 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         drain=not overrides.get("no_drain", False),
         canary_weight=overrides.get("canary_weight"),
         canary_hold=float(overrides.get("canary_hold") or 30),
+        skip_analysis=bool(overrides.get("skip_analysis", False)),
     )
 
 
@@ -266,6 +267,7 @@ def deploy(
                 depends_on=session.inventory.depends_on,
                 **balancing(session.inventory),
                 events=recorder,
+                **watching(session.inventory),
             )
             report = rollout.run(paths, names)
             recorder.release_end(report)
@@ -334,6 +336,29 @@ def balancing(inventory: Inventory) -> dict[str, Any]:
         "traffic": inventory.traffic,
         "balancers": [inventory.hosts[n] for n in inventory.traffic.balancers],
     }
+
+
+def watching(inventory: Inventory) -> dict[str, Any]:
+    """What a rollout needs for its canary analysis: the analyses and the monitoring hosts
+    whose Prometheus it asks."""
+    if inventory.monitoring is None or not inventory.deploy.analysis:
+        return {}
+    return {
+        "analyses": inventory.deploy.analysis,
+        "monitoring": inventory.monitoring,
+        "monitors": [inventory.hosts[n] for n in inventory.monitoring.servers],
+    }
+
+
+def analyses_to_run(
+    inventory: Inventory, options: DeployOptions, plans: Sequence[Plan]
+) -> list[str]:
+    """What a dry run names: the analyses a deploy of these hosts would run after its
+    canaries (none without canaries, with --skip-analysis, or with --boot)."""
+    canaries = any(p.why.startswith("canary") for p in plans)
+    if not canaries or options.skip_analysis or options.mode == "boot":
+        return []
+    return [a.name for a in watching(inventory).get("analyses", ())]
 
 
 def rollback(

@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import jsonschema.exceptions
 
+from fleet.analysis import Analysis, ConditionError, parse_condition
 from fleet.errors import InventoryError, UsageError
 
 
@@ -86,6 +87,8 @@ class DeployPolicy:
     health_timeout: float
     confirm_timeout: float
     canary_tag: str | None = None  # hosts with this tag are the canaries, when any is
+    # Measured after the canary wave, before the next (fleet/analysis.py).
+    analysis: tuple[Analysis, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,29 @@ def _monitoring(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) 
     )
 
 
+def _analysis(raw: Mapping[str, Any], source: str) -> Analysis:
+    """A bad condition is bad input, named here rather than at the canary wave."""
+    where = f"inventory from {source}: deploy.analysis {raw['name']!r}"
+    try:
+        condition = parse_condition(raw["successCondition"])
+    except ConditionError as exc:
+        raise InventoryError(
+            f"{where}: successCondition {raw['successCondition']!r}: {exc}"
+        ) from exc
+    if "{{service}}" in raw["query"] and raw["service"] is None:
+        raise InventoryError(f"{where}: the query uses {{{{service}}}} but names no service")
+    return Analysis(
+        name=raw["name"],
+        query=raw["query"],
+        condition=condition,
+        interval=float(raw["interval"]),
+        count=raw["count"],
+        failure_limit=raw["failureLimit"],
+        inconclusive_limit=raw["inconclusiveLimit"],
+        service=raw["service"],
+    )
+
+
 def parse(data: Any, source: str) -> Inventory:
     """Validate raw inventory JSON and turn it into typed records."""
     validate(data, source)
@@ -400,7 +426,12 @@ def parse(data: Any, source: str) -> Inventory:
         health_timeout=float(d["healthTimeout"]),
         confirm_timeout=float(d["confirmTimeout"]),
         canary_tag=d.get("canaryTag"),
+        analysis=tuple(_analysis(a, source) for a in d.get("analysis", ())),
     )
+    names = [a.name for a in policy.analysis]
+    for name in names:
+        if names.count(name) > 1:
+            raise InventoryError(f"inventory from {source}: deploy.analysis {name!r} twice")
     depends_on = {
         name: tuple(service["dependsOn"]) for name, service in data.get("services", {}).items()
     }
@@ -408,6 +439,10 @@ def parse(data: Any, source: str) -> Inventory:
     traffic = None if raw_traffic is None else _traffic(raw_traffic, hosts, source)
     raw_monitoring = data.get("monitoring")
     monitoring = None if raw_monitoring is None else _monitoring(raw_monitoring, hosts, source)
+    if policy.analysis and monitoring is None:
+        raise InventoryError(
+            f"inventory from {source}: deploy.analysis: no monitoring host to ask Prometheus"
+        )
     return Inventory(
         hosts=hosts,
         deploy=policy,

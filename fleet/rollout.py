@@ -10,7 +10,9 @@ undo, run by the tool at once or by the host's switch when the tool cannot.
 The fleet: canary hosts first, then batches; a wave that takes failures past
 --max-failures stops the rollout, and hosts this release already persisted go back to
 their recorded generations too (each through a transaction of its own), unless
---no-rollback.
+--no-rollback. After the canary wave, the declared analyses ask Prometheus about the
+canaries (fleet/analysis.py): a failed one rolls the release back as a failed canary does;
+an inconclusive one stops the rollout with the canaries kept.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet import health, nix, testhook, traffic
+from fleet import analysis, health, nix, testhook, traffic
 from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
 from fleet.events import Events
 from fleet.hostops import (
@@ -43,7 +45,7 @@ from fleet.hostops import (
     new_token,
     printable,
 )
-from fleet.inventory import Host, Traffic
+from fleet.inventory import Host, Monitoring, Traffic
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
 from fleet.output import Reporter
 from fleet.ssh import Endpoint, Remote, Transport
@@ -81,6 +83,7 @@ class DeployOptions:
     # service's traffic, held for canary_hold seconds while their checks keep passing.
     canary_weight: int | None = None
     canary_hold: float = 30.0
+    skip_analysis: bool = False  # an emergency: no canary analysis
 
     @property
     def mode(self) -> str:
@@ -162,11 +165,19 @@ class Report:
     duration: float = 0.0
     stopped: str | None = None  # why the rollout stopped early, if it did
     extra: dict[str, Any] = field(default_factory=dict)
+    analysis: list[analysis.Run] = field(default_factory=list)  # none ran: empty
+
+    @property
+    def held(self) -> bool:
+        """An inconclusive analysis stopped the rollout with the canaries on the release."""
+        return (
+            bool(self.analysis) and analysis.verdict(self.analysis) is analysis.Outcome.INCONCLUSIVE
+        )
 
     @property
     def result(self) -> RolloutResult:
         touched = [r for r in self.reports if r.result is not HostResult.SKIPPED]
-        if any(r.result.needs_attention or r.record_error for r in self.reports):
+        if any(r.result.needs_attention or r.record_error for r in self.reports) or self.held:
             return RolloutResult.ATTENTION
         if self.stopped is None and all(r.result.succeeded for r in touched):
             return RolloutResult.DEPLOYED
@@ -193,6 +204,7 @@ class Report:
             "exitCode": int(self.exit_code),
             "stopped": self.stopped,
             "hosts": {r.name: r.as_json() for r in self.reports},
+            "analysis": [run.as_json() for run in self.analysis],
             **self.extra,
         }
 
@@ -237,6 +249,9 @@ class Rollout:
         traffic: Traffic | None = None,
         balancers: Sequence[Host] = (),
         events: Events | None = None,
+        analyses: Sequence[analysis.Analysis] = (),
+        monitoring: Monitoring | None = None,
+        monitors: Sequence[Host] = (),
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
         # The balancers in front of the hosts' instances, read (never changed) to see a
@@ -244,6 +259,11 @@ class Rollout:
         self.traffic = traffic
         self.balancers = {h.name: h for h in balancers}
         self.canaries: set[str] = set()  # this rollout's canary hosts, once planned
+        # Measured after the canary wave through the first monitoring host that answers.
+        self.analyses = list(analyses)
+        self.monitoring = monitoring
+        self.monitors = {h.name: h for h in monitors}
+        self.revert_message = "rolled back with the rest of the release"
         # Rollback targets: existing generation numbers to switch the profile back to.
         self.generations = dict(generations or {})
         # A deploy: all that each host gets delivered at begin (fleet/secrets.py), [] for
@@ -757,7 +777,7 @@ class Rollout:
         record = {
             "result": HostResult.ROLLED_BACK.value,
             "previous": target.as_json(),
-            "message": "rolled back with the rest of the release",
+            "message": self.revert_message,
         }
         try:
             self._transaction(ops, back, target, record)  # the target is on the host: it ran it
@@ -768,7 +788,7 @@ class Rollout:
             report.timings[key] = report.timings.get(key, 0.0) + seconds
         if back.result is HostResult.DEPLOYED:
             report.result, report.new = HostResult.ROLLED_BACK, back.new
-            report.message = "rolled back with the rest of the release"
+            report.message = self.revert_message
         else:
             report.result = back.result
             report.phase = Phase.ROLLBACK
@@ -817,8 +837,13 @@ class Rollout:
                         f"{self.options.max_failures})"
                     )
                     break
+                later = waves[number].hosts if number < len(waves) else []
+                if set(wave.hosts) <= self.canaries and not set(later) <= self.canaries:
+                    report.stopped = self._analyse(report, reports, order)
+                    if report.stopped:
+                        break
             report.reports = [reports[n] for n in order]
-            if report.stopped and self.options.rollback:
+            if report.stopped and self.options.rollback and not report.held:
                 persisted = [r for r in report.reports if r.result.succeeded and r.changed]
                 # Reverting drains too: as many at once as the services allow.
                 limits = unavailability(self.traffic, self.options)
@@ -828,6 +853,73 @@ class Rollout:
         self.reporter.finish()
         report.duration = time.monotonic() - start
         return report
+
+    # -- canary analysis ---------------------------------------------------------------
+
+    def _analyse(
+        self, report: Report, reports: Mapping[str, HostReport], order: Sequence[str]
+    ) -> str | None:
+        """After the last canary wave: the declared analyses, on the canaries that now run
+        the release. Why the rollout stops, or None to go on."""
+        hosts = [n for n in order if n in self.canaries and reports[n].result.succeeded]
+        if (
+            not self.analyses
+            or self.options.skip_analysis
+            or self.monitoring is None
+            or self.options.mode == "boot"  # nothing of the release runs yet
+            or not hosts
+        ):
+            return None
+        baseline = [n for n in order if n not in self.canaries]
+        self.reporter.note(
+            f"analysis of {', '.join(hosts)}: {', '.join(a.name for a in self.analyses)}"
+        )
+
+        def progress(run: analysis.Run, m: analysis.Measurement) -> None:
+            values = ", ".join(f"{v:g}" for v in m.values) or "-"
+            n, count = len(run.measurements), run.analysis.count
+            why = f" ({m.message})" if m.message else ""
+            self.reporter.note(
+                f"analysis {run.analysis.name} {n}/{count}: {values}: {m.outcome.value}{why}"
+            )
+
+        runs = analysis.run_all(self.analyses, hosts, baseline, self._prometheus(), progress)
+        report.analysis = runs
+        for run in runs:
+            self.events.analysis(run)
+        outcome = analysis.verdict(runs)
+        decisive = next((r for r in runs if r.result is outcome), runs[0])
+        why = f"analysis {decisive.analysis.name!r} {outcome.value}: {decisive.why()}"
+        names = ", ".join(r.analysis.name for r in runs)
+        successful = outcome is analysis.Outcome.SUCCESSFUL
+        self.reporter.note(f"analysis successful: {names}" if successful else why)
+        if outcome is analysis.Outcome.FAILED:
+            self.revert_message = f"rolled back: analysis {decisive.analysis.name!r} failed"
+            return why
+        if outcome is analysis.Outcome.INCONCLUSIVE:
+            return f"{why}; the canaries keep the new release"
+        return None
+
+    def _prometheus(self) -> analysis.Query:
+        """Ask the first monitoring host whose Prometheus answers, over its ssh connection
+        (Prometheus listens on its loopback only)."""
+        assert self.monitoring is not None
+        port, servers = self.monitoring.prometheus_port, self.monitoring.servers
+
+        def ask(promql: str) -> Mapping[str, Any]:
+            errors = []
+            for name in servers:
+                host = self.monitors.get(name) or self.hosts.get(name)
+                if host is None:
+                    continue
+                remote = self.transport.remote(endpoint(host, self.ssh_user))
+                try:
+                    return HostOps(remote).prom_query(port, promql)
+                except FleetError as exc:
+                    errors.append(str(exc))
+            raise FleetError("; ".join(errors) or "no monitoring host")
+
+        return ask
 
 
 def _tail(output: str, lines: int = 3) -> str:

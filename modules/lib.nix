@@ -51,6 +51,7 @@ let
       servers = [ "probe" ];
       metrics.probe.port = 1;
     };
+    deploy.analysis.probe.query = "probe";
   };
 
   primaryPort = service: if service.ports == [ ] then null else head service.ports;
@@ -237,7 +238,13 @@ in
       "type"
       "port"
     ];
-    inherit (probe) deploy;
+    deploy = removeAttrs probe.deploy [ "analysis" ];
+    # A query's: a template's condition is its own.
+    analysis = removeAttrs (head probe.deploy.analysis) [
+      "name"
+      "query"
+      "service"
+    ];
     traffic = {
       balancerTag = "balancer";
       inherit (probe.traffic) agentPort drainTimeout;

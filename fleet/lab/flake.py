@@ -53,6 +53,20 @@ DEPLOY_POLICY = {
 }
 
 
+# A canary analysis for a monitored lab (set_analysis): the share of lab-web's answers
+# through the balancer that are not 5xx, by HAProxy's own counters, over a short window
+# and quick measurements. One inconclusive measurement is tolerated: the canary's first
+# seconds back in rotation may fall between two scrapes.
+LAB_ANALYSIS = {
+    "web-success": {
+        "successRate": {"service": "lab-web", "min": 0.99, "window": "10s"},
+        "interval": 2,
+        "count": 5,
+        "inconclusiveLimit": 1,
+    }
+}
+
+
 def nix_system() -> str:
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(
         platform.machine().lower(), platform.machine().lower()
@@ -127,6 +141,17 @@ def write(
     (lab.flake / "fleet.yaml").write_text(f"identityFile: {lab.identity}\nconnectTimeout: 5\n")
     if not (lab.flake / "release.json").exists():
         set_release(lab, LabRelease("0"))
+
+
+def set_analysis(lab: Lab, analysis: dict[str, Any] | None) -> None:
+    """The lab's deploy policy with these canary analyses (deploy.analysis), or none."""
+    loaded = spec(lab)
+    if loaded is None:
+        raise UsageError("no lab: run `fleet lab up` first")
+    policy = dict(loaded["deploy"])
+    policy.pop("analysis", None)
+    loaded["deploy"] = policy | ({"analysis": analysis} if analysis else {})
+    (lab.flake / "lab.json").write_text(json.dumps(loaded, indent=2) + "\n")
 
 
 def spec(lab: Lab) -> dict[str, Any] | None:

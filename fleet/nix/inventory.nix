@@ -8,6 +8,10 @@
 #   hosts:  attrset of name -> { address; sshPort?; sshUser?; tags?; system?;
 #           hostKey?; services?; checks?; secrets? }
 #   deploy: partial deploy policy; missing fields take the defaults below.
+#           Its `analysis` (name -> { query? | successRate? | latency?;
+#           service?; interval?; count?; successCondition?; failureLimit?;
+#           inconclusiveLimit?; }) becomes a list sorted by name, each
+#           template rendered into its query and condition.
 #   services: attrset of name -> { dependsOn?; }: what orders the waves.
 #   traffic: null, or the services the balancers serve:
 #           { agentPort?; drainTimeout?; socket?; balancers;
@@ -188,6 +192,70 @@ let
       null
     else
       normaliseMonitoring monitoring;
+
+  # Canary analysis templates, in the spirit of Flagger's: the share of the
+  # canaries' responses that are not 5xx, from HAProxy's own counters per
+  # server (no instrumentation of the service), and a quantile of the
+  # service's own latency histogram. The names in them are checked names
+  # (services, metrics), safe between PromQL's quotes.
+  responses =
+    service: codes:
+    ''haproxy_server_http_responses_total{job="haproxy",proxy="${service}",server=~"{{hosts}}"${codes}}'';
+
+  successRate =
+    t:
+    let
+      window = t.window or "1m";
+    in
+    {
+      query =
+        "sum(rate(${responses t.service '',code!="5xx"''}[${window}]))"
+        + " / sum(rate(${responses t.service ""}[${window}]))";
+      condition = "result >= ${builtins.toJSON (t.min or 0.99)}";
+      inherit (t) service;
+    };
+
+  latency =
+    t:
+    let
+      window = t.window or "1m";
+      buckets = ''${t.histogram}_bucket{job="fleet-service",host=~"{{hosts}}"}'';
+    in
+    {
+      query = "histogram_quantile(${builtins.toJSON (t.quantile or 0.99)}, sum by (le) (rate(${buckets}[${window}])))";
+      condition = "result <= ${builtins.toJSON t.maxSeconds}";
+      service = null;
+    };
+
+  normaliseAnalysis =
+    name: a:
+    let
+      rendered =
+        if a.successRate or null != null then
+          successRate a.successRate
+        else if a.latency or null != null then
+          latency a.latency
+        else
+          {
+            inherit (a) query;
+            condition = "result >= 0.99";
+            service = null;
+          };
+      given = field: fallback: if a.${field} or null != null then a.${field} else fallback;
+    in
+    {
+      inherit name;
+      inherit (rendered) query;
+      service = given "service" rendered.service;
+      interval = given "interval" 10;
+      count = given "count" 3;
+      successCondition = given "successCondition" rendered.condition;
+      failureLimit = given "failureLimit" 0;
+      inconclusiveLimit = given "inconclusiveLimit" 0;
+    };
+
+  # attrNames is sorted: the list is in the order of the names.
+  analyses = builtins.attrValues (builtins.mapAttrs normaliseAnalysis (deploy.analysis or { }));
 in
 {
   schemaVersion = 1;
@@ -206,5 +274,8 @@ in
     healthTimeout = 60;
     confirmTimeout = 30;
   }
-  // deploy;
+  // deploy
+  // {
+    analysis = analyses;
+  };
 }

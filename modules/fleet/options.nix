@@ -10,6 +10,7 @@ let
     deploy
     traffic
     monitoring
+    analysis
     ;
 
   name = types.strMatching fleetLib.namePattern;
@@ -65,6 +66,127 @@ let
         default = [ ];
         example = literalExpression "[ ./hosts/app1.nix ]";
         description = "The host's own NixOS modules: hardware, file systems, boot loader and so on.";
+      };
+    };
+  };
+
+  window = mkOption {
+    type = types.strMatching fleetLib.durationPattern;
+    default = "1m";
+    example = "30s";
+    description = "The range each rate is taken over: a number and a unit (ms, s, m or h).";
+  };
+
+  analysisOptions = {
+    options = {
+      query = mkOption {
+        type = types.nullOr (types.strMatching "[^\n]+");
+        default = null;
+        example = ''sum(rate(http_requests_total{host=~"{{hosts}}",code=~"5.."}[1m]))'';
+        description = ''
+          PromQL, asked of the monitoring hosts' Prometheus. `{{hosts}}` is
+          replaced by the canaries' names as a regular expression
+          (`web1|web2`, for `=~`), `{{baseline}}` by the names of the other
+          hosts of the deploy, which still run the old release ("" if none),
+          and `{{service}}` by `service`. Every sample of the answer must
+          satisfy `successCondition`. Exclusive with the templates
+          `successRate` and `latency`.
+        '';
+      };
+      service = mkOption {
+        type = types.nullOr name;
+        default = null;
+        description = "The service `{{service}}` stands for in `query`; a `successRate` template's by default.";
+      };
+      successRate = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              service = mkOption {
+                type = name;
+                description = "A service with an HTTP `ingress`, whose balancers count each instance's responses.";
+              };
+              min = mkOption {
+                type = types.numbers.between 0 1;
+                default = 0.99;
+                description = "The lowest share of the canaries' responses that may be other than 5xx.";
+              };
+              inherit window;
+            };
+          }
+        );
+        default = null;
+        example = literalExpression ''{ service = "api"; min = 0.995; }'';
+        description = ''
+          A template: the share of the canaries' responses through the
+          balancers that are not 5xx, from HAProxy's own per-server counters
+          (no instrumentation of the service), at least `min`.
+        '';
+      };
+      latency = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              histogram = mkOption {
+                type = types.strMatching "[A-Za-z_:][A-Za-z0-9_:]*";
+                example = "http_request_duration_seconds";
+                description = "The service's own Prometheus histogram (its `metrics`), without `_bucket`.";
+              };
+              quantile = mkOption {
+                type = types.numbers.between 0 1;
+                default = 0.99;
+                description = "The quantile measured.";
+              };
+              maxSeconds = mkOption {
+                type = types.numbers.positive;
+                description = "The highest the quantile may be on the canaries, in seconds.";
+              };
+              inherit window;
+            };
+          }
+        );
+        default = null;
+        example = literalExpression ''{ histogram = "http_request_duration_seconds"; maxSeconds = 0.5; }'';
+        description = ''
+          A template: the `quantile` of the canaries' latency, from the
+          service's own histogram as the monitoring hosts scrape it, at most
+          `maxSeconds`.
+        '';
+      };
+      interval = mkOption {
+        type = types.numbers.between 1 3600;
+        default = analysis.interval;
+        description = "Seconds between two measurements; the first is taken one interval after the canary wave.";
+      };
+      count = mkOption {
+        type = types.ints.between 1 1000;
+        default = analysis.count;
+        description = "Measurements taken.";
+      };
+      successCondition = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "result >= 0.99 and result <= 1";
+        description = ''
+          What every sample of a measurement must satisfy: `result OP
+          NUMBER`, OP one of `<`, `<=`, `>`, `>=`, `==`, `!=`, joined by
+          `and` and `or`. Null: the template's condition, or
+          `${analysis.successCondition}` for a query.
+        '';
+      };
+      failureLimit = mkOption {
+        type = types.ints.unsigned;
+        default = analysis.failureLimit;
+        description = "Failed measurements tolerated: one more fails the analysis, and the release is rolled back.";
+      };
+      inconclusiveLimit = mkOption {
+        type = types.ints.unsigned;
+        default = analysis.inconclusiveLimit;
+        description = ''
+          Inconclusive measurements (no data, NaN, Prometheus not answering)
+          tolerated: one more stops the rollout after the canaries, which
+          keep the new release (exit 4).
+        '';
       };
     };
   };
@@ -309,6 +431,27 @@ in
           its dead-man switch reactivates the previous generation at
           activation start + `healthTimeout` + `confirmTimeout` unless the
           fleet tool has confirmed the new one. At least 2.
+        '';
+      };
+      analysis = mkOption {
+        type = types.attrsOf (types.submodule analysisOptions);
+        default = { };
+        example = literalExpression ''
+          {
+            web-errors.successRate.service = "web";
+            web-latency.latency = {
+              histogram = "http_request_duration_seconds";
+              maxSeconds = 0.3;
+            };
+          }
+        '';
+        description = ''
+          Canary analyses, by name: after the canary wave is deployed and
+          committed, each asks the monitoring hosts' Prometheus `count` times,
+          `interval` seconds apart. One that fails rolls the release back; one
+          that is inconclusive stops the rollout with the canaries kept
+          (docs/monitoring.md). Each sets `query`, `successRate` or `latency`,
+          and needs a monitoring host.
         '';
       };
     };

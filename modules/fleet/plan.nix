@@ -359,7 +359,41 @@ let
 
   deployProblems =
     optional (cfg.deploy.confirmTimeout < 2)
-      "deploy: confirmTimeout is ${seconds cfg.deploy.confirmTimeout}: set it to at least 2 s, the time a host gives the fleet tool to confirm a healthy generation before its dead-man switch reverts it";
+      "deploy: confirmTimeout is ${seconds cfg.deploy.confirmTimeout}: set it to at least 2 s, the time a host gives the fleet tool to confirm a healthy generation before its dead-man switch reverts it"
+    ++ concatMap analysisProblems (attrNames cfg.deploy.analysis);
+
+  analysisProblems =
+    name:
+    let
+      a = cfg.deploy.analysis.${name};
+      where = "deploy.analysis.${name}";
+      given = filter (o: a.${o} != null) [
+        "query"
+        "successRate"
+        "latency"
+      ];
+      rate = a.successRate;
+      balanced = cfg.services ? ${rate.service} && cfg.services.${rate.service}.ingress != null;
+    in
+    optional (!validName name) "${where}: the name must match ${fleetLib.namePattern}"
+    ++ optional (given == [ ])
+      "${where}: nothing to measure: set query (PromQL), or a template: successRate or latency"
+    ++ optional (length given > 1)
+      "${where}: sets ${enumeration given}, which exclude each other: keep one"
+    ++ optional (!monitored)
+      "${where}: no host carries the tag ${quote cfg.monitoring.hostTag} (monitoring.hostTag) to run the Prometheus it asks: tag a monitoring host, or remove the analysis"
+    ++ optional (
+      a.query != null && lib.hasInfix "{{service}}" a.query && a.service == null
+    ) "${where}: the query uses {{service}}, but service is not set: set service"
+    ++ optionals (rate != null) (
+      if !(cfg.services ? ${rate.service}) then
+        [
+          "${where}: successRate.service names unknown service ${quote rate.service} (services: ${listing serviceNames})"
+        ]
+      else
+        optional (!balanced || cfg.services.${rate.service}.ingress.mode != "http")
+          "${where}: successRate counts the HTTP responses the balancers pass, but service ${quote rate.service} has no HTTP ingress: give it one, or measure it with a query"
+    );
 
   # A dependency cycle as a path that ends where it starts, or null.
   cycle =
