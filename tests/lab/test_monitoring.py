@@ -17,7 +17,7 @@ import pytest
 
 from fleet.lab import flake, ops
 from fleet.lab.layout import Lab
-from tests.lab.fleetrun import assert_safe, faulted, own_lab, results, run_fleet, set_release
+from tests.lab.fleetrun import assert_safe, faulted, results, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab]
 
@@ -29,10 +29,9 @@ FLEET_HOST = "/run/current-system/sw/bin/fleet-host"
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+def lab(monitoring_lab: Lab) -> Lab:
     """Four hosts beside the session's lab: two run lab-web, one HAProxy, one monitors."""
-    with own_lab(52, 4, balancers=1, monitoring=True) as instance:
-        yield instance
+    return monitoring_lab
 
 
 @pytest.fixture()

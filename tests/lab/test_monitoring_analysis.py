@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fleet.lab import flake, ops
+from fleet.lab import flake
 from fleet.lab.layout import Lab
 from fleet.lab.load import Clients
 from tests.lab.fleetrun import assert_safe, results, run_fleet, running_paths, set_release
@@ -24,20 +24,13 @@ RESTORE = ("deploy", "--skip-analysis")  # back to release 0 without load to mea
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    """Four hosts beside the session's lab: two run lab-web, one HAProxy, one monitors;
-    the analysis is declared once release 0 runs everywhere."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLEET_LAB_INSTANCE", str((Lab.from_env().instance + 54) % 255))
-        instance = Lab.from_env()
-        ops.down(instance)
-        ops.up(instance, 4, lambda _m: None, balancers=1, monitoring=True)
-        set_release(instance, "0")
-        code, _, err = run_fleet(instance, "deploy")
-        assert code == 0, err
-        flake.set_analysis(instance, flake.LAB_ANALYSIS)
-        yield instance
-        ops.down(instance)
+def lab(monitoring_lab: Lab) -> Iterator[Lab]:
+    """The monitoring tests' lab, with the lab's analysis declared for these tests alone."""
+    flake.set_analysis(monitoring_lab, flake.LAB_ANALYSIS)
+    try:
+        yield monitoring_lab
+    finally:
+        flake.set_analysis(monitoring_lab, None)
 
 
 @pytest.fixture()
