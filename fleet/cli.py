@@ -680,10 +680,11 @@ def lab_flake() -> None:
 @click.option("--version", "version", required=True, help="The release the lab flake builds next.")
 @click.option(
     "--broken",
-    type=click.Choice(lab_flake_files.BROKEN_KINDS),
     default=None,
+    metavar="|".join(lab_flake_files.BROKEN_KINDS),
     help="health: the service fails its check; start: its unit fails to start; "
-    "build: the system fails to build.",
+    "build: the system fails to build; boot: its boot loader entry cannot be installed; "
+    "errors:N: it passes its check but answers 500 to N of every 100 requests.",
 )
 @click.option(
     "--on",

@@ -39,7 +39,8 @@ WEBHOOK_PORT = 9799
 # The host's half of fleet's transactions, from the package, installed by every lab system
 # at sw/bin/fleet-host (see build-system.sh).
 HOST_HELPER = "fleet-host.py"
-BROKEN_KINDS = ("health", "start", "build", "boot")
+BROKEN_KINDS = ("health", "start", "build", "boot", "errors:N")
+_ERRORS = re.compile(r"^errors:([1-9][0-9]?|100)$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$")
 
 # The lab's deploy policy: small hosts, quick checks, all hosts at once after the canary.
@@ -190,8 +191,12 @@ class LabRelease:
             raise UsageError(
                 f"release version {self.version!r}: use 1-32 letters, digits, '.', '_', '+', '-'"
             )
-        if self.broken is not None and self.broken not in BROKEN_KINDS:
-            raise UsageError(f"--broken {self.broken!r}: expected one of {', '.join(BROKEN_KINDS)}")
+        known = self.broken in BROKEN_KINDS[:-1] or _ERRORS.match(self.broken or "")
+        if self.broken is not None and not known:
+            raise UsageError(
+                f"--broken {self.broken!r}: expected one of {', '.join(BROKEN_KINDS)}"
+                " (N: 1 to 100, the share of requests answered 500)"
+            )
         if self.extra not in (None, "passing", "failing"):
             raise UsageError(f"extra {self.extra!r}: expected passing or failing")
         if not 0 <= self.sick_after <= 600:

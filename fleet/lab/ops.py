@@ -448,6 +448,7 @@ def fault(lab: Lab, name: str, action: Fault) -> None:
 
 
 def release(lab: Lab, wanted: flake.LabRelease) -> None:
+    wanted.validate()  # what is wrong with the release first, whatever the lab's state
     hosts = flake.hosts(lab)
     if hosts is None:
         raise UsageError("no lab is up: run `fleet lab up` first")

@@ -298,9 +298,14 @@ def test_a_deploy_tells_the_operators_file_and_grafana_each_phase(
     assert {line["release"] for line in lines} == {report["release"]}
     assert lines[0]["event"] == "release-start" and lines[-1]["event"] == "release-end"
     assert lines[-1]["result"] == "deployed" and lines[-1]["exitCode"] == 0
+    protocol = ["connect", "copy", "lock", "drain", "activate", "health", "confirm"]
     for host in APPS:
-        phases = [e["phase"] for e in lines if e.get("host") == host and e["event"] == "phase-end"]
-        assert {"connect", "copy", "lock", "drain", "activate", "health", "confirm"} <= set(phases)
+        ended = [e["phase"] for e in lines if e.get("host") == host and e["event"] == "phase-end"]
+        assert [p for p in ended if p in protocol] == protocol  # every phase, in order
+        started = [
+            e["phase"] for e in lines if e.get("host") == host and e["event"] == "phase-start"
+        ]
+        assert started == ended
         ends = [e for e in lines if e.get("host") == host and e["event"] == "host-end"]
         assert [e["result"] for e in ends] == ["deployed"]
     [(path, authorization, annotation)] = received

@@ -78,13 +78,22 @@ def test_a_healthy_release_passes_the_analysis_and_reaches_every_host(lab: Lab, 
     assert "analysis web-success 5/5" in err
 
 
-def test_a_release_that_turns_sick_fails_the_analysis_and_is_rolled_back(
-    lab: Lab, safe: None
+@pytest.mark.parametrize(
+    "broken",
+    [
+        # Healthy through its checks and after: 500 to a fifth of its clients.
+        {"broken": "errors:20"},
+        # Healthy through its checks and commit; then 500 on /version, which the
+        # balancer's counters see before its health check takes the canary out.
+        {"sick_after": 6},
+    ],
+    ids=["errors", "sick"],
+)
+def test_a_release_that_fails_its_clients_fails_the_analysis_and_is_rolled_back(
+    lab: Lab, safe: None, broken: dict[str, Any]
 ) -> None:
     before = running_paths(lab)
-    # Healthy through its checks and commit; then 500 on /version, which the balancer's
-    # counters see before its health check takes the canary out.
-    set_release(lab, "a1", sick_after=6)
+    set_release(lab, "a1", **broken)
     with clients(lab) as load:
         code, report, err = run_fleet(lab, "deploy", timeout=300)
     assert code == 3, err

@@ -21,6 +21,10 @@ brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter --sick-afte
 if [ "$broken" = start ] || [ "$broken" = health ]; then
   brokenArgs="$brokenArgs --broken $broken"
 fi
+# errors:N: healthy, but 500 on N of every 100 requests (fleet/lab/flake.py checks N).
+case "$broken" in
+  errors:*) brokenArgs="$brokenArgs --error-rate ${broken#errors:}" ;;
+esac
 # A system whose boot loader entry cannot be installed (switch-to-configuration's
 # boot and switch fail, as grub-install refusing a disk does); it runs fine.
 if [ "$broken" = boot ]; then

@@ -9,7 +9,9 @@
 --healthy-after S answers 503 on /health for S seconds after it is ready (a service that
 warms up);
 --sick-after S answers 503 on /health and 500 on /version from S seconds after it is ready
-(a release that passes its first checks, then fails under traffic).
+(a release that passes its first checks, then fails under traffic);
+--error-rate N answers 500 on N of every 100 requests for /version, and stays healthy (a
+release whose health check passes while it fails a share of its clients).
 GET /slow/N answers its release after N seconds (at most 120): a long-lived session.
 GET /metrics answers Prometheus' text format: the requests served (other than /health and
 /metrics) by status code, their durations as a histogram, and the release.
@@ -18,6 +20,7 @@ GET /metrics answers Prometheus' text format: the requests served (other than /h
 import argparse
 import errno
 import hashlib
+import itertools
 import os
 import socket
 import socketserver
@@ -104,6 +107,7 @@ def main() -> int:
     parser.add_argument("--extra-port", type=int)
     parser.add_argument("--healthy-after", type=float, default=0.0)
     parser.add_argument("--sick-after", type=float, default=0.0)
+    parser.add_argument("--error-rate", type=int, choices=range(101), default=0)
     args = parser.parse_args()
     digest = "none"
     if args.secret:
@@ -121,6 +125,12 @@ def main() -> int:
     sick_at = time.monotonic() + args.sick_after if args.sick_after else float("inf")
 
     metrics = Metrics(args.release)
+    asked = itertools.count(1)
+
+    def erring() -> bool:
+        """Exactly error_rate of every 100 requests, spread evenly."""
+        n = next(asked)  # itertools.count is atomic under the GIL
+        return (n * args.error_rate) // 100 != ((n - 1) * args.error_rate) // 100
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -129,7 +139,8 @@ def main() -> int:
             if self.path == "/metrics":
                 status, body = 200, metrics.text().rstrip("\n")
             elif self.path == "/version":
-                status, body = (500, "sick") if sick else (200, args.release)
+                failing = sick or erring()
+                status, body = (500, "sick") if failing else (200, args.release)
             elif self.path.startswith("/slow/") and self.path[6:].isdigit():
                 time.sleep(min(120, int(self.path[6:])))
                 status, body = 200, args.release
