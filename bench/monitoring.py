@@ -1,7 +1,7 @@
 """What monitoring costs and how fast it tells: a crash to the alert at the webhook, an
 analysis step's time in a deploy, the host metrics' cost per step, the scrape at scale.
 
-Usage (as root): python bench/monitoring.py [--hosts 64]
+Usage (as root): python bench/monitoring.py [--hosts 64] [--scrape-only]
 1. A lab of four hosts (lab1, lab2 run lab-web, lab3 HAProxy, lab4 the monitoring host):
    - lab2 crashed: seconds until Alertmanager posts FleetHostDown firing to the webhook,
      and from `lab up` bringing it back until the resolved notice;
@@ -196,16 +196,19 @@ def scrape_cost(count: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hosts", type=int, default=64)
+    parser.add_argument("--hosts", type=int, default=64, help="the scrape's lab; 0: none")
+    parser.add_argument("--scrape-only", action="store_true", help="the scrape's lab alone")
     args = parser.parse_args()
-    lab = lab_of(4, int(os.environ["FLEET_LAB_INSTANCE"]), balancers=1, monitoring=True)
-    try:
-        print(metrics_cost(lab), flush=True)
-        print(analysis_cost(lab), flush=True)
-        print(crash_to_webhook(lab), flush=True)
-    finally:
-        ops.down(lab)
-    print(scrape_cost(args.hosts), flush=True)
+    if not args.scrape_only:
+        lab = lab_of(4, int(os.environ["FLEET_LAB_INSTANCE"]), balancers=1, monitoring=True)
+        try:
+            print(metrics_cost(lab), flush=True)
+            print(analysis_cost(lab), flush=True)
+            print(crash_to_webhook(lab), flush=True)
+        finally:
+            ops.down(lab)
+    if args.hosts:
+        print(scrape_cost(args.hosts), flush=True)
 
 
 if __name__ == "__main__":
