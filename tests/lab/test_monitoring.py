@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from fleet.lab.load import Clients
 from tests.lab.fleetrun import (
     assert_safe,
     faulted,
+    fleet_argv,
     own_lab,
     results,
     run_fleet,
@@ -440,3 +443,28 @@ def test_without_prometheus_the_analysis_is_inconclusive_and_the_canary_kept(
         start = ["systemctl", "start", "fleet-prometheus.service"]
         code, _, err = run_fleet(lab, "exec", MONITOR, "--", *start)
         assert code == 0, err
+
+
+def test_a_deploy_killed_during_its_analysis_leaves_the_fleet_safe(
+    lab: Lab, analysed: None
+) -> None:
+    """The analysis runs after the canaries committed and before anything else is touched:
+    the tool killed in the middle of it leaves the canary on the new release, the rest on
+    the old one, every host healthy, in rotation and unlocked."""
+    set_release(lab, "a4")
+    with clients(lab):
+        proc = subprocess.Popen(
+            fleet_argv(lab, "deploy"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("analysis web-success 1/"):
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert releases(lab) == {CANARY: "a4", "lab2": "0"}
+    assert_safe(lab)
