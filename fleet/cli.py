@@ -37,6 +37,7 @@ class Context:
     json: bool
     verbose: bool
     argv: list[str]  # as typed: `exec` needs to see where `--` was
+    parallel: int | None = None  # --parallel of a command other than deploy and rollback
 
     def say(self, message: str) -> None:
         """Progress for people: stderr, so stdout stays a clean report."""
@@ -87,7 +88,24 @@ def _report(ctx: Context, report: Report) -> NoReturn:
 
 
 def _session(ctx: Context) -> flows.Session:
-    return flows.open_session(ctx.flake)
+    return flows.open_session(ctx.flake, ctx.parallel)
+
+
+def parallel_option(command: F) -> F:
+    """``--parallel`` of the commands that read or act on hosts outside a rollout."""
+
+    def remember(click_ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+        if value is not None:
+            click_ctx.find_object(Context).parallel = value  # type: ignore[union-attr]
+
+    return click.option(
+        "--parallel",
+        type=click.IntRange(1),
+        metavar="N",
+        expose_value=False,
+        callback=remember,
+        help=f"Hosts worked on at once (default {flows.READ_PARALLEL}).",
+    )(command)
 
 
 def rollout_options(command: F) -> F:
@@ -230,6 +248,7 @@ def deploy(
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.option(
     "--desired",
@@ -283,6 +302,7 @@ def traffic(ctx: Context, selectors: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.option(
     "--force",
@@ -355,7 +375,7 @@ def rollback(
     session.inventory.select(selectors)
     overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None
     options = flows.deploy_options(session, overrides)
-    with session.transport() as transport:
+    with session.transport(parallel=options.parallel) as transport:
         plan = flows.plan_rollback(session, selectors, transport, to, release)
         for name, target in plan.targets.items():
             ctx.say(
@@ -373,6 +393,7 @@ def rollback(
 
 
 @cli.command()
+@parallel_option
 @click.option("--host", "host", metavar="HOST", help="Only this host's releases.")
 @click.option("--limit", type=click.IntRange(1), help="The newest N releases.")
 @click.pass_obj
@@ -401,6 +422,7 @@ def _unreachable_rows(bad: dict[str, str]) -> list[dict[str, Any]]:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.pass_obj
 def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
@@ -418,6 +440,7 @@ def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S")
 @click.pass_obj
@@ -440,6 +463,7 @@ def health(ctx: Context, selectors: tuple[str, ...], health_timeout: float | Non
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.pass_obj
 def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
@@ -469,6 +493,7 @@ def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.option(
     "--keep",
@@ -507,6 +532,7 @@ def _drain(ctx: Context, selectors: tuple[str, ...], on: bool, reason: str | Non
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="SELECTOR...")
 @click.option("--reason", help="Why, for the host's records.")
 @click.pass_obj
@@ -518,6 +544,7 @@ def drain(ctx: Context, selectors: tuple[str, ...], reason: str | None) -> None:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="SELECTOR...")
 @click.option("--reason", help="Why, for the host's records.")
 @click.pass_obj
@@ -527,6 +554,7 @@ def undrain(ctx: Context, selectors: tuple[str, ...], reason: str | None) -> Non
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
+@parallel_option
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[SELECTOR]... -- COMMAND...")
 @click.pass_obj
 def exec_(ctx: Context, words: tuple[str, ...]) -> None:
@@ -559,6 +587,7 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
 @click.option(
     "--html",

@@ -101,7 +101,7 @@ def drain(
         if balanced is None or not services:
             return Drained(before, "not balanced")
         remotes = lambda n: ops.remote.transport.remote(  # noqa: E731
-            endpoint(session.inventory.hosts[n], user)
+            endpoint(session.inventory.hosts[n], user), pinned=True
         )
         wait = traffic.wait_drained if on else traffic.wait_serving
         waited = wait(balanced, remotes, host.name, services, balanced.drain_timeout)

@@ -34,6 +34,9 @@ from fleet.waves import Order
 
 # Status must not stall on a dead host: it reports it unreachable instead.
 STATUS_CONNECT_TIMEOUT = 5.0
+# Hosts a command other than deploy and rollback works on at once (--parallel): bounded,
+# so that a thousand hosts are never a thousand connections and threads at once.
+READ_PARALLEL = 32
 
 T = TypeVar("T")
 
@@ -45,6 +48,7 @@ class Session:
     flake: str
     config: config.Config
     inventory: Inventory
+    parallel: int = READ_PARALLEL  # hosts worked on at once (each, transport)
 
     def ssh_config(self) -> SshConfig:
         identity = self.config.get("identityFile")
@@ -64,13 +68,16 @@ class Session:
             jump_known_hosts_file=Path(own_known_hosts) if own_known_hosts else None,
         )
 
-    def transport(self, connect_timeout: float | None = None) -> Transport:
+    def transport(
+        self, connect_timeout: float | None = None, parallel: int | None = None
+    ) -> Transport:
+        """The run's connections: at most ``parallel`` hosts (default the session's) at once."""
         config = self.ssh_config()
         if connect_timeout is not None:
             config = dataclasses.replace(
                 config, connect_timeout=min(config.connect_timeout, connect_timeout)
             )
-        return Transport(config)
+        return Transport(config, max_open=parallel or self.parallel)
 
     def ops(self, transport: Transport, host: Host) -> HostOps:
         return HostOps(transport.remote(endpoint(host, self.config.get("sshUser"))))
@@ -82,8 +89,8 @@ class Session:
         transport: Transport | None = None,
         connect_timeout: float | None = None,
     ) -> dict[str, T | FleetError]:
-        """Run ``work`` on every selected host at once, in inventory order; a host's failure
-        (unreachable, say) is its result, not everyone's."""
+        """Run ``work`` on every selected host, ``parallel`` at a time, in inventory order; a
+        host's failure (unreachable, say) is its result, not everyone's."""
         hosts = self.inventory.select(selectors)
         if transport is None:
             with self.transport(connect_timeout) as own:
@@ -95,16 +102,16 @@ class Session:
             except FleetError as exc:
                 return exc
 
-        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(hosts)))) as pool:
             return dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
 
 
-def open_session(flake: str | None) -> Session:
+def open_session(flake: str | None, parallel: int | None = None) -> Session:
     user_config = config.load_user()
     ref = flake or user_config.get("flake") or "."
     cfg = config.load(ref, user_config)
     data = nix.eval_inventory(ref)
-    return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"))
+    return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"), parallel or READ_PARALLEL)
 
 
 def revision(flake: str) -> str | None:
@@ -243,7 +250,7 @@ def deploy(
     user = session.config.get("sshUser")
     if not options.dry_run:
         sign(session, paths.values())
-    with session.transport() as transport:
+    with session.transport(parallel=options.parallel) as transport:
         if options.dry_run:
             return dry_run(
                 hosts,
@@ -270,6 +277,7 @@ def deploy(
                 **watching(session.inventory),
             )
             report = rollout.run(paths, names)
+            report.extra["ssh"] = transport.figures()
             recorder.release_end(report)
         return report
 
@@ -382,6 +390,7 @@ def rollback(
                           **balancing(session.inventory), events=recorder)  # fmt: skip
         sign(session, (g.path for g in plan.targets.values()))
         report = rollout.run({n: g.path for n, g in plan.targets.items()}, order)
+        report.extra["ssh"] = transport.figures()
         for name, why in plan.unreachable.items():
             missed = HostReport(name)
             missed.fail(HostResult.UNREACHABLE, Phase.CONNECT, why)

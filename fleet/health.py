@@ -51,13 +51,11 @@ def _http(remote: Remote, check: Check) -> tuple[bool, str]:
         "User-Agent: fleet\r\nConnection: close\r\n\r\n"
     )
     assert check.port is not None
-    proc = remote.tunnel(check.port)
-    try:
-        out, err = proc.communicate(request.encode(), timeout=check.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return False, f"no answer within {check.timeout:g} s"
+    with remote.tunnel(check.port) as proc:
+        try:
+            out, err = proc.communicate(request.encode(), timeout=check.timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"no answer within {check.timeout:g} s"
     if not out:
         lines = err.decode(errors="replace").strip().splitlines()
         return False, lines[-1] if lines else "connection closed without an answer"

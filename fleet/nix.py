@@ -135,12 +135,13 @@ def copy_closure(remote: Remote, path: str) -> None:
     """Copy a closure to a host through the transport's connection and host-key policy."""
     endpoint = remote.endpoint
     try:
-        process.run(
-            ["nix-copy-closure", "--to", endpoint.address, path],
-            env=_env({"NIX_SSHOPTS": remote.nix_sshopts()}),
-            error=NixError,
-            what=f"{remote.name}: copy of {path}",
-        )
+        with remote.session():
+            process.run(
+                ["nix-copy-closure", "--to", endpoint.address, path],
+                env=_env({"NIX_SSHOPTS": remote.nix_sshopts()}),
+                error=NixError,
+                what=f"{remote.name}: copy of {path}",
+            )
     except NixError as exc:
         # "lacks a valid signature" (Nix 2.8), "lacks a signature by a trusted key" (later).
         if re.search(r"lacks a (valid )?signature", str(exc)):

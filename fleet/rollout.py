@@ -281,7 +281,7 @@ class Rollout:
         return self.transport.remote(endpoint(self.hosts[name], self.ssh_user))
 
     def balancer(self, name: str) -> Remote:
-        return self.transport.remote(endpoint(self.balancers[name], self.ssh_user))
+        return self.transport.remote(endpoint(self.balancers[name], self.ssh_user), pinned=True)
 
     # -- one host -----------------------------------------------------------------------
 
@@ -912,7 +912,7 @@ class Rollout:
                 host = self.monitors.get(name) or self.hosts.get(name)
                 if host is None:
                     continue
-                remote = self.transport.remote(endpoint(host, self.ssh_user))
+                remote = self.transport.remote(endpoint(host, self.ssh_user), pinned=True)
                 try:
                     return HostOps(remote).prom_query(port, promql)
                 except FleetError as exc:

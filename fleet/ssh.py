@@ -26,10 +26,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from fleet import process
 from fleet.errors import FleetError, HostKeyError, SshError, UsageError
@@ -153,11 +158,37 @@ class RemoteCommandError(FleetError):
         super().__init__(f"{host}: {shlex.join(argv)}: {result.last_error_line()}")
 
 
-class Transport:
-    """Owns the run's control sockets and pinned known_hosts; hands out one Remote per host."""
+# Handshakes in progress at once: below sshd's default MaxStartups (10), which a jump host
+# (every connection through it is one handshake there too) or a host would otherwise drop.
+MAX_HANDSHAKES = 8
 
-    def __init__(self, config: SshConfig) -> None:
+
+class Transport:
+    """Owns the run's control sockets and pinned known_hosts; hands out one Remote per host.
+
+    It also bounds what the run asks of the network (``connection``): at most ``max_open``
+    hosts have a master connection at once (the least recently used idle one is closed to
+    make room; pinned remotes, the balancers and monitoring servers a rollout keeps
+    talking to, are not counted), and at most ``max_handshakes`` connections are being
+    set up at once. ``handshakes`` counts the connections set up, per host.
+    """
+
+    def __init__(
+        self,
+        config: SshConfig,
+        max_open: int | None = None,
+        max_handshakes: int = MAX_HANDSHAKES,
+    ) -> None:
         self.config = config
+        self.max_open = max_open
+        self.handshakes: Counter[str] = Counter()
+        self.peak_open = 0
+        self._pacing = threading.BoundedSemaphore(max(1, max_handshakes))
+        self._cond = threading.Condition()
+        self._open: OrderedDict[Remote, None] = OrderedDict()  # least recently used first
+        self._closing: set[Remote] = set()  # evicted, their master being stopped
+        self._busy: Counter[Remote] = Counter()
+        self._pinned: set[Remote] = set()
         _sweep_stale_dirs()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=_temp_root()))
         self.pinned_file = self.dir / "known_hosts"
@@ -186,22 +217,91 @@ class Transport:
         self._remotes: dict[Endpoint, Remote] = {}
         self._lock = threading.Lock()
 
-    def remote(self, endpoint: Endpoint) -> Remote:
+    def remote(self, endpoint: Endpoint, *, pinned: bool = False) -> Remote:
+        """The host's Remote; ``pinned``: its connection is kept for the whole run, outside
+        the ``max_open`` budget (a balancer or monitoring server every host's work uses)."""
         with self._lock:
             existing = self._remotes.get(endpoint)
-            if existing is not None:
-                return existing
-            if endpoint.host_key is not None:
-                with self.pinned_file.open("a") as f:
-                    f.write(f"{endpoint.name} {_key_type_and_blob(endpoint.host_key)}\n")
-            remote = Remote(endpoint, self)
-            self._remotes[endpoint] = remote
-            return remote
+            if existing is None:
+                if endpoint.host_key is not None:
+                    with self.pinned_file.open("a") as f:
+                        f.write(f"{endpoint.name} {_key_type_and_blob(endpoint.host_key)}\n")
+                existing = self._remotes[endpoint] = Remote(endpoint, self)
+            if pinned:
+                self._pinned.add(existing)
+            return existing
+
+    @contextmanager
+    def connection(self, remote: Remote, *, fresh: bool = False) -> Iterator[None]:
+        """Hold a place for one command on ``remote`` (see the class): its master connection
+        within the budget, closing an idle one first when the budget is spent. A ``fresh``
+        connection (a confirmation's) is its host's second for a moment, not another host."""
+        evicted: Remote | None = None
+        with self._cond:
+            self._busy[remote] += 1
+            try:
+                while remote in self._closing:  # its master is being stopped: wait for that
+                    self._cond.wait()
+                while not fresh and remote not in self._open:
+                    counted = [r for r in self._open if r not in self._pinned]
+                    if (
+                        self.max_open is None
+                        or remote in self._pinned
+                        or len(counted) < self.max_open
+                    ):
+                        self._open[remote] = None
+                        break
+                    evicted = next((r for r in counted if not self._busy[r]), None)
+                    if evicted is not None:
+                        del self._open[evicted]
+                        self._closing.add(evicted)
+                        self._open[remote] = None
+                        break
+                    self._cond.wait()
+            except BaseException:
+                self._busy[remote] -= 1
+                raise
+            if remote in self._open:
+                self._open.move_to_end(remote)
+        try:
+            if evicted is not None:
+                try:
+                    evicted.disconnect()  # before this host connects: never one more at once
+                finally:
+                    with self._cond:
+                        self._closing.discard(evicted)
+                        self._cond.notify_all()
+            with self._cond:
+                counted_now = sum(r not in self._pinned for r in self._open)
+                self.peak_open = max(self.peak_open, counted_now)
+            yield
+        finally:
+            with self._cond:
+                self._busy[remote] -= 1
+                self._cond.notify_all()
+
+    def figures(self) -> dict[str, Any]:
+        """What the run asked of the network, for the report: connections set up per host
+        (a deploy needs two: its master and the confirmation's), and the most hosts
+        connected at once."""
+        with self._lock:
+            return {"handshakes": dict(sorted(self.handshakes.items())),
+                    "peakConnectedHosts": self.peak_open}  # fmt: skip
+
+    @contextmanager
+    def handshake(self, remote: Remote) -> Iterator[None]:
+        """Pace connection set-ups: at most ``max_handshakes`` at once, whoever asks."""
+        with self._pacing:
+            with self._lock:
+                self.handshakes[remote.name] += 1
+            yield
 
     def close(self) -> None:
         """Stop every master connection this run opened and remove its sockets."""
-        for remote in list(self._remotes.values()):
-            remote.disconnect()
+        remotes = [r for r in self._remotes.values() if r.control_path.exists()]
+        if remotes:
+            with ThreadPoolExecutor(min(16, len(remotes))) as pool:
+                list(pool.map(lambda r: r.disconnect(), remotes))
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Transport:
@@ -393,6 +493,28 @@ class Remote:
         who = f"{endpoint.name}\0{endpoint.user}\0{endpoint.address}\0{endpoint.port}"
         digest = hashlib.sha256(who.encode()).hexdigest()[:16]
         self.control_path = transport.dir / f"{digest}.sock"
+        self._master = threading.Lock()  # held while this host's master is set up
+
+    @contextmanager
+    def session(self, *, fresh: bool = False) -> Iterator[None]:
+        """Hold what one ssh (ours or Nix's) over this host's connection needs: a place in
+        the transport's budget, and a paced handshake if the connection is new. The first
+        command to a host sets its master up; others for the host wait for it, so that a
+        host never gets two masters."""
+        with self.transport.connection(self, fresh=fresh):
+            if fresh:
+                with self.transport.handshake(self):
+                    yield
+                return
+            if self.control_path.exists():
+                yield
+                return
+            with self._master:
+                if self.control_path.exists():
+                    yield
+                    return
+                with self.transport.handshake(self):
+                    yield
 
     @property
     def name(self) -> str:
@@ -485,14 +607,15 @@ class Remote:
         ``fresh`` opens a new connection instead of the shared one: a confirmation
         must prove that the host is reachable now, not that an old session survives.
         """
-        result = process.run(
-            self.ssh_argv(argv, fresh=fresh),
-            check=False,
-            input=input,
-            timeout=timeout,
-            error=SshError,
-            what=f"{self.name}: ssh",
-        )
+        with self.session(fresh=fresh):
+            result = process.run(
+                self.ssh_argv(argv, fresh=fresh),
+                check=False,
+                input=input,
+                timeout=timeout,
+                error=SshError,
+                what=f"{self.name}: ssh",
+            )
         if result.returncode == 255:
             raise self.connection_error(result)
         if check and not result.ok:
@@ -538,14 +661,25 @@ class Remote:
             )
         return SshError(f"{where}: cannot connect: {result.last_error_line()}")
 
-    def tunnel(self, port: int) -> subprocess.Popen[bytes]:
-        """A byte stream to 127.0.0.1:port as seen from the host, over the master connection."""
+    @contextmanager
+    def tunnel(self, port: int) -> Iterator[subprocess.Popen[bytes]]:
+        """A byte stream to 127.0.0.1:port as seen from the host, over the master connection;
+        killed on leaving, if still open."""
         argv = ["ssh", *self.options(), "-W", f"127.0.0.1:{port}", "--", self.endpoint.address]
-        return subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        with self.session():
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
 
     def disconnect(self) -> None:
+        """Stop the master; return once it is gone (its socket removed), so that whoever
+        takes its place in the budget never overlaps it."""
         if self.control_path.exists():
             subprocess.run(
                 ["ssh", *self.options(), "-O", "exit", "--", self.endpoint.address],
@@ -553,3 +687,6 @@ class Remote:
                 check=False,
                 timeout=10,
             )
+            end = time.monotonic() + 2
+            while self.control_path.exists() and time.monotonic() < end:
+                time.sleep(0.01)

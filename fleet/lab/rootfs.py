@@ -22,9 +22,10 @@ PACKAGES = (
     # packages' own units stay masked too.
     "prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter",
     "prometheus-node-exporter",
+    "nginx-light",  # the binary cache host's (lab up --cache); the package's unit stays masked
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "7"
+LAYOUT_VERSION = "8"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
 # Debian's own units of the balancer's and the monitoring's programs run Debian's
 # configuration; a lab host runs its system's own units of them.
@@ -32,6 +33,7 @@ MASKED = (
     "console-getty.service", "systemd-remount-fs.service", "haproxy.service",
     "prometheus.service", "prometheus-alertmanager.service",
     "prometheus-blackbox-exporter.service", "prometheus-node-exporter.service",
+    "nginx.service",
 )  # fmt: skip
 READY = ".fleet-lab-ready"
 

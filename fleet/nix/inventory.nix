@@ -28,12 +28,16 @@
 #           exporter, the instances of each service with `metrics`, every
 #           HTTP and TCP check of a service) and from `traffic` (the
 #           balancers' HAProxy exporter).
+#   cache:  null, or the fleet's binary cache: { server; port?; publicKey;
+#           directory?; }: the host that serves it over HTTP, and the key it
+#           signs with, which every host trusts.
 {
   hosts,
   deploy ? { },
   services ? { },
   traffic ? null,
   monitoring ? null,
+  cache ? null,
 }:
 let
   checkDefaults = {
@@ -254,6 +258,25 @@ let
       inconclusiveLimit = given "inconclusiveLimit" 0;
     };
 
+  # The binary cache: the tool pushes each new closure to it once, and every host
+  # fetches what it lacks from it over HTTP.
+  normalisedCache =
+    if cache == null || (cache.server or null) == null then
+      null
+    else
+      let
+        inherit (normalisedHosts.${cache.server}) address;
+        port = cache.port or 5080;
+        bracketed = if builtins.match ".*:.*" address != null then "[${address}]" else address;
+      in
+      {
+        host = cache.server;
+        inherit address port;
+        url = "http://${bracketed}:${toString port}";
+        inherit (cache) publicKey;
+        directory = cache.directory or "/var/lib/fleet-cache";
+      };
+
   # attrNames is sorted: the list is in the order of the names.
   analyses = builtins.attrValues (builtins.mapAttrs normaliseAnalysis (deploy.analysis or { }));
 in
@@ -265,6 +288,7 @@ in
   }) services;
   traffic = normalisedTraffic;
   monitoring = normalisedMonitoring;
+  cache = normalisedCache;
   deploy = {
     parallel = 8;
     canary = 1;

@@ -403,7 +403,7 @@ class FakeHost:
 class FakeTransport:
     hosts: dict[str, FakeHost]
 
-    def remote(self, endpoint: Endpoint) -> FakeHost:
+    def remote(self, endpoint: Endpoint, *, pinned: bool = False) -> FakeHost:
         return self.hosts[endpoint.name]
 
 

@@ -116,7 +116,7 @@ def monitor(monkeypatch: pytest.MonkeyPatch) -> Iterator[Monitor]:
 
 
 def run(monkeypatch: pytest.MonkeyPatch, watched: Monitoring | None, *args: str) -> Any:
-    monkeypatch.setattr(flows, "open_session", lambda _flake: session(watched))
+    monkeypatch.setattr(flows, "open_session", lambda _flake, _parallel=None: session(watched))
     return CliRunner().invoke(cli, list(args))
 
 

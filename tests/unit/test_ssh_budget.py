@@ -1,0 +1,103 @@
+"""The transport's bounds: hosts connected at once, and connections set up at once.
+
+Driven through ``Remote.session`` with a stand-in for ssh that creates the control socket
+as a master would, so the budget sees what it sees in a run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fleet.ssh import Endpoint, Remote, SshConfig, Transport
+
+
+class Watch:
+    """Counts masters alive and handshakes in progress, and their peaks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.masters: set[str] = set()
+        self.peak_masters = 0
+        self.shaking = 0
+        self.peak_shaking = 0
+
+    def connect(self, remote: Remote) -> None:
+        """What the first ssh to a host does: a handshake, then its master's socket."""
+        with self.lock:
+            self.shaking += 1
+            self.peak_shaking = max(self.peak_shaking, self.shaking)
+        time.sleep(0.01)
+        with self.lock:
+            self.shaking -= 1
+            self.masters.add(remote.name)
+            self.peak_masters = max(self.peak_masters, len(self.masters))
+        remote.control_path.touch()
+
+    def disconnect(self, remote: Remote) -> None:
+        with self.lock:
+            self.masters.discard(remote.name)
+        remote.control_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
+    seen = Watch()
+    monkeypatch.setattr(Remote, "disconnect", lambda remote: seen.disconnect(remote))
+    return seen
+
+
+def command(watch: Watch, remote: Remote) -> None:
+    """One command on a host, as ``Remote.run`` holds it."""
+    with remote.session():
+        if not Path(remote.control_path).exists():
+            watch.connect(remote)
+        time.sleep(0.002)
+
+
+def test_no_more_hosts_are_connected_at_once_than_the_budget(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=3, max_handshakes=2) as transport:
+        remotes = [transport.remote(Endpoint(f"h{i}", f"192.0.2.{i}")) for i in range(20)]
+        work = [r for r in remotes for _ in range(3)]  # three commands per host
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda r: command(watch, r), work))
+        assert transport.peak_open <= 3
+    assert watch.peak_masters <= 3
+    assert watch.peak_shaking <= 2
+    # Each host connected once per stay in the budget: never two masters for one host.
+    assert all(n >= 1 for n in transport.handshakes.values())
+    assert sum(transport.handshakes.values()) <= len(work)
+
+
+def test_a_host_worked_on_alone_connects_once(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=2) as transport:
+        remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+        with ThreadPoolExecutor(4) as pool:  # its commands at once: one sets the master up
+            list(pool.map(lambda _: command(watch, remote), range(12)))
+        assert transport.handshakes["h1"] == 1
+
+
+def test_pinned_hosts_are_outside_the_budget_and_never_closed(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=1) as transport:
+        balancer = transport.remote(Endpoint("lb", "192.0.2.100"), pinned=True)
+        hosts = [transport.remote(Endpoint(f"h{i}", f"192.0.2.{i}")) for i in range(4)]
+        for host in hosts:
+            command(watch, host)
+            command(watch, balancer)
+        assert transport.handshakes["lb"] == 1
+        assert transport.peak_open == 1
+        assert all(transport.handshakes[h.name] == 1 for h in hosts)
+
+
+def test_a_fresh_connection_is_a_handshake_of_its_own(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=1) as transport:
+        remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+        command(watch, remote)
+        with remote.session(fresh=True):
+            pass
+        assert transport.handshakes["h1"] == 2
+        assert transport.peak_open == 1
