@@ -660,13 +660,19 @@ def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
 @click.option(
     "--monitoring",
     is_flag=True,
-    help="The last host runs Prometheus, Alertmanager and the blackbox exporter, and every "
-    "host the node exporter (a new lab only).",
+    help="The last host (before the cache host) runs Prometheus, Alertmanager and the "
+    "blackbox exporter, and every host the node exporter (a new lab only).",
+)
+@click.option(
+    "--cache",
+    is_flag=True,
+    help="The last host serves the fleet's binary cache with nginx; deploys publish to it "
+    "and the hosts fetch from it (a new lab only).",
 )
 @click.pass_obj
-def lab_up(ctx: Context, count: int | None, balancers: int, monitoring: bool) -> None:
+def lab_up(ctx: Context, count: int | None, balancers: int, monitoring: bool, cache: bool) -> None:
     """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
-    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring)
+    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring, cache)
     _emit(ctx, [asdict(s) for s in states], _state_rows(states))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import alerts, config, events, inventory, nix, secrets, traffic
+from fleet import alerts, cache, config, events, inventory, nix, secrets, traffic
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -262,6 +262,7 @@ def deploy(
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")
         names = [h.name for h in hosts]
+        published = publish(session, transport, reporter, paths.values())
         with events.recording(session.config, release, names) as recorder:
             rollout = Rollout(
                 hosts,
@@ -275,11 +276,33 @@ def deploy(
                 **balancing(session.inventory),
                 events=recorder,
                 **watching(session.inventory),
+                published=published,
             )
             report = rollout.run(paths, names)
             report.extra["ssh"] = transport.figures()
+            if published is not None:
+                report.extra["cache"] = published.as_json()
             recorder.release_end(report)
         return report
+
+
+def publish(
+    session: Session, transport: Transport, reporter: Reporter, paths: Iterable[str]
+) -> cache.Published | None:
+    """Put the closures in the fleet's binary cache, once, before any host needs them."""
+    declared = session.inventory.cache
+    if declared is None:
+        return None
+    server = session.inventory.hosts[declared.host]
+    remote = transport.remote(endpoint(server, session.config.get("sshUser")), pinned=True)
+    reporter.note(f"publishing to the binary cache {declared.url} on {declared.host}")
+    published = cache.publish(declared, remote, list(paths))
+    if published.error is not None:
+        reporter.note(
+            f"binary cache: nothing published ({published.error}); every host gets its "
+            "closure from this machine"
+        )
+    return published
 
 
 def sign(session: Session, paths: Iterable[str]) -> None:

@@ -184,6 +184,18 @@ class Monitoring:
 
 
 @dataclass(frozen=True)
+class Cache:
+    """The fleet's binary cache: a host serving ``directory`` over HTTP at ``url``, whose
+    key (``public_key``) every host trusts. A deploy pushes each new closure to it once
+    and the hosts fetch from it, so the operator's uplink carries one copy, not N."""
+
+    host: str
+    url: str
+    public_key: str
+    directory: str
+
+
+@dataclass(frozen=True)
 class Inventory:
     hosts: Mapping[str, Host]
     deploy: DeployPolicy
@@ -193,6 +205,7 @@ class Inventory:
     traffic: Traffic | None = None
     # None when no host carries the monitoring tag
     monitoring: Monitoring | None = None
+    cache: Cache | None = None
 
     def select(self, selectors: Sequence[str]) -> list[Host]:
         """Hosts matching any selector, in inventory order; no selector means all."""
@@ -443,12 +456,22 @@ def parse(data: Any, source: str) -> Inventory:
         raise InventoryError(
             f"inventory from {source}: deploy.analysis: no monitoring host to ask Prometheus"
         )
+    raw_cache = data.get("cache")
+    cache = None
+    if raw_cache is not None:
+        if raw_cache["host"] not in hosts:
+            raise InventoryError(
+                f"inventory from {source}: cache.host {raw_cache['host']!r} is no host"
+            )
+        cache = Cache(raw_cache["host"], raw_cache["url"], raw_cache["publicKey"],
+                      raw_cache["directory"])  # fmt: skip
     return Inventory(
         hosts=hosts,
         deploy=policy,
         depends_on=depends_on,
         traffic=traffic,
         monitoring=monitoring,
+        cache=cache,
     )
 
 

@@ -77,6 +77,8 @@ class HostReport:
     traffic: str | None = None
     # A fleet-wide revert's own transaction on the host: its phases are "revert-PHASE".
     reverting: bool = False
+    # How the closure came: {"source": "cache" | "operator", ...} (fleet/cache.py).
+    copy: dict[str, Any] | None = None
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message
@@ -93,4 +95,5 @@ class HostReport:
             "recordError": self.record_error,
             "checks": self.checks,
             "traffic": self.traffic,
+            "copy": self.copy,
         }

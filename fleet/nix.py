@@ -131,16 +131,16 @@ SIGNATURE_HINT = (
 )
 
 
-def copy_closure(remote: Remote, path: str) -> None:
-    """Copy a closure to a host through the transport's connection and host-key policy."""
+def copy_closure(remote: Remote, *paths: str) -> None:
+    """Copy closures to a host through the transport's connection and host-key policy."""
     endpoint = remote.endpoint
     try:
         with remote.session():
             process.run(
-                ["nix-copy-closure", "--to", endpoint.address, path],
+                ["nix-copy-closure", "--to", endpoint.address, *paths],
                 env=_env({"NIX_SSHOPTS": remote.nix_sshopts()}),
                 error=NixError,
-                what=f"{remote.name}: copy of {path}",
+                what=f"{remote.name}: copy of {' '.join(paths)}",
             )
     except NixError as exc:
         # "lacks a valid signature" (Nix 2.8), "lacks a signature by a trusted key" (later).

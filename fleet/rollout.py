@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet import analysis, health, nix, testhook, traffic
+from fleet import analysis, health, testhook, traffic
+from fleet.cache import Published, fetch_or_copy
 from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
 from fleet.events import Events
 from fleet.hostops import (
@@ -252,8 +253,11 @@ class Rollout:
         analyses: Sequence[analysis.Analysis] = (),
         monitoring: Monitoring | None = None,
         monitors: Sequence[Host] = (),
+        published: Published | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
+        # What this deploy put in the fleet's binary cache, for the hosts to fetch.
+        self.published = published
         # The balancers in front of the hosts' instances, read (never changed) to see a
         # drain take effect and the instances come back.
         self.traffic = traffic
@@ -330,7 +334,10 @@ class Rollout:
         report.changed = True
         try:
             with self._phase(report, Phase.COPY):
-                nix.copy_closure(ops.remote, path)
+                report.copy = fetch_or_copy(ops, self.published, path)
+            failed = report.copy.get("cacheError")
+            if failed and self.published is not None and self.published.error is None:
+                self.reporter.note(f"{name}: the binary cache failed ({failed}); copied directly")
         except (NixError, SshError) as exc:
             report.fail(HostResult.FAILED, Phase.COPY, f"nothing was changed: {exc}")
             return self._done(report)

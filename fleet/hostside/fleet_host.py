@@ -1813,6 +1813,111 @@ def cmd_probe_tcp(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         raise Failure(Exit.FAILED, f"127.0.0.1:{args.port}: {exc.strerror or exc}") from exc
 
 
+# A binary cache's address as the inventory gives it: the tool passes it, the host asks it.
+CACHE_URL = re.compile(r"http://[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}")
+# A store path's name: Nix's base-32 hash, a dash, a name of Nix's characters.
+STORE_NAME = re.compile(r"[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]{1,211}")
+# A path in the manifest that goes into a store URL (``file://DIR?secret-key=FILE``).
+SAFE_URL_PATH = re.compile(r"/[A-Za-z0-9._/-]*")
+# "these 3 paths will be fetched (0.52 MiB download, 2.01 MiB unpacked):", or "this path
+# will be fetched (...)" (every Nix).
+_WILL_FETCH = re.compile(
+    r"(?:these (\d+) paths|this path) will be fetched \(([0-9.]+) MiB download"
+)
+FETCH_TIMEOUT = 1800.0
+
+
+def store_path_arg(value: str) -> str:
+    """A top-level store path, as Nix prints it: these reach Nix's command line."""
+    name = os.path.basename(value)
+    if (
+        os.path.dirname(value) != STORE_DIR
+        or not STORE_NAME.fullmatch(name)
+        or ".." in value.split("/")
+    ):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a path in {STORE_DIR}")
+    return value
+
+
+def cache_url_arg(value: str) -> str:
+    if not CACHE_URL.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a binary cache's http://HOST:PORT")
+    return value
+
+
+def cmd_fetch(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Substitute a closure from the fleet's binary cache, and say what came from it.
+
+    Only that cache is asked, with a short connect timeout, and a miss is not remembered
+    (a path pushed a moment ago must be found); what it does not hold is the tool's to
+    copy directly, so any failure is reported, never worked around here.
+    """
+    store = tool(NIX_STORE, "nix-store")
+    if run([store, "--check-validity", "--", args.path]).returncode == 0:
+        return {"fetched": 0, "downloadBytes": 0}
+    options = ["--option", "substituters", args.cache,
+               "--option", "narinfo-cache-negative-ttl", "0",
+               "--option", "connect-timeout", "5",
+               "--option", "download-attempts", "1",
+               "--option", "fallback", "false"]  # fmt: skip
+    planned = run([store, "--realise", "--dry-run", *options, "--", args.path], timeout=120)
+    found = _WILL_FETCH.search(planned.stderr)
+    if found is None or "will be built" in planned.stderr or "don't know how" in planned.stderr:
+        # Unreachable, or it lacks part of the closure: the tool copies directly at once.
+        raise Failure(Exit.FAILED, f"from {args.cache}: {last_line(planned.stderr)}")
+    started = now()
+    try:
+        fetched = run([store, "--realise", *options, "--", args.path], timeout=FETCH_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        why = f"no fetch from {args.cache} within {FETCH_TIMEOUT:g} s"
+        raise Failure(Exit.FAILED, why) from exc
+    if fetched.returncode != 0:
+        raise Failure(Exit.FAILED, f"from {args.cache}: {last_line(fetched.stderr)}")
+    return {
+        "fetched": int(found.group(1) or 1),
+        "downloadBytes": round(float(found.group(2)) * 1024 * 1024),
+        "seconds": round(now() - started, 3),
+    }
+
+
+def cmd_publish(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """Add closures of this host's store to the binary cache it serves, signed with its key.
+
+    Where the cache lives and which key signs are the running system's (its manifest's
+    ``cache``), never the caller's: nothing a deploy user passes picks a file root reads.
+    """
+    settings = manifest(str(paths.current_system)).get("cache")
+    if not isinstance(settings, dict):
+        raise Failure(Exit.USAGE, "this host's system serves no binary cache")
+    directory, key = str(settings.get("directory", "")), str(settings.get("secretKeyFile", ""))
+    for value in (directory, key):
+        if not value.startswith("/") or not SAFE_URL_PATH.fullmatch(value):
+            raise Failure(Exit.FAILED, f"the manifest's cache path {value!r} is not usable")
+    if not Path(key).is_file():
+        raise Failure(Exit.FAILED, f"the cache's signing key {key} is missing")
+    store = tool(NIX_STORE, "nix-store")
+    missing = [p for p in args.paths if run([store, "--check-validity", "--", p]).returncode]
+    if missing:
+        raise Failure(Exit.FAILED, f"not in this host's store: {', '.join(missing)}")
+    nix = [tool(NIX, "nix"), "--extra-experimental-features", "nix-command"]
+    if caller_uid() != 0:
+        # The cache's signature makes a path trusted on every host: a deploy user may only
+        # have it put on what a trusted key signed already (check_trusted), closures whole.
+        verify = [*nix, "store", "verify", "--no-contents", "--recursive", "--sigs-needed", "1"]
+        if run([*verify, "--", *args.paths], timeout=600).returncode != 0:
+            raise Failure(
+                Exit.FAILED,
+                "a path is signed by no key this host trusts; a deploy user other than root "
+                "may only publish signed closures",
+            )
+    target = f"file://{directory}?secret-key={key}&compression=zstd"
+    started = now()
+    copied = run([*nix, "copy", "--to", target, "--", *args.paths], timeout=FETCH_TIMEOUT)
+    if copied.returncode != 0:
+        raise Failure(Exit.FAILED, f"nix copy to {directory}: {last_line(copied.stderr)}")
+    return {"published": len(args.paths), "seconds": round(now() - started, 3)}
+
+
 def cmd_version(_paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
     return {"protocol": PROTOCOL}
 
@@ -1898,6 +2003,11 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--query", required=True, help="PromQL")
     query.add_argument("--time", default="", help="evaluation time (RFC 3339 or epoch)")
     query.add_argument("--timeout", type=float, default=5.0)
+    fetch = command("fetch", "substitute a closure from the fleet's binary cache")
+    fetch.add_argument("--cache", required=True, type=cache_url_arg, help="http://HOST:PORT")
+    fetch.add_argument("path", type=store_path_arg)
+    publish = command("publish", "add closures to the binary cache this host serves")
+    publish.add_argument("paths", type=store_path_arg, nargs="+")
     alerts = command("prom-alerts", "the alerts of the Prometheus on 127.0.0.1:PORT")
     alerts.add_argument("--port", required=True, type=port_arg)
     alerts.add_argument("--timeout", type=float, default=5.0)
@@ -1926,6 +2036,8 @@ COMMANDS = {
     "metrics": cmd_metrics,
     "prom-query": cmd_prom_query,
     "prom-alerts": cmd_prom_alerts,
+    "fetch": cmd_fetch,
+    "publish": cmd_publish,
 }
 # The steps that may change what the metrics say: each rewrites them as it ends.
 REFRESHES = ("begin", "activate", "commit", "undo", "reboot", "watch", "recover", "boot",

@@ -33,6 +33,10 @@ MONITORING = {
     "haproxyPort": 8405,
     "scrapeInterval": "2s",
 }
+# The binary cache (lab up --cache): the port of a real fleet's default, and where the
+# cache host keeps the secret key that signs it (its conf folder, /etc/fleet-lab).
+CACHE_PORT = 5080
+CACHE_SECRET_KEY = "/etc/fleet-lab/cache-key"
 # Alertmanager's webhook: a port on the operator machine's address on the lab bridge, where
 # a test (or an operator's `nc -l`) listens for the alerts.
 WEBHOOK_PORT = 9799
@@ -84,7 +88,7 @@ def write_template(lab: Lab) -> None:
     helper = resources.files("fleet.hostside").joinpath("fleet_host.py").read_text()
     _write_if_changed(lab.flake / HOST_HELPER, helper)
     # The generators a real fleet uses.
-    for name in ("inventory.nix", "checked.nix", "haproxy.nix", "prometheus.nix"):
+    for name in ("inventory.nix", "checked.nix", "haproxy.nix", "prometheus.nix", "cache.nix"):
         text = resources.files("fleet").joinpath(f"nix/{name}").read_text()
         _write_if_changed(lab.flake / name, text)
 
@@ -107,7 +111,10 @@ def write(
     host_keys: dict[str, str],
     balancers: list[str] | None = None,
     monitoring: list[str] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> None:
+    """The lab's lab.json: its hosts and their roles; ``cache``: the binary cache's host,
+    port, public key and secret key file (lab up --cache)."""
     write_template(lab)
     balancers = balancers or []
     monitoring = monitoring or []
@@ -123,6 +130,8 @@ def write(
         "monitoring": monitoring,
         **MONITORING,
         "webhook": f"http://{lab.gateway}:{WEBHOOK_PORT}/alerts" if monitoring else None,
+        # The host serving the fleet's binary cache (not lab-web), or null.
+        "cache": cache,
         "hosts": {
             h.name: {
                 "address": h.address,
@@ -130,7 +139,8 @@ def write(
                 "sshUser": "root",
                 "tags": h.tags
                 + (["balancer"] if h.name in balancers else [])
-                + (["monitoring"] if h.name in monitoring else []),
+                + (["monitoring"] if h.name in monitoring else [])
+                + (["cache"] if cache and h.name == cache["server"] else []),
                 "system": nix_system(),
                 "hostKey": host_keys[h.name],
             }

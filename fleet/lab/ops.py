@@ -128,6 +128,16 @@ def _signing_keygen(lab: Lab) -> str:
     return public.read_text().strip()
 
 
+def _cache_keygen(lab: Lab) -> tuple[str, str]:
+    """The binary cache's own key pair (lab up --cache): its secret and public halves."""
+    secret, public = lab.state / "cache-key", lab.state / "cache-key.pub"
+    process.run(
+        ["nix-store", "--generate-binary-cache-key", f"fleet-lab{lab.instance}-cache-1",
+         str(secret), str(public)]
+    )  # fmt: skip
+    return secret.read_text().strip(), public.read_text().strip()
+
+
 def _profile_link(root: Path, path: str) -> None:
     """Generation 1 of the system profile and the boot entry, as an installer leaves them."""
     profiles = root / "nix/var/nix/profiles"
@@ -151,19 +161,47 @@ def _profile_link(root: Path, path: str) -> None:
 
 
 def _create(
-    lab: Lab, hosts: list[LabHost], say: Say, balancers: int = 0, monitoring: bool = False
+    lab: Lab,
+    hosts: list[LabHost],
+    say: Say,
+    balancers: int = 0,
+    monitoring: bool = False,
+    cache: bool = False,
 ) -> None:
     """State, keys, flake and each host's disk with generation 1 installed."""
     lab.state.mkdir(parents=True, exist_ok=True)
     _keygen(lab.identity, f"fleet-lab{lab.instance}")
     public = _signing_keygen(lab)
+    names = [h.name for h in hosts]
+    # From the end: the cache host, the monitoring host, the balancers.
+    cached = names[-1] if cache else None
+    rest = names[:-1] if cache else names
+    watchers = rest[-1:] if monitoring else []
+    served = rest[: len(rest) - len(watchers)]
+    settings: dict[str, object] | None = None
+    nix_conf = f"trusted-public-keys = {public}\n"
+    if cached is not None:
+        cache_secret, cache_public = _cache_keygen(lab)
+        address = next(h.address for h in hosts if h.name == cached)
+        settings = {"server": cached, "port": flake.CACHE_PORT, "publicKey": cache_public,
+                    "secretKeyFile": flake.CACHE_SECRET_KEY}  # fmt: skip
+        # As the host module sets every host's Nix: the cache first, its key trusted.
+        nix_conf = (
+            f"trusted-public-keys = {public} {cache_public}\n"
+            f"substituters = http://{address}:{flake.CACHE_PORT}\n"
+            "narinfo-cache-negative-ttl = 0\n"
+        )
     keys = {}
     for host in hosts:
         ssh_dir = lab.host_dir(host) / "ssh"
         ssh_dir.mkdir(parents=True)
         conf = lab.host_dir(host) / "conf"
         conf.mkdir()
-        (conf / "nix.conf").write_text(f"trusted-public-keys = {public}\n")
+        (conf / "nix.conf").write_text(nix_conf)
+        if host.name == cached:
+            secret = conf / Path(flake.CACHE_SECRET_KEY).name
+            secret.touch(mode=0o600)
+            secret.write_text(cache_secret)
         keys[host.name] = _keygen(ssh_dir / "ssh_host_ed25519_key", host.name)
         shutil.copy(lab.identity.with_suffix(".pub"), ssh_dir / "authorized_keys")
         root = lab.host_root(host)
@@ -181,10 +219,7 @@ def _create(
         )
         for folder in ("nix", "boot", "var-fleet"):
             (root / folder).mkdir()
-    names = [h.name for h in hosts]
-    watchers = names[-1:] if monitoring else []
-    served = names[: len(names) - len(watchers)]
-    flake.write(lab, hosts, keys, served[len(served) - balancers :], watchers)
+    flake.write(lab, hosts, keys, served[len(served) - balancers :], watchers, settings)
     lab.known_hosts.write_text("".join(f"{h.address} {keys[h.name]}\n" for h in hosts))
     say(f"building generation 1 for {len(hosts)} hosts")
     try:
@@ -333,21 +368,27 @@ def _stale(lab: Lab, hosts: list[LabHost]) -> bool:
 
 
 def up(
-    lab: Lab, count: int | None, say: Say, balancers: int = 0, monitoring: bool = False
+    lab: Lab,
+    count: int | None,
+    say: Say,
+    balancers: int = 0,
+    monitoring: bool = False,
+    cache: bool = False,
 ) -> list[HostState]:
     """``balancers``: how many of the hosts run HAProxy in front of the others' lab-web,
-    instead of lab-web; ``monitoring``: the last host runs Prometheus, Alertmanager and
-    the blackbox exporter instead (the balancers are the ones before it)."""
+    instead of lab-web; ``monitoring``: a host runs Prometheus, Alertmanager and the
+    blackbox exporter instead; ``cache``: the last host serves the fleet's binary cache
+    instead (the monitoring host is the one before it, the balancers before those)."""
     require_root("fleet lab up")
     if count is not None and not 1 <= count <= MAX_HOSTS:
         raise UsageError(f"--hosts {count}: expected 1 to {MAX_HOSTS}")
-    if (balancers or monitoring) and count is None:
-        raise UsageError("--balancers and --monitoring need --hosts")
-    served = (count or 0) - monitoring  # hosts other than the monitoring host
-    if monitoring and served < 1:
-        raise UsageError("--monitoring needs --hosts 2 or more: a host to watch and its monitor")
+    if (balancers or monitoring or cache) and count is None:
+        raise UsageError("--balancers, --monitoring and --cache need --hosts")
+    served = (count or 0) - monitoring - cache  # hosts that run lab-web or HAProxy
+    if (monitoring or cache) and served < 1:
+        raise UsageError("--monitoring and --cache need a host besides theirs: raise --hosts")
     if balancers and not 0 < balancers < served:
-        extra = " less the monitoring host" if monitoring else ""
+        extra = " less the monitoring and cache hosts" if monitoring or cache else ""
         raise UsageError(f"--balancers {balancers}: expected fewer than --hosts{extra}")
     _require_tools()
     with _locked(lab):
@@ -365,7 +406,7 @@ def up(
         image = rootfs.ensure(lab.cache, say)
         try:
             if existing is None:
-                _create(lab, hosts, say, balancers, monitoring)
+                _create(lab, hosts, say, balancers, monitoring, cache)
             else:
                 flake.write_template(lab)  # the next systems carry this package's programs
             network.ensure_bridge(lab)

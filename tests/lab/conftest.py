@@ -1,6 +1,6 @@
 import pytest
 
-from tests.lab.fleetrun import assert_safe, set_release
+from tests.lab.fleetrun import assert_safe, run_fleet, set_release
 
 
 @pytest.fixture()
@@ -9,4 +9,16 @@ def safety_check(lab):
     assert_safe(lab)
     yield
     set_release(lab, "0")
+    assert_safe(lab)
+
+
+@pytest.fixture()
+def safe(lab):
+    """The invariant before and after a test of a module's own lab, which then goes back to
+    release "0" through a deploy (the next test starts where every host began)."""
+    assert_safe(lab)
+    yield
+    set_release(lab, "0")
+    code, _, err = run_fleet(lab, "deploy")
+    assert code == 0, err
     assert_safe(lab)

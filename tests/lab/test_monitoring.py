@@ -50,16 +50,6 @@ def lab() -> Iterator[Lab]:
         yield instance
 
 
-@pytest.fixture()
-def safe(lab: Lab) -> Iterator[None]:
-    assert_safe(lab)
-    yield
-    set_release(lab, "0")
-    code, _, err = run_fleet(lab, "deploy")
-    assert code == 0, err
-    assert_safe(lab)
-
-
 def query(lab: Lab, promql: str) -> list[dict[str, Any]]:
     """The instant vector Prometheus answers, asked through the monitoring host's ssh."""
     argv = ["exec", MONITOR, "--", FLEET_HOST, "prom-query", "--port", "9090", "--query", promql]

@@ -43,16 +43,6 @@ def lab() -> Iterator[Lab]:
         yield instance
 
 
-@pytest.fixture()
-def safe(lab: Lab) -> Iterator[None]:
-    assert_safe(lab)
-    yield
-    set_release(lab, "0")
-    code, _, err = run_fleet(lab, "deploy")
-    assert code == 0, err
-    assert_safe(lab)
-
-
 def clients(lab: Lab) -> Clients:
     address = lab.hosts(5)[4].address
     return Clients(lab, address, flake.INGRESS_PORT, threads=4, max_seconds=240)

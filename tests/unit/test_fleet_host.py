@@ -1147,3 +1147,90 @@ def test_a_step_parses_only_the_records_added_since_the_last(
     assert fh.releases(paths).last == {"release": "r1", "action": "deploy", "result": "deployed",
                                         "time": "2026-11-25T00:00:00+00:00"}  # fmt: skip
     assert parsed == [record_line(1).rstrip("\n")]
+
+
+# The binary cache's two commands: what reaches Nix's command line, and who may sign.
+FAKE_NIX_STORE = """#!/bin/sh
+echo "nix-store $*" >> "$FLEET_HOST_ROOT/calls"
+for last; do :; done
+case "$*" in
+  *--check-validity*) [ -e "$last" ] ;;
+  *--dry-run*) echo "${DRY_RUN:-}" >&2 ;;
+  *) echo "$last" ;;
+esac
+"""
+HASHED = "0" * 32
+
+
+@pytest.fixture()
+def cache_host(host: Path) -> dict[str, str]:
+    """A host whose running system serves a binary cache, with a store of hashed names."""
+    _script(host.parent / "bin/nix", FAKE_NIX)
+    _script(host.parent / "bin/nix-store", FAKE_NIX_STORE)
+    key = host / "cache-key"
+    key.write_text("fleet-cache-1:secret")
+    manifest = {"cache": {"directory": str(host / "cache"), "secretKeyFile": str(key)}}
+    (host / "store/sys-a/etc/fleet").mkdir(parents=True)
+    (host / "store/sys-a/etc/fleet/manifest.json").write_text(json.dumps(manifest))
+    (host / "store" / f"{HASHED}-system").mkdir()
+    return {"NIX_STORE_DIR": str(host / "store")}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fetch", "--cache", "http://192.0.2.1:5080", "/etc/passwd"],
+        ["fetch", "--cache", "http://192.0.2.1:5080", "--option"],
+        ["fetch", "--cache", "http://192.0.2.1:5080", "STORE/../../etc/shadow"],
+        ["fetch", "--cache", "http://192.0.2.1:5080", "STORE/short-name"],
+        ["fetch", "--cache", "http://192.0.2.1:5080", f"STORE/{HASHED}-a b"],
+        ["fetch", "--cache", "file:///etc", f"STORE/{HASHED}-system"],
+        ["fetch", "--cache", "http://192.0.2.1:5080/x?secret-key=/etc/k", f"STORE/{HASHED}-s"],
+        ["fetch", "--cache", "http://a b:1", f"STORE/{HASHED}-system"],
+        ["publish", "--", "--to"],
+        ["publish", f"STORE/{HASHED}-system", "/root/.ssh/id_ed25519"],
+    ],
+)
+def test_the_cache_commands_take_store_paths_and_cache_urls_only(
+    host: Path, cache_host: dict[str, str], args: list[str]
+) -> None:
+    store = cache_host["NIX_STORE_DIR"]
+    code, _ = helper(host, *(a.replace("STORE", store) for a in args), env=cache_host)
+    assert code == fh.Exit.USAGE
+    assert not (host / "calls").exists()  # nothing reached Nix
+
+
+def test_publish_needs_a_system_that_serves_a_cache(host: Path, cache_host) -> None:
+    (host / "store/sys-a/etc/fleet/manifest.json").write_text("{}")
+    path = f"{cache_host['NIX_STORE_DIR']}/{HASHED}-system"
+    code, out = helper(host, "publish", path, env=cache_host)
+    assert code == fh.Exit.USAGE and "serves no binary cache" in out["error"]
+
+
+def test_a_deploy_user_may_not_have_an_unsigned_closure_signed_by_the_cache(
+    host: Path, cache_host: dict[str, str]
+) -> None:
+    """The cache's signature is trusted by every host: it must never launder a path."""
+    path = f"{cache_host['NIX_STORE_DIR']}/{HASHED}-system"
+    env = cache_host | {"SUDO_UID": "1500", "SUDO_USER": "deploy"}
+    code, out = helper(host, "publish", path, env=env)
+    assert code == fh.Exit.FAILED and "signed by no key this host trusts" in out["error"]
+    assert "nix copy" not in (host / "calls").read_text()
+    Path(path, "signed").touch()
+    code, out = helper(host, "publish", path, env=env)
+    assert code == 0 and out["published"] == 1, out
+    calls = (host / "calls").read_text()
+    assert f"copy --to file://{host / 'cache'}?secret-key={host / 'cache-key'}" in calls
+
+
+def test_fetch_gives_up_at_once_when_the_cache_lacks_the_closure(
+    host: Path, cache_host: dict[str, str]
+) -> None:
+    path = f"{cache_host['NIX_STORE_DIR']}/{HASHED}-missing"
+    env = cache_host | {"DRY_RUN": "don't know how to build these paths:"}
+    code, out = helper(host, "fetch", "--cache", "http://192.0.2.1:5080", path, env=env)
+    assert code == fh.Exit.FAILED and "192.0.2.1:5080" in out["error"]
+    assert "--realise --option" not in (host / "calls").read_text()  # only the dry run
+    env["DRY_RUN"] = "this path will be fetched (0.50 MiB download, 1.00 MiB unpacked):"
+    code, out = helper(host, "fetch", "--cache", "http://192.0.2.1:5080", path, env=env)
+    assert code == 0 and out["fetched"] == 1 and out["downloadBytes"] == 524288, out

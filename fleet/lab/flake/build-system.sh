@@ -34,6 +34,7 @@ fi
 # user, from where fleet-host delivers it; the manifest says so, as on NixOS.
 secretUnit=
 secretManifest=
+cacheManifest=
 if [ -n "$extra" ]; then
   brokenArgs="$brokenArgs --extra-port $((port + 1))"
 fi
@@ -61,6 +62,25 @@ ExecReload=/bin/kill -USR2 \$MAINPID
 Restart=always
 UNIT
   serviceManifest='"haproxy": {"unit": "fleet-haproxy.service"}'
+elif [ -n "$cacheConfig" ]; then
+  # The binary cache host: Debian's nginx serving what `fleet-host publish` writes, with
+  # the configuration the fleet's generator made.
+  mkdir -p "$out/etc/fleet-cache"
+  printf '%s\n' "$cacheConfig" > "$out/etc/fleet-cache/nginx.conf"
+  cat > "$out/etc/systemd/system/fleet-cache.service" <<UNIT
+[Unit]
+Description=nginx, the lab's binary cache
+After=network.target
+
+[Service]
+RuntimeDirectory=fleet-cache
+StateDirectory=fleet-cache
+StateDirectoryMode=0755
+ExecStartPre=/usr/sbin/nginx -t -q -c $out/etc/fleet-cache/nginx.conf
+ExecStart=/usr/sbin/nginx -c $out/etc/fleet-cache/nginx.conf -g 'daemon off;'
+UNIT
+  serviceManifest='"binary-cache": {"unit": "fleet-cache.service"}'
+  cacheManifest=", \"cache\": $cacheSettings"
 elif [ -n "$prometheusConfig" ]; then
   # The monitoring host: Debian's Prometheus, Alertmanager and blackbox exporter with
   # the files the fleet's generator made, on loopback (the tool comes through ssh).
@@ -196,5 +216,5 @@ cat > "$out/etc/fleet/manifest.json" <<MANIFEST
 {"manifestVersion": 1, "host": "$hostName",
  "services": {$serviceManifest},
  "secrets": [$secretManifest],
- "checks": $checksJSON}
+ "checks": $checksJSON$cacheManifest}
 MANIFEST

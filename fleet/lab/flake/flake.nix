@@ -44,9 +44,29 @@
       # the node exporter.
       watchers = lab.monitoring or [ ];
       isWatcher = name: builtins.elem name watchers;
-      apps = builtins.filter (name: !isBalancer name && !isWatcher name) (
+      # The binary cache host runs nginx serving the fleet's binary cache (not lab-web).
+      cacheHost = lab.cache.server or null;
+      isCache = name: name == cacheHost;
+      apps = builtins.filter (name: !isBalancer name && !isWatcher name && !isCache name) (
         builtins.attrNames lab.hosts
       );
+      cache =
+        if cacheHost == null then
+          null
+        else
+          {
+            inherit (lab.cache) server port publicKey;
+          };
+      # A cache host is proven by nginx accepting connections.
+      cacheCheck = {
+        name = "lab-cache";
+        service = "binary-cache";
+        type = "tcp";
+        port = lab.cache.port;
+        timeout = 1;
+        interval = 0.2;
+        retries = 25;
+      };
       monitoring =
         if watchers == [ ] then
           null
@@ -126,12 +146,14 @@
           [ balancerCheck ]
         else if isWatcher name then
           [ monitoringCheck ]
+        else if isCache name then
+          [ cacheCheck ]
         else
           checks;
     in
     {
       fleet = import ./inventory.nix {
-        inherit traffic monitoring;
+        inherit traffic monitoring cache;
         hosts = builtins.mapAttrs (
           name: host:
           host
@@ -145,6 +167,8 @@
                   "alertmanager"
                   "blackbox"
                 ]
+              else if isCache name then
+                [ "binary-cache" ]
               else
                 [ "lab-web" ] ++ (if release.extra or null != null then [ "lab-extra" ] else [ ]);
             checks = checksOf name;
@@ -185,6 +209,19 @@
                   broken = null;
                 };
                 inherit haproxyConfig;
+              }
+            else if isCache name then
+              {
+                release = {
+                  version = "cache";
+                  broken = null;
+                };
+                haproxyConfig = "";
+                cacheConfig = (import ./cache.nix { inherit (self.fleet) cache; }).nginx;
+                cacheSettings = {
+                  inherit (self.fleet.cache) directory;
+                  inherit (lab.cache) secretKeyFile;
+                };
               }
             else if isWatcher name then
               {

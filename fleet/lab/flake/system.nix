@@ -13,6 +13,10 @@
   # The monitoring host's: the generator's files and the ports they listen on.
   monitoringFiles ? null,
   monitoringPorts ? { },
+  # The binary cache host's: the generator's nginx configuration, and where the cache
+  # and its signing key are (for its manifest).
+  cacheConfig ? "",
+  cacheSettings ? null,
 }:
 derivation {
   name = "lab-system-${name}-${release.version}";
@@ -41,6 +45,8 @@ derivation {
   prometheusPort = toString (monitoringPorts.prometheusPort or 0);
   alertmanagerPort = toString (monitoringPorts.alertmanagerPort or 0);
   blackboxPort = toString (monitoringPorts.blackboxPort or 0);
+  inherit cacheConfig;
+  cacheSettings = builtins.toJSON cacheSettings;
   startDelay = toString (release.startDelay or 0);
   healthyAfter = toString (release.healthyAfter or 0);
   sickAfter = toString (release.sickAfter or 0);
