@@ -190,6 +190,11 @@ def rollout_options(command: F) -> F:
     "for emergencies.",
 )
 @click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Copy every closure from this machine, even when the fleet has a binary cache.",
+)
+@click.option(
     "--order",
     type=click.Choice([o.value for o in Order]),
     help="Waves by dependencies (default: a dependency's hosts before its dependents') "

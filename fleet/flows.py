@@ -157,6 +157,7 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         canary_weight=overrides.get("canary_weight"),
         canary_hold=float(overrides.get("canary_hold") or 30),
         skip_analysis=bool(overrides.get("skip_analysis", False)),
+        use_cache=not overrides.get("no_cache", False),
     )
 
 
@@ -262,7 +263,9 @@ def deploy(
         release = Release.new("deploy", session.flake, revision(session.flake))
         reporter.note(f"release {release.id}")
         names = [h.name for h in hosts]
-        published = publish(session, transport, reporter, paths.values())
+        published = None
+        if options.use_cache:
+            published = publish(session, transport, reporter, paths.values())
         with events.recording(session.config, release, names) as recorder:
             rollout = Rollout(
                 hosts,

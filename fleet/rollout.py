@@ -85,6 +85,7 @@ class DeployOptions:
     canary_weight: int | None = None
     canary_hold: float = 30.0
     skip_analysis: bool = False  # an emergency: no canary analysis
+    use_cache: bool = True  # publish to the fleet's binary cache and fetch from it
 
     @property
     def mode(self) -> str:

@@ -195,6 +195,9 @@ class LabRelease:
     extra: str | None = None
     healthy_after: float = 0.0  # lab-web answers 503 on /health this long after it starts
     sick_after: float = 0.0  # lab-web fails /health and /version from this long after (0: never)
+    # MiB of incompressible data every app host's system of this release shares, as the
+    # packages of a real release are shared: what a binary cache saves the operator.
+    payload_mib: int = 0
 
     def validate(self) -> None:
         if not _VERSION.match(self.version):
@@ -211,6 +214,8 @@ class LabRelease:
             raise UsageError(f"extra {self.extra!r}: expected passing or failing")
         if not 0 <= self.sick_after <= 600:
             raise UsageError(f"sick after {self.sick_after:g} s: expected 0 to 600 seconds")
+        if not 0 <= self.payload_mib <= 1024:
+            raise UsageError(f"payload {self.payload_mib} MiB: expected 0 to 1024")
         if not 0 <= self.start_delay <= 60:
             raise UsageError(f"--start-delay {self.start_delay:g}: expected 0 to 60 seconds")
 
@@ -226,6 +231,7 @@ def set_release(lab: Lab, release: LabRelease) -> None:
         "extra": release.extra,
         "healthyAfter": release.healthy_after,
         "sickAfter": release.sick_after,
+        "payloadMiB": release.payload_mib,
     })  # fmt: skip
     (lab.flake / "release.json").write_text(text + "\n")
 

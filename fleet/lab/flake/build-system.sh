@@ -15,6 +15,9 @@ cp "$webScript" "$out/bin/lab-web"
 { echo '#!/usr/bin/python3'; sed '1{/^#!/d}' "$hostHelper"; } > "$out/sw/bin/fleet-host"
 chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web" "$out/sw/bin/fleet-host"
 printf '%s\n' "$releaseVersion" > "$out/nixos-version"
+if [ -n "$payload" ]; then
+  ln -s "$payload" "$out/payload"
+fi
 printf '%s\n' "$hostName" > "$out/hostname"
 
 brokenArgs=" --start-delay $startDelay --healthy-after $healthyAfter --sick-after $sickAfter"

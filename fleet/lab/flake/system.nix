@@ -47,6 +47,21 @@ derivation {
   blackboxPort = toString (monitoringPorts.blackboxPort or 0);
   inherit cacheConfig;
   cacheSettings = builtins.toJSON cacheSettings;
+  # What every app host of the release shares (a package, as it were), when it has any.
+  payload =
+    if release.payloadMiB or 0 == 0 then
+      ""
+    else
+      derivation {
+        name = "lab-payload-${release.version}";
+        inherit system;
+        builder = "/bin/sh";
+        args = [
+          "-c"
+          "head -c ${toString (release.payloadMiB * 1048576)} /dev/urandom > $out"
+        ];
+        PATH = "/usr/bin:/bin";
+      };
   startDelay = toString (release.startDelay or 0);
   healthyAfter = toString (release.healthyAfter or 0);
   sickAfter = toString (release.sickAfter or 0);
