@@ -222,6 +222,18 @@ let
     service.metrics != null
     || (service.healthCheck != null && elem service.healthCheck.type probedTypes);
 
+  # The binary cache: every host substitutes from it first; the cache host
+  # runs nginx serving its folder, open to the fleet's hosts only.
+  inherit (cfg) cache;
+  inherit (cache) serve;
+  cacheFiles = fleetLib.cacheConfig { cache = serve; };
+  cacheDefaults = fleetLib.defaults.cache;
+  usesCache = cache.url != null;
+  # The secret key's folder is the module's only at its default path:
+  # another is its secret manager's (agenix, sops-nix) or the operator's.
+  ownKeyFolder = cache.secretKeyFile == cacheDefaults.secretKeyFile;
+  storeKey = lib.hasPrefix "${builtins.storeDir}/" cache.secretKeyFile;
+
   # The balancers reach the instances of what they balance (traffic and
   # checks), the monitoring hosts those of what they watch, whatever
   # `allowFrom` says.
@@ -262,6 +274,11 @@ let
       what = "fleet haproxy metrics";
       ports = [ haproxyMetricsPort ];
       sources = monitorSources;
+    }
+    ++ optional (serve != null) {
+      what = "fleet binary cache";
+      ports = [ serve.port ];
+      sources = fleetSources;
     };
 
   # iptables (networking.firewall.extraCommands): rules appended to NixOS's
@@ -400,7 +417,7 @@ in
     };
 
     trustedPublicKeys = mkOption {
-      type = types.listOf (types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/=]+");
+      type = types.listOf (types.strMatching fleetLib.publicKeyPattern);
       default = [ ];
       example = [ "fleet-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=" ];
       description = ''
@@ -516,6 +533,53 @@ in
       };
     };
 
+    cache = {
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "http://192.0.2.51:5080";
+        description = ''
+          The fleet's binary cache, which this host substitutes from before
+          any other substituter (Nix's `substituters`), trusting
+          {option}`fleet.cache.publicKey`; null when the fleet has none.
+        '';
+      };
+      publicKey = mkOption {
+        type = types.nullOr (types.strMatching fleetLib.publicKeyPattern);
+        default = null;
+        example = "fleet-cache-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=";
+        description = ''
+          The key the cache signs its paths with (`NAME:BASE64`, as
+          `nix-store --generate-binary-cache-key` writes it), added to Nix's
+          `trusted-public-keys`. Required with {option}`fleet.cache.url` or
+          {option}`fleet.cache.serve`.
+        '';
+      };
+      secretKeyFile = mkOption {
+        type = types.str;
+        default = cacheDefaults.secretKeyFile;
+        description = ''
+          On the cache host, where the secret half of the cache's key is:
+          `fleet-host publish` signs with it. It is delivered out of band,
+          never through the Nix store. The module makes the default's
+          folder, root-only; another path's folder is left to what puts the
+          key there.
+        '';
+      };
+      serve = mkOption {
+        type = types.nullOr types.attrs;
+        default = null;
+        description = ''
+          When this host serves the fleet's binary cache, the fleet's cache
+          as the inventory has it (`cache`, docs/inventory.md): the host runs
+          nginx (`services.nginx`) with the server fleet/nix/cache.nix makes
+          of it, serving `directory` read-only on `port`, open to
+          {option}`fleet.fleetAddresses` only, and its manifest tells
+          `fleet-host publish` the folder and the key. Null on other hosts.
+        '';
+      };
+    };
+
     manifest = mkOption {
       type = types.raw;
       readOnly = true;
@@ -558,6 +622,15 @@ in
       }) cfg.services;
       checks = filter (c: c != null) (mapAttrsToList fleetLib.checkOf cfg.services);
       inherit secrets;
+      # What `fleet-host publish` writes to and signs with, on the cache host.
+      cache =
+        if serve == null then
+          null
+        else
+          {
+            inherit (serve) directory;
+            inherit (cache) secretKeyFile;
+          };
     };
 
     environment.etc."fleet/manifest.json".text = builtins.toJSON cfg.manifest;
@@ -641,7 +714,13 @@ in
     # The secrets the fleet tool uploads, root-only.
     ++ optional (any (s: s.upload) secrets) "d ${fleetLib.secretsDir} 0700 root root - -"
     # The deploy state for the node exporter, which reads it as a user of its own.
-    ++ optional monitoring.enable "d ${metricsDir} 0755 root root - -";
+    ++ optional monitoring.enable "d ${metricsDir} 0755 root root - -"
+    # The binary cache: written by root (`fleet-host publish`), read by nginx;
+    # the secret key's folder, root-only.
+    ++ lib.optionals (serve != null) (
+      [ "d ${serve.directory} 0755 root root - -" ]
+      ++ optional ownKeyFolder "d ${dirOf cache.secretKeyFile} 0700 root root - -"
+    );
 
     # The services' ports, open to their sources only (sshd's port is the
     # openssh module's). The nftables firewall refuses extraCommands.
@@ -665,6 +744,11 @@ in
         "fleet: host ${cfg.hostName}: the fleet agent's port is open to the balancers, but the firewall cannot match DNS names ("
         + concatStringsSep ", " unmatchedBalancers
         + "): those balancers cannot ask it, and keep this host's instances in rotation while a deploy changes them; declare the balancers by IP address."
+      )
+      ++ optional (serve != null && unmatchedHosts != [ ]) (
+        "fleet: host ${cfg.hostName}: the binary cache's port is open to the fleet's hosts, but the firewall cannot match DNS names ("
+        + concatStringsSep ", " unmatchedHosts
+        + "): those hosts cannot fetch from the cache, and every deploy copies their closures from the operator's machine; declare them by IP address."
       )
       ++ optional (monitoring.enable && unmatchedMonitors != [ ]) (
         "fleet: host ${cfg.hostName}: the node exporter's port is open to the monitoring hosts, but the firewall cannot match DNS names ("
@@ -718,6 +802,15 @@ in
       })
     ];
 
+    # The binary cache host: nginx serving the cache's folder, read-only.
+    services.nginx = mkIf (serve != null) {
+      enable = true;
+      appendHttpConfig = cacheFiles.server;
+      # No `localhost` virtual host, nixpkgs' default: it would listen on
+      # port 80, which may be a balancer's frontend.
+      virtualHosts = mkDefault { };
+    };
+
     # The fleet agent: the balancers ask it, once a second per instance,
     # whether to keep this host's instance of a service in rotation ("ready
     # 100%", "ready NN%" or "drain", from the deploy's state under /run/fleet
@@ -764,6 +857,27 @@ in
     # The deploy user is not a trusted Nix user: what it copies must be signed.
     nix.settings.extra-trusted-public-keys = mkIf (cfg.trustedPublicKeys != [ ]) cfg.trustedPublicKeys;
 
+    # The binary cache, before any other substituter, and the key it signs
+    # with.
+    nix.settings.substituters = mkIf usesCache (lib.mkBefore [ cache.url ]);
+    nix.settings.trusted-public-keys = mkIf usesCache (
+      optional (cache.publicKey != null) cache.publicKey
+    );
+    # A deploy pushes a closure before the hosts fetch it, but a host may
+    # have asked the cache for a path before it was there (an earlier push
+    # failed, or was cut): with Nix's default (3600 s) it would believe the
+    # miss for an hour, and every deploy in that hour would copy the path
+    # from the operator's machine. 0 asks again each time; Nix has no such
+    # setting per substituter, so it holds for every one, at the cost of one
+    # request per missing path and substituter when a path is wanted.
+    nix.settings.narinfo-cache-negative-ttl = mkIf usesCache (mkDefault 0);
+    # A cache host that is down must not hold a deploy for minutes: with
+    # Nix's default (0, no limit of its own) a connection to a host that
+    # does not answer waits until the kernel gives up, about two minutes,
+    # and Nix tries again. A connection to a host of the fleet, or to a
+    # public cache, opens well within 5 s.
+    nix.settings.connect-timeout = mkIf usesCache (mkDefault 5);
+
     # One program, at a path only root can change: the running system's
     # fleet-host, which checks what it is asked to switch to (docs/security.md).
     security.sudo.extraRules = optional (!isRoot) {
@@ -801,6 +915,14 @@ in
       {
         assertion = secretProblems == [ ];
         message = concatStringsSep "\n" secretProblems;
+      }
+      {
+        assertion = (usesCache || serve != null) -> cache.publicKey != null;
+        message = "fleet: host ${cfg.hostName}: the fleet has a binary cache, but fleet.cache.publicKey is not set, and Nix refuses every path the cache offers without a trusted signature: set cache.publicKey in the fleet's declaration to the public half of the cache's key (`nix-store --generate-binary-cache-key NAME secret public` writes it to `public`).";
+      }
+      {
+        assertion = serve != null -> !storeKey;
+        message = "fleet: host ${cfg.hostName}: fleet.cache.secretKeyFile is ${builtins.toJSON cache.secretKeyFile}, in the Nix store, which every user of the host can read: never build the cache's secret key into a system; deliver it to the host out of band and set cache.secretKeyFile to its path there (a string, not a Nix path).";
       }
       {
         assertion = duplicatePorts == [ ];

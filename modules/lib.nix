@@ -32,6 +32,10 @@ let
   # blackbox exporter configurations, from the inventory's `monitoring`.
   prometheusConfig = import ../fleet/nix/prometheus.nix;
 
+  # The one generator of the binary cache's nginx configuration, from the
+  # inventory's `cache`.
+  cacheConfig = import ../fleet/nix/cache.nix;
+
   # The producer fills defaults; read them back from it so that no option
   # below restates them.
   probe = produceInventory {
@@ -52,6 +56,10 @@ let
       metrics.probe.port = 1;
     };
     deploy.analysis.probe.query = "probe";
+    cache = {
+      server = "probe";
+      publicKey = "probe:AA==";
+    };
   };
 
   primaryPort = service: if service.ports == [ ] then null else head service.ports;
@@ -155,6 +163,7 @@ in
     produceInventory
     haproxyConfig
     prometheusConfig
+    cacheConfig
     primaryPort
     isIPv4
     isIPv6
@@ -265,7 +274,20 @@ in
     metrics = {
       inherit (probe.monitoring.services.probe.metrics.probe) path;
     };
+    cache = {
+      hostTag = "cache";
+      inherit (probe.cache) port directory;
+      # A folder of its own, root-only, that the host module makes.
+      secretKeyFile = "/var/lib/fleet-cache-key/secret";
+    };
   };
+
+  # A key as `nix-store --generate-binary-cache-key` writes it: `NAME:BASE64`.
+  publicKeyPattern = "[^:[:space:]]+:[A-Za-z0-9+/=]+";
+
+  # A path on a host that nginx's `root`, a tmpfiles line and a Nix store URL
+  # take as it is: absolute, of letters, digits, `_`, `.`, `-` and `/`.
+  plainPathPattern = "(/[A-Za-z0-9_.-]+)+";
 
   # Where Alertmanager posts: an http(s) URL of the characters RFC 3986
   # allows, but `$`, which NixOS's alertmanager module would substitute from

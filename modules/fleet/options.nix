@@ -11,6 +11,7 @@ let
     traffic
     monitoring
     analysis
+    cache
     ;
 
   name = types.strMatching fleetLib.namePattern;
@@ -381,6 +382,61 @@ in
         description = ''
           How often Prometheus scrapes every target and evaluates the rules:
           a number and a unit (ms, s, m or h).
+        '';
+      };
+    };
+
+    cache = {
+      hostTag = mkOption {
+        type = name;
+        default = cache.hostTag;
+        description = ''
+          The host with this tag serves the fleet's binary cache: nginx on
+          `port`, serving `directory` read-only, open to the fleet's hosts
+          only. A deploy pushes each new closure to it once, signed with
+          the cache's key, and every host fetches what it lacks from it
+          before asking anywhere else; a host the cache cannot serve gets
+          its closure copied by the fleet tool, as without a cache. At most
+          one host carries the tag; with none, the fleet has no cache.
+        '';
+      };
+      port = mkOption {
+        type = types.port;
+        default = cache.port;
+        description = "Port of the cache's nginx on its host, open to the fleet's hosts' addresses only.";
+      };
+      publicKey = mkOption {
+        type = types.nullOr (types.strMatching fleetLib.publicKeyPattern);
+        default = null;
+        example = "fleet-cache-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=";
+        description = ''
+          The public half of the cache's signing key, `NAME:BASE64`, as
+          `nix-store --generate-binary-cache-key NAME secret public` writes
+          it to `public`. Every host trusts the paths it signs (Nix's
+          `trusted-public-keys`). Required when a host carries `hostTag`.
+        '';
+      };
+      secretKeyFile = mkOption {
+        type = types.str;
+        default = cache.secretKeyFile;
+        example = "/run/agenix/fleet-cache-key";
+        description = ''
+          Path, on the cache host, of the secret half of the key (the
+          `secret` file of `nix-store --generate-binary-cache-key`), which
+          signs what the host publishes. It is delivered to the host out of
+          band (docs/cache.md), and never through the Nix store, which every
+          user of every host reads: a path on the host, as a string, never
+          a Nix path. The host module makes the default's folder, root-only;
+          another path's folder is its secret manager's.
+        '';
+      };
+      directory = mkOption {
+        type = types.strMatching fleetLib.plainPathPattern;
+        default = cache.directory;
+        description = ''
+          Folder on the cache host that holds the cache (what `nix copy --to
+          file://` writes), served read-only by nginx; an absolute path of
+          letters, digits, `_`, `.`, `-` and `/`.
         '';
       };
     };

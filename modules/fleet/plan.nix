@@ -131,6 +131,17 @@ let
         );
       };
 
+  # The binary cache: the host tagged cache.hostTag serves it; a fleet has
+  # one at most.
+  cacheHosts = filter (h: elem cfg.cache.hostTag cfg.hosts.${h}.tags) hostNames;
+  cacheHost = if length cacheHosts == 1 then builtins.head cacheHosts else null;
+
+  # The inventory's `cache` before the producer fills it in.
+  cache = {
+    server = cacheHost;
+    inherit (cfg.cache) port publicKey directory;
+  };
+
   # The inventory's `traffic` before the producer fills its defaults.
   traffic =
     if exposed == [ ] then
@@ -301,7 +312,12 @@ let
       ]
       ++ optional (monitored && exposed != [ ] && elem host balancers) (
         monitoringClaim "HAProxy's metrics exporter" "haproxyPort"
-      );
+      )
+      ++ optional (elem host cacheHosts) {
+        inherit (cfg.cache) port;
+        by = "the binary cache (cache.port)";
+        fix = "set cache.port to a port no host uses";
+      };
       monitoringClaim = what: option: {
         port = cfg.monitoring.${option};
         by = "${what} (monitoring.${option})";
@@ -395,6 +411,31 @@ let
           "${where}: successRate counts the HTTP responses the balancers pass, but service ${quote rate.service} has no HTTP ingress: give it one, or measure it with a query"
     );
 
+  cacheProblems =
+    let
+      tag = "the tag ${quote cfg.cache.hostTag} (cache.hostTag)";
+      keyFile = cfg.cache.secretKeyFile;
+    in
+    optional (length cacheHosts > 1)
+      "cache: hosts ${enumeration cacheHosts} ${
+        if length cacheHosts == 2 then "both" else "all"
+      } carry ${tag}, but a fleet has one binary cache: keep the tag on one of them"
+    ++ optional (cacheHosts != [ ] && cfg.cache.publicKey == null)
+      "cache: ${
+        if length cacheHosts == 1 then "host" else "hosts"
+      } ${enumeration cacheHosts} ${
+        if length cacheHosts == 1 then "carries" else "carry"
+      } ${tag}, but cache.publicKey is not set, and no host would trust what the cache serves: make the cache's key pair with `nix-store --generate-binary-cache-key NAME secret public`, set cache.publicKey to the contents of `public`, and put `secret` on the cache host at cache.secretKeyFile (${keyFile})"
+    ++ (
+      if lib.hasPrefix "${builtins.storeDir}/" keyFile then
+        [
+          "cache: secretKeyFile ${builtins.toJSON keyFile} is in the Nix store, which every user of every host can read: the secret key must never be built into a system; deliver it to the cache host out of band and set cache.secretKeyFile to its path there (a string, not a Nix path)"
+        ]
+      else
+        optional (builtins.match fleetLib.plainPathPattern keyFile == null)
+          "cache: secretKeyFile ${builtins.toJSON keyFile} must be an absolute path on the cache host, of letters, digits, `_`, `.`, `-` and `/`"
+    );
+
   # A dependency cycle as a path that ends where it starts, or null.
   cycle =
     let
@@ -430,6 +471,7 @@ let
     ++ concatMap serviceProblems serviceNames
     ++ trafficProblems
     ++ deployProblems
+    ++ cacheProblems
     ++ optional (cycle != null) (
       "service ${quote (builtins.head cycle)}: dependency cycle: "
       + concatMapStringsSep " -> " quote cycle
@@ -500,6 +542,13 @@ let
         # What this host's Prometheus watches, when it is a monitoring host.
         scrape = if elem host monitors then produced.monitoring else null;
       };
+      cache = {
+        # Where every host substitutes from first, and the key it trusts.
+        url = if produced.cache == null then null else produced.cache.url;
+        inherit (cfg.cache) publicKey secretKeyFile;
+        # What this host's nginx serves, when it is the cache host.
+        serve = if host == cacheHost then produced.cache else null;
+      };
     };
 
   # The NixOS modules of one host, in the order nixosSystem takes them.
@@ -554,7 +603,7 @@ let
     ) cfg.hosts;
     inherit (cfg) deploy;
     services = mapAttrs (_: s: { inherit (s) dependsOn; }) cfg.services;
-    inherit traffic monitoring;
+    inherit traffic monitoring cache;
   };
 in
 {

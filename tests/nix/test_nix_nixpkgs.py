@@ -235,3 +235,41 @@ def test_the_flake_names_python_packages_nixpkgs_has() -> None:
     if not folder.is_dir():
         pytest.skip(f"nixpkgs' python-modules not found in {folder}")
     assert [n for n in names if not (folder / n / "default.nix").is_file()] == []
+
+
+CACHE_VIEW = """
+let c = h.realConfig (h.evalFleet [ {fixture} ]) {host}; in {{
+  failed = c.failedAssertions;
+  nginx = {{
+    inherit (c.services.nginx) enable appendHttpConfig;
+    virtualHosts = builtins.attrNames c.services.nginx.virtualHosts;
+  }};
+  settings = {{ inherit (c.nix.settings) substituters trusted-public-keys; }};
+  negative = c.nix.settings.narinfo-cache-negative-ttl or null;
+  tmpfiles = c.systemd.tmpfiles.rules;
+}}
+"""
+
+
+def test_the_cache_host_runs_nixpkgs_nginx_module(real: Nix) -> None:
+    """The server in nixpkgs' `appendHttpConfig`, and no `localhost` virtual host (nixpkgs'
+    default, on port 80); every host's substituter and key in nixpkgs' `nix.settings`."""
+    fixture = nix_path(FIXTURES / "cache.nix")
+    hosts = {
+        name: real.eval(CACHE_VIEW.format(fixture=fixture, host=json.dumps(name)))
+        for name in ("cache1", "app1")
+    }
+    cache1, app1 = hosts["cache1"], hosts["app1"]
+    assert cache1["failed"] == [] and app1["failed"] == []
+    assert cache1["nginx"]["enable"] is True
+    assert "listen 5080;" in cache1["nginx"]["appendHttpConfig"]
+    assert cache1["nginx"]["virtualHosts"] == []
+    assert app1["nginx"]["enable"] is False and app1["nginx"]["appendHttpConfig"] == ""
+    assert app1["nginx"]["virtualHosts"] == ["localhost"]  # nixpkgs' default, unused there
+    for host in hosts.values():
+        assert host["settings"]["substituters"] == ["http://10.0.0.51:5080"]
+        assert host["settings"]["trusted-public-keys"] == [
+            "fleet-test-cache-1:Zm9yIHRoZSB0ZXN0cyBvbmx5LCBuZXZlciBhIGtleSE="
+        ]
+        assert host["negative"] == 0
+    assert "d /var/lib/fleet-cache 0755 root root - -" in cache1["tmpfiles"]

@@ -4,6 +4,7 @@ their fleets (tests/vm/fleets.nix) with nixpkgs' lib."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -18,7 +19,7 @@ from tests.nix.test_nix_monitoring import run as run_program
 from tests.nix.test_nix_traffic import HOST_VIEW, NIXOS_PREFIX, haproxy, haproxy_check, iptables
 
 VM = "\n".join((REPO / "tests" / "vm" / name).read_text() for name in ("default.nix", "fleets.nix"))
-LAYOUTS = {"plain": [], "balanced": ["balancer"], "monitored": ["monitor"]}
+LAYOUTS = {"plain": [], "balanced": ["balancer"], "monitored": ["monitor"], "cached": ["cache"]}
 TARGETS = ["target1", "target2"]
 __all__ = ["haproxy", "promtool"]  # fixtures, used by name
 
@@ -71,7 +72,8 @@ def fleets(nix: Nix) -> dict[str, Any]:
     """Per layout: the machines' addresses, every release's inventory and problems, and the
     hosts' configurations in the first release."""
     hosts = " ".join(
-        f"{n} = {HOST_VIEW.format(host=json.dumps(n))};" for n in [*TARGETS, "balancer", "monitor"]
+        f"{n} = {HOST_VIEW.format(host=json.dumps(n))};"
+        for n in [*TARGETS, "balancer", "monitor", "cache"]
     )
     return nix.eval(  # type: ignore[no-any-return]
         f"""let vm = {FLEETS}; lib = h.lib; in lib.mapAttrs (layout: byRelease: {{
@@ -164,3 +166,72 @@ def test_the_monitored_fleet_is_watched_from_its_monitoring_host(
     config = written(generated, tmp_path)
     assert "SUCCESS" in run_program(promtool, "check", "config", str(config))
     assert 'job="fleet-health"' in VM and "fleet_release_info" in VM
+
+
+CACHE_VIEW = """
+let
+  vm = {fleets};
+  f = vm.fleets.cached.v1;
+  host = name: let c = h.hostConfig f name; in {{
+    nix = c.nix.settings;
+    nginx = {{ inherit (c.services.nginx) enable; }};
+    manifest = builtins.fromJSON c.environment.etc."fleet/manifest.json".text;
+  }};
+in {{
+  keys = (import (h.repo + "/tests/vm/keys.nix")).binaryCache;
+  inherit (f.config.cache) secretKeyFile;
+  hosts = h.lib.genAttrs (vm.fleetHosts "cached") host;
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cached(nix: Nix) -> dict[str, Any]:
+    return nix.eval(CACHE_VIEW.format(fleets=FLEETS))  # type: ignore[no-any-return]
+
+
+def test_the_cached_fleet_fetches_from_its_cache_host(
+    fleets: dict[str, Any], cached: dict[str, Any]
+) -> None:
+    layout = fleets["cached"]
+    address = layout["addresses"]
+    cache = layout["releases"]["v1"]["inventory"]["cache"]
+    keys = cached["keys"]
+    assert cache["host"] == "cache" and cache["publicKey"] == keys["public"]
+    assert cache["url"] == f"http://{address['cache']}:{cache['port']}"
+    for name in ("plain", "balanced", "monitored"):
+        assert fleets[name]["releases"]["v1"]["inventory"].get("cache") is None
+    # Every host substitutes from it first and trusts its key.
+    for name, host in cached["hosts"].items():
+        assert host["nix"]["substituters"][0] == cache["url"], name
+        assert keys["public"] in host["nix"]["trusted-public-keys"], name
+    assert cached["hosts"]["cache"]["nginx"]["enable"] is True
+    assert cached["hosts"]["cache"]["manifest"]["cache"]["secretKeyFile"] == cached["secretKeyFile"]
+    # Its port, open to the fleet's hosts; not to the deployer, which pushes over ssh.
+    rules = layout["hosts"]["cache"]["iptables"]
+    for machine in ["cache", *TARGETS]:
+        for line in iptables(cache["port"], [address[machine]]):
+            assert line in rules, machine
+    assert address["deployer"] not in rules
+
+
+def test_the_cache_test_key_is_a_pair() -> None:
+    """nix-store --generate-binary-cache-key: an ed25519 secret key (seed, then public key)
+    and its public key, under one name."""
+    keys = (REPO / "tests" / "vm" / "keys.nix").read_text()
+    [secret] = re.findall(r'secret = "([^"]+)";', keys)
+    [public] = re.findall(r'public = "(fleet-vm-cache-1:[^"]+)";', keys)
+    secret_name, secret_key = secret.split(":", 1)
+    public_name, public_key = public.split(":", 1)
+    assert secret_name == public_name == "fleet-vm-cache-1"
+    assert base64.b64decode(secret_key)[32:] == base64.b64decode(public_key)
+
+
+def test_the_cache_test_deploys_what_the_targets_do_not_hold() -> None:
+    """A specialisation is in its system's closure: the targets would hold every release,
+    and fetch nothing from the cache. The cached layout builds them apart."""
+    assert 'apart = layout: layout == "cached";' in VM
+    assert "extendModules { modules = [ (generation release spec) ]; }" in VM
+    assert "nix-store --check-validity {TOPLEVELS['v2'][machine.name]}" in VM
+    assert 'copy["source"] == "cache"' in VM and 'copy["source"] == "operator"' in VM
+    assert 'cache.succeed("systemctl stop nginx.service")' in VM

@@ -5,9 +5,11 @@
 #
 # Every generation the tests deploy is a specialisation of the hosts' base
 # configuration (same addresses and host names), differing in the example
-# API's release. The deployer gets a small flake per release whose `fleet` is
-# the inventory and whose toplevels are those prebuilt generations. The
-# fleets themselves are in ./fleets.nix.
+# API's release. In the cache test, the releases are the same configuration
+# extended instead, so that a target's store does not hold them before a
+# deploy brings them. The deployer gets a small flake per release whose
+# `fleet` is the inventory and whose toplevels are those prebuilt
+# generations. The fleets themselves are in ./fleets.nix.
 { pkgs, fleet }:
 let
   inherit (pkgs) lib;
@@ -19,10 +21,27 @@ let
 
   writeKey = name: pkgs.writeText "${name}-ssh-key" keys.${name}.private;
 
-  # A fleet host of a layout's test: a target or a balancer.
+  # What makes a target's generation of a release from its base configuration.
+  generation = release: spec: {
+    fleetTest.release = release;
+    system.activationScripts = lib.optionalAttrs (spec ? activationDelay) {
+      fleetTestSlow = ''
+        touch /run/fleet-test-activating
+        sleep ${toString spec.activationDelay}
+      '';
+    };
+  };
+
+  # The layouts whose releases are built apart from the targets' systems: a
+  # specialisation is in its system's closure, so the target would hold
+  # every release, and a deploy would have nothing to fetch.
+  apart = layout: layout == "cached";
+
+  # A fleet host of a layout's test: a target, a balancer, a monitoring or a
+  # cache host.
   host =
     layout: name:
-    { config, ... }:
+    { config, extendModules, ... }:
     {
       imports = [ ../../modules/host.nix ];
 
@@ -32,84 +51,121 @@ let
         description = "The API release this generation runs.";
       };
 
-      config = {
-        fleet = fleets.${layout}.${config.fleetTest.release}.config.build.hosts.${name}.plan;
-
-        assertions = [
-          {
-            assertion = config.networking.primaryIPAddress == vm.address layout name;
-            message =
-              "tests/vm: ${name} has the address ${config.networking.primaryIPAddress}, but its"
-              + " fleet declares ${vm.address layout name} (tests/vm/fleets.nix numbers the test's"
-              + " machines as the test driver does).";
-          }
-        ];
-
-        # The host key the inventory pins.
-        services.openssh.hostKeys = [
-          {
-            type = "ed25519";
-            path = "/etc/ssh/ssh_host_ed25519_key";
-          }
-        ];
-        environment.etc."ssh/ssh_host_ed25519_key" = {
-          source = writeKey name;
-          mode = "0600";
-        };
-
-        # Persisting runs `switch-to-configuration boot`: with GRUB (the default
-        # outside containers) on the test VM's bare, unpartitioned root disk,
-        # grub-install refuses and every commit would fail. No boot loader, as
-        # nixpkgs' own in-VM switching tests (switch-test.nix) do.
-        boot.loader.grub.enable = false;
-
-        environment.systemPackages = [ pkgs.curl ];
-      }
-      // lib.optionalAttrs (lib.elem name targets) {
-        # The API's secret, made at boot on the host and never built: the
-        # test checks that the unit gets it as a credential.
-        systemd.services.fleet-test-secret = {
-          description = "Write the API's secret, as agenix would";
-          wantedBy = [ "multi-user.target" ];
-          requiredBy = [ "fleet-api.service" ];
-          before = [ "fleet-api.service" ];
-          serviceConfig = {
-            Type = "oneshot";
-            RemainAfterExit = true;
-            UMask = "0077";
-          };
-          script = ''
-            mkdir -p /run/fleet-test
-            test -s /run/fleet-test/api-token ||
-              head -c 24 /dev/urandom | base64 > /run/fleet-test/api-token
-          '';
-        };
-
-        # The generations the tests deploy, built from this same configuration.
-        specialisation = lib.mapAttrs (release: spec: {
-          configuration = {
-            fleetTest.release = release;
-            system.activationScripts = lib.optionalAttrs (spec ? activationDelay) {
-              fleetTestSlow = ''
-                touch /run/fleet-test-activating
-                sleep ${toString spec.activationDelay}
-              '';
-            };
-          };
-        }) (removeAttrs releases [ "v1" ]);
+      options.fleetTest.generations = lib.mkOption {
+        type = lib.types.lazyAttrsOf lib.types.package;
+        default = { };
+        description = ''
+          The toplevels of the other releases, when they are built apart
+          from this system (`apart`): not in its closure.
+        '';
       };
+
+      config = lib.mkMerge [
+        {
+          fleet = fleets.${layout}.${config.fleetTest.release}.config.build.hosts.${name}.plan;
+
+          assertions = [
+            {
+              assertion = config.networking.primaryIPAddress == vm.address layout name;
+              message =
+                "tests/vm: ${name} has the address ${config.networking.primaryIPAddress}, but its"
+                + " fleet declares ${vm.address layout name} (tests/vm/fleets.nix numbers the test's"
+                + " machines as the test driver does).";
+            }
+          ];
+
+          # The host key the inventory pins.
+          services.openssh.hostKeys = [
+            {
+              type = "ed25519";
+              path = "/etc/ssh/ssh_host_ed25519_key";
+            }
+          ];
+          environment.etc."ssh/ssh_host_ed25519_key" = {
+            source = writeKey name;
+            mode = "0600";
+          };
+
+          # Persisting runs `switch-to-configuration boot`: with GRUB (the default
+          # outside containers) on the test VM's bare, unpartitioned root disk,
+          # grub-install refuses and every commit would fail. No boot loader, as
+          # nixpkgs' own in-VM switching tests (switch-test.nix) do.
+          boot.loader.grub.enable = false;
+
+          environment.systemPackages = [ pkgs.curl ];
+        }
+        (lib.optionalAttrs (lib.elem name targets) {
+          # The API's secret, made at boot on the host and never built: the
+          # test checks that the unit gets it as a credential.
+          systemd.services.fleet-test-secret = {
+            description = "Write the API's secret, as agenix would";
+            wantedBy = [ "multi-user.target" ];
+            requiredBy = [ "fleet-api.service" ];
+            before = [ "fleet-api.service" ];
+            serviceConfig = {
+              Type = "oneshot";
+              RemainAfterExit = true;
+              UMask = "0077";
+            };
+            script = ''
+              mkdir -p /run/fleet-test
+              test -s /run/fleet-test/api-token ||
+                head -c 24 /dev/urandom | base64 > /run/fleet-test/api-token
+            '';
+          };
+        })
+        # The generations the tests deploy, built from this same configuration:
+        # apart from it, or as its specialisations.
+        (lib.optionalAttrs (lib.elem name targets && apart layout) {
+          fleetTest.generations = lib.mapAttrs (
+            release: spec:
+            let
+              extended = extendModules { modules = [ (generation release spec) ]; };
+            in
+            extended.config.system.build.toplevel
+          ) (removeAttrs releases [ "v1" ]);
+        })
+        (lib.optionalAttrs (lib.elem name targets && !apart layout) {
+          specialisation = lib.mapAttrs (release: spec: {
+            configuration = generation release spec;
+          }) (removeAttrs releases [ "v1" ]);
+        })
+        (lib.optionalAttrs (vm.layouts.${layout}.${name} or null == "cache") {
+          # The cache's secret key, put in place at boot as a secret manager
+          # would (never built into the system: only this test's public key
+          # is in the store).
+          systemd.services.fleet-test-cache-key = {
+            description = "Put the binary cache's secret key in place";
+            wantedBy = [ "multi-user.target" ];
+            serviceConfig = {
+              Type = "oneshot";
+              RemainAfterExit = true;
+              UMask = "0077";
+            };
+            script = ''
+              install -D -m 0600 ${pkgs.writeText "fleet-vm-cache-key" keys.binaryCache.secret} \
+                ${config.fleet.cache.secretKeyFile}
+            '';
+          };
+          # The closures it publishes, on a disk large enough for them.
+          virtualisation.memorySize = 2048;
+          virtualisation.diskSize = 8192;
+        })
+      ];
     };
 
-  # The toplevel of a host's generation for a release. A balancer or a
-  # monitoring host runs the same system in every release: what it is given
-  # does not name the API's release.
+  # The toplevel of a host's generation for a release. A balancer, a
+  # monitoring or a cache host runs the same system in every release: what it
+  # is given does not name the API's release.
   toplevel =
-    nodes: name: release:
+    layout: nodes: name: release:
     let
       node = nodes.${name};
     in
     if release == "v1" || !lib.elem name targets then
       node.system.build.toplevel
+    else if apart layout then
+      node.fleetTest.generations.${release}
     else
       node.specialisation.${release}.configuration.system.build.toplevel;
 
@@ -164,7 +220,8 @@ let
               fleet = builtins.fromJSON (builtins.readFile ./inventory.json);
               nixosConfigurations = {
                 ${lib.concatMapStringsSep "\n        " (
-                  name: "${name}.config.system.build.toplevel = ${derivation (toplevel nodes name release)};"
+                  name:
+                  "${name}.config.system.build.toplevel = ${derivation (toplevel layout nodes name release)};"
                 ) (vm.fleetHosts layout)}
               };
             };
@@ -220,7 +277,7 @@ let
     TOPLEVELS = ${
       builtins.toJSON (
         lib.mapAttrs (
-          release: _: lib.genAttrs targets (name: "${toplevel nodes name release}")
+          release: _: lib.genAttrs targets (name: "${toplevel layout nodes name release}")
         ) releases
       )
     }
@@ -550,6 +607,68 @@ lib.mapAttrs' (name: test: lib.nameValuePair "vm-${name}" (mkTest name test)) {
               lambda v: hosts(v) == {"target1", "target2"},
           )
           assert prometheus('ALERTS{alertstate="firing"}') == []
+    '';
+  };
+
+  # (g) With the fleet's binary cache: a deploy pushes the release to the
+  # cache host, which signs it, and the targets fetch it from there; with the
+  # cache down, the deploy copies the closures itself, and says so.
+  cache = {
+    layout = "cached";
+    script = ''
+      CACHE_KEY = "${keys.binaryCache.name}"
+
+
+      def signatures(machine, path):
+          """The signatures the machine's Nix holds for a store path."""
+          info = json.loads(machine.succeed(
+              f"nix --extra-experimental-features nix-command path-info --json {path}"
+          ))
+          # A list of entries with "path" (older Nix), or an object by path.
+          [entry] = info if isinstance(info, list) else list(info.values())
+          return entry.get("signatures") or []
+
+
+      def by_cache(machine, path):
+          return any(s.startswith(CACHE_KEY + ":") for s in signatures(machine, path))
+
+
+      with subtest("the cache host serves its folder to the fleet's hosts, and nobody else"):
+          cache.wait_for_unit("nginx.service")
+          cache.wait_for_unit("fleet-test-cache-key.service")
+          cache.wait_for_open_port(${toString fleets.cached.v1.config.build.inventory.cache.port})
+          cache.succeed("test -s ${fleets.cached.v1.config.cache.secretKeyFile}")
+          # Any answer at all (404 before anything is published): the port is open.
+          url = "${fleets.cached.v1.config.build.inventory.cache.url}"
+          target1.succeed(f"curl -s -o /dev/null --max-time 5 {url}/nix-cache-info")
+          deployer.fail(f"curl -s -o /dev/null --max-time 5 {url}/nix-cache-info")
+
+      with subtest("a deploy pushes the release once, and the targets fetch it from the cache"):
+          for machine in TARGETS:
+              machine.fail(f"nix-store --check-validity {TOPLEVELS['v2'][machine.name]}")
+          use("v2")
+          report = fleet("deploy")
+          assert set(results(report).values()) == {"deployed"}, report
+          runs("v2", *TARGETS)
+          for machine in TARGETS:
+              copy = report["hosts"][machine.name]["copy"]
+              assert copy["source"] == "cache", copy
+              assert by_cache(machine, TOPLEVELS["v2"][machine.name]), machine.name
+          # What the cache holds is signed by its key, and nginx serves it.
+          cache.succeed(f"grep -l '^Sig: {CACHE_KEY}:' /var/lib/fleet-cache/*.narinfo")
+          target1.succeed(f"curl -sf --max-time 5 {url}/nix-cache-info | grep -q StoreDir")
+
+      with subtest("with the cache down, a deploy copies directly and says so"):
+          cache.succeed("systemctl stop nginx.service")
+          target1.fail(f"curl -s -o /dev/null --max-time 5 {url}/nix-cache-info")
+          use("v3")
+          report = fleet("deploy")
+          assert set(results(report).values()) == {"deployed"}, report
+          runs("v3", *TARGETS)
+          for machine in TARGETS:
+              copy = report["hosts"][machine.name]["copy"]
+              assert copy["source"] == "operator", copy
+              assert not by_cache(machine, TOPLEVELS["v3"][machine.name]), machine.name
     '';
   };
 }

@@ -17,10 +17,13 @@ rec {
   # deployer and the targets. `balanced`: the same behind a balancer, which
   # the fleet configures (HAProxy, from the declaration). `monitored`: the
   # same watched by a monitoring host (Prometheus, Alertmanager, blackbox).
+  # `cached`: the same with a binary cache host, which the targets fetch
+  # each release from.
   layouts = {
     plain = { };
     balanced.balancer = "balancer";
     monitored.monitor = "monitoring";
+    cached.cache = "cache";
   };
 
   # Every machine of a layout's test, and those of them that are fleet hosts.
@@ -111,6 +114,9 @@ rec {
       confirmTimeout = 60;
     };
     traffic.drainTimeout = 10;
+    # The cache host signs what it publishes with the test key, which every
+    # host trusts; the secret half is put on it at boot (./default.nix).
+    cache = lib.mkIf (layout == "cached") { publicKey = keys.binaryCache.public; };
   };
 
   fleets = lib.mapAttrs (

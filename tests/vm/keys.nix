@@ -1,4 +1,5 @@
-# ssh keys of the VM tests only. They are public: never use them anywhere else.
+# ssh keys of the VM tests only, and their binary cache's signing key. They
+# are public: never use them anywhere else.
 {
   operator = {
     public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE3k16WCx3sF7ZD53tRWUkOh3QkQj1VqqVWvMPeBPGVQ";
@@ -59,5 +60,24 @@
       yGOmEZnw7jUa8xYqbzABAAAAFWZsZWV0LXZtLXRlc3QtbW9uaXRvcg==
       -----END OPENSSH PRIVATE KEY-----
     '';
+  };
+  cache = {
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIbpWm5dxFWSjoQmfdXVZMV6KP66656rE3rUhpN3H5zY";
+    private = ''
+      -----BEGIN OPENSSH PRIVATE KEY-----
+      b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+      QyNTUxOQAAACCG6VpuXcRVko6EJn3V1WTFeij+uuueqxN61IaTdx+c2AAAAJjIzTWDyM01
+      gwAAAAtzc2gtZWQyNTUxOQAAACCG6VpuXcRVko6EJn3V1WTFeij+uuueqxN61IaTdx+c2A
+      AAAEAqi2Fvc5mSt6vuum8/l+LWykJFftLVn9KfSrFlhftdxYbpWm5dxFWSjoQmfdXVZMV6
+      KP66656rE3rUhpN3H5zYAAAAE2ZsZWV0LXZtLXRlc3QtY2FjaGUBAg==
+      -----END OPENSSH PRIVATE KEY-----
+    '';
+  };
+  # The binary cache's key pair, as `nix-store --generate-binary-cache-key
+  # fleet-vm-cache-1 secret public` wrote it.
+  binaryCache = {
+    name = "fleet-vm-cache-1";
+    public = "fleet-vm-cache-1:IOiubCtGaPItnXErcVEOllSUnzDa5XACdReGuo/pxC8=";
+    secret = "fleet-vm-cache-1:9zCcoJm60CbZDVzHD0GzaP4FoUJhhpKAImOfUxfjafsg6K5sK0Zo8i2dcStxUQ6WVJSfMNrlcAJ1F4a6j+nELw==";
   };
 }
