@@ -6,9 +6,15 @@
 { cache }:
 let
   port = toString cache.port;
+  # The address the hosts reach it at: an IPv6 one needs nginx on IPv6 too.
+  listen =
+    if builtins.match ".*:.*" cache.address != null then
+      "listen [::]:${port};"
+    else
+      "listen ${port};";
   server = ''
     server {
-      listen ${port};
+      ${listen}
       root ${cache.directory};
       # What Nix asks of a binary cache: files, read, never listed or written.
       autoindex off;
