@@ -8,9 +8,9 @@ Usage (as root): python bench/monitoring.py [--hosts 64] [--scrape-only]
    - a deploy of lab1 and lab2 under client load with the lab's canary analysis (5
      measurements 2 s apart) and the same with --skip-analysis: the time the step adds;
    - `fleet-host metrics` on lab1, with 1,000 release records: milliseconds per run.
-2. A lab of --hosts hosts (the last the monitoring host; needs fs.inotify.max_user_instances
-   raised, which this script does): Prometheus' scrape of every node exporter (seconds per
-   scrape, samples per scrape), its CPU share and memory, and the series in its head.
+2. A lab of --hosts hosts (the last the monitoring host; `lab up` raises the kernel limits
+   it needs): Prometheus' scrape of every node exporter (seconds per scrape, samples per
+   scrape), its CPU share and memory, and the series in its head.
 Each on its own lab instance, torn down at the end.
 """
 
@@ -167,7 +167,6 @@ def metrics_cost(lab: Lab) -> str:
 
 
 def scrape_cost(count: int) -> str:
-    subprocess.run(["sysctl", "-q", "-w", "fs.inotify.max_user_instances=8192"], check=True)
     lab = lab_of(count, int(os.environ.get("FLEET_LAB_INSTANCE", "8")) + 1, monitoring=True)
     monitor = f"lab{count}"
     try:

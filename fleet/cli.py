@@ -17,6 +17,7 @@ from fleet import day2, flows, nix, output
 from fleet import report as html_report
 from fleet.errors import ExitCode, FleetError
 from fleet.errors import UsageError as FleetUsageError
+from fleet.lab import boot as lab_boot
 from fleet.lab import flake as lab_flake_files
 from fleet.lab import ops as lab_ops
 from fleet.lab.layout import MAX_HOSTS
@@ -674,10 +675,24 @@ def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
     help="The last host serves the fleet's binary cache with nginx; deploys publish to it "
     "and the hosts fetch from it (a new lab only).",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    help=f"Seconds for every host to boot and answer ssh (default {lab_boot.PACE.base:g} + "
+    f"{lab_boot.PACE.per_host:g} per host started).",
+)
 @click.pass_obj
-def lab_up(ctx: Context, count: int | None, balancers: int, monitoring: bool, cache: bool) -> None:
+def lab_up(
+    ctx: Context,
+    count: int | None,
+    balancers: int,
+    monitoring: bool,
+    cache: bool,
+    timeout: float | None,
+) -> None:
     """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
-    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring, cache)
+    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring, cache, timeout=timeout)
     _emit(ctx, [asdict(s) for s in states], _state_rows(states))
 
 

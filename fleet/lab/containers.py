@@ -3,8 +3,8 @@
 Each container runs under a small supervising shell, the host's "power supply": nspawn
 exits with 133 when the container's systemd reboots (systemd-nspawn@.service restarts on
 that code), and the supervisor boots it again, as a machine comes back from a reboot. Any
-other end of nspawn (a crash, a power-off) ends the supervisor too: only ``lab up`` boots
-such a host again.
+other end of nspawn (a crash, a power-off) ends the supervisor too, which writes nspawn's
+exit status as the last line of the console log: only ``lab up`` boots such a host again.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from fleet.lab.layout import Lab, LabHost
 REBOOT_EXIT = 133
 SUPERVISOR = "fleet-lab-host"  # $0 of the supervising shell
 SUPERVISE = f"""\
-while "$@"; [ $? -eq {REBOOT_EXIT} ]; do
+while "$@"; rc=$?; [ $rc -eq {REBOOT_EXIT} ]; do
   echo "fleet lab: the host rebooted; booting it again"
 done
+echo "fleet lab: the container ended with status $rc"
+exit $rc
 """
 
 
@@ -102,6 +104,11 @@ def leader_pid(pid: int) -> int | None:
     return children[0] if children else None
 
 
+def console(lab: Lab, host: LabHost) -> Path:
+    """What nspawn, the container's systemd and the supervisor print, every boot appended."""
+    return lab.host_dir(host) / "console.log"
+
+
 def start(lab: Lab, host: LabHost, rootfs: Path) -> int:
     root = lab.host_root(host)
     ssh_dir = lab.host_dir(host) / "ssh"
@@ -116,7 +123,7 @@ def start(lab: Lab, host: LabHost, rootfs: Path) -> int:
         f"--bind-ro={lab.host_dir(host) / 'conf'}:/etc/fleet-lab",
         "--link-journal=no",
     ]  # fmt: skip
-    log = (lab.host_dir(host) / "console.log").open("ab")
+    log = console(lab, host).open("ab")
     proc = subprocess.Popen(
         ["sh", "-c", SUPERVISE, SUPERVISOR, *argv],
         stdin=subprocess.DEVNULL,
@@ -126,6 +133,13 @@ def start(lab: Lab, host: LabHost, rootfs: Path) -> int:
     )
     log.close()
     _pid_file(lab, host).write_text(str(proc.pid))
+    # Popen returns while the exec is still under way, before the kernel shows the new
+    # command line: until then nspawn_pid would take the host for down.
+    deadline = time.monotonic() + 5
+    while _marker(host) not in _cmdline(proc.pid) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.001)
     return proc.pid
 
 
@@ -190,7 +204,14 @@ def kill(pids: Sequence[int], timeout: float = 15.0) -> None:
             time.sleep(0.01)
 
 
-def run_inside(lab: Lab, host: LabHost, argv: Sequence[str]) -> process.Result:
+def run_inside(
+    lab: Lab,
+    host: LabHost,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = None,
+) -> process.Result:
     """Run a command in a running container's namespaces, without ssh."""
     pid = nspawn_pid(lab, host)
     leader = leader_pid(pid) if pid else None
@@ -198,5 +219,7 @@ def run_inside(lab: Lab, host: LabHost, argv: Sequence[str]) -> process.Result:
         raise FleetError(f"lab host {host.name} is not running")
     return process.run(
         ["nsenter", "-t", str(leader), "-m", "-u", "-i", "-n", "-p", "--", *argv],
+        check=check,
+        timeout=timeout,
         what=f"{host.name}: {' '.join(argv)}",
     )

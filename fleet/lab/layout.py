@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_HOSTS = 200
+MAX_HOSTS = 240  # addresses .11 to .250 of the lab's /24
 WEB_PORT = 8080
 TMPFS_SIZE = "256m"  # each host's /nix and /boot: small, so that fill-disk is cheap
 

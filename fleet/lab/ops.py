@@ -7,21 +7,23 @@ import fcntl
 import os
 import shutil
 import socket
+import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
 from fleet import nix, process
 from fleet.errors import FleetError, HostKeyError, NixError, SshError, UsageError
-from fleet.lab import containers, flake, network, rootfs
+from fleet.lab import boot, containers, flake, limits, network, rootfs
 from fleet.lab.layout import MAX_HOSTS, TMPFS_SIZE, Lab, LabHost
 from fleet.ssh import Endpoint, SshConfig, Transport
 
 DEFAULT_HOSTS = 3
-SSH_WAIT = 60.0
 REQUIRED_TOOLS = {
     "systemd-nspawn": "systemd-container",
     "debootstrap": "debootstrap",
@@ -257,56 +259,186 @@ def _port_open(address: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _wait_booted(
-    lab: Lab, wanted: Sequence[Endpoint], timeout: float, after: Mapping[str, int | None]
-) -> list[str]:
-    """Wait until every wanted host answers ssh and has booted (for a host in ``after``: a
-    boot other than that one); the hosts that booted degraded."""
-    deadline = time.monotonic() + timeout
-    hosts = {h.name: h for h in flake.hosts(lab) or []}
+@dataclass
+class _Waited:
+    """How one host's wait ended."""
 
-    def old_boot(name: str) -> bool:
-        return name in after and _boot_id(lab, hosts[name]) in (None, after[name])
-
-    def wait(endpoint: Endpoint) -> str | None:
-        console = lab.host_dir(hosts[endpoint.name]) / "console.log"
-        while True:
-            if containers.nspawn_pid(lab, hosts[endpoint.name]) is None:
-                raise FleetError(
-                    f"lab host {endpoint.name} is down (its container ended; `fleet lab up` "
-                    f"boots it again); see {console}"
-                )
-            if time.monotonic() > deadline:
-                raise FleetError(
-                    f"lab host {endpoint.name} did not boot and answer ssh within "
-                    f"{timeout:g} s; see {console}"
-                )
-            if old_boot(endpoint.name) or not _port_open(endpoint.address, endpoint.port, 0.5):
-                time.sleep(0.05)
-                continue
-            remaining = max(1.0, deadline - time.monotonic())
-            try:
-                booted = remote.remote(endpoint).run(
-                    ["sh", "-c", BOOTED], fresh=True, timeout=remaining, check=False
-                )
-            except HostKeyError:
-                raise
-            except SshError:  # going down, or not yet up
-                time.sleep(0.1)
-                continue
-            if booted.returncode == GOING_DOWN:
-                time.sleep(0.1)
-                continue
-            return None if booted.ok else f"{endpoint.name}: {booted.last_error_line()}"
-
-    with transport(lab) as remote, ThreadPoolExecutor(max_workers=32) as pool:
-        futures = [pool.submit(wait, e) for e in wanted]
-        return [why for why in (f.result() for f in futures) if why is not None]
+    booted: bool = False
+    ended: bool = False
+    key_mismatch: bool = False
+    degraded: str | None = None
+    ssh_error: str | None = None  # the last ssh attempt's error
 
 
-def _wait_for_ssh(lab: Lab, timeout: float) -> list[str]:
-    """Wait until every host answers ssh and has booted; the hosts that booted degraded."""
-    return _wait_booted(lab, endpoints(lab), timeout, {})
+def _poll_pause(waited: float) -> float:
+    """Short at first, for a quick boot; longer later, so that many waiting hosts do not
+    take the CPU their boots need."""
+    return 0.1 if waited < 10 else 0.5
+
+
+def _wait_one(
+    lab: Lab,
+    remote: Transport,
+    host: LabHost,
+    endpoint: Endpoint,
+    deadline: float,
+    after: Mapping[str, int | None],
+) -> _Waited:
+    """Wait until the host answers ssh and has booted (if it is in ``after``: a boot other
+    than that one), its container ends, or the deadline passes."""
+    began = time.monotonic()
+    last_error: str | None = None
+    while True:
+        if containers.nspawn_pid(lab, host) is None:
+            return _Waited(ended=True)
+        now = time.monotonic()
+        if now > deadline:
+            return _Waited(ssh_error=last_error)
+        old_boot = host.name in after and _boot_id(lab, host) in (None, after[host.name])
+        if old_boot or not _port_open(endpoint.address, endpoint.port, 0.5):
+            time.sleep(_poll_pause(now - began))
+            continue
+        try:
+            booted = remote.remote(endpoint).run(
+                ["sh", "-c", BOOTED], fresh=True, timeout=max(1.0, deadline - now), check=False
+            )
+        except HostKeyError:
+            return _Waited(key_mismatch=True)
+        except SshError as exc:  # going down, or not yet up
+            if isinstance(exc.__cause__, subprocess.TimeoutExpired):
+                return _Waited()  # connected, and still booting at the deadline
+            last_error = str(exc)
+            time.sleep(_poll_pause(now - began))
+            continue
+        if booted.returncode == GOING_DOWN:
+            time.sleep(0.1)
+            continue
+        if booted.ok:
+            return _Waited(booted=True)
+        return _Waited(degraded=booted.last_error_line())
+
+
+def _inside(lab: Lab, host: LabHost, *argv: str) -> str | None:
+    """A command's output inside the container; None if it could not be run."""
+    try:
+        result = containers.run_inside(lab, host, argv, check=False, timeout=10)
+    except FleetError:
+        return None
+    return result.stdout.strip()
+
+
+def _facts(
+    lab: Lab, host: LabHost, endpoint: Endpoint, waited: _Waited, seconds: float, offset: int
+) -> boot.HostFacts:
+    """Everything that tells why a host did not come up, asked of the machine and the
+    container (not over ssh, which is what failed)."""
+    console, status = boot.console_tail(containers.console(lab, host), offset)
+    facts = boot.HostFacts(
+        host.name,
+        seconds,
+        ended=waited.ended,
+        exit_status=status,
+        console=console,
+        key_mismatch=waited.key_mismatch,
+        degraded=waited.degraded,
+        ssh_error=waited.ssh_error,
+    )
+    if waited.ended or waited.key_mismatch or waited.degraded is not None:
+        return facts
+    pid = containers.nspawn_pid(lab, host)
+    if pid is None:  # it ended since
+        return replace(
+            facts, ended=True, console=boot.console_tail(containers.console(lab, host), offset)[0]
+        )
+    if containers.leader_pid(pid) is None:
+        return replace(facts, leader=False)
+    failed = _inside(lab, host, "systemctl", "list-units", "--failed", "--plain", "--no-legend")
+    return replace(
+        facts,
+        link_up=network.link_is_up(host),
+        system_state=_inside(lab, host, "systemctl", "is-system-running"),
+        failed_units=tuple(line.split()[0] for line in (failed or "").splitlines() if line),
+        sshd=_inside(lab, host, "systemctl", "is-active", "ssh.service"),
+        port_open=_port_open(endpoint.address, endpoint.port, 1.0),
+    )
+
+
+def _bring_up(
+    lab: Lab,
+    hosts: Sequence[LabHost],
+    image: Path | None,
+    timeout: float,
+    pace: boot.Pace = boot.PACE,
+    after: Mapping[str, int | None] | None = None,
+) -> list[boot.HostFacts]:
+    """Start the hosts that are down (with ``image``; none without it), at most
+    ``pace.window`` booting at once, and wait until every host answers ssh and has booted
+    (for a host in ``after``: a boot other than that one). The facts of each host that did
+    not, within ``timeout`` seconds of the start."""
+    began = time.monotonic()
+    deadline = began + timeout
+    by_name = {e.name: e for e in endpoints(lab)}
+    queue = deque(
+        (h, image) for h in hosts if image is not None and containers.nspawn_pid(lab, h) is None
+    )
+    offsets: dict[str, int] = {}
+    started: dict[str, float] = {}
+    futures: dict[str, Future[_Waited]] = {}
+    never: list[LabHost] = []
+    with transport(lab) as remote, ThreadPoolExecutor(max_workers=64) as pool:
+
+        def wait(host: LabHost) -> None:
+            futures[host.name] = pool.submit(
+                _wait_one, lab, remote, host, by_name[host.name], deadline, after or {}
+            )
+
+        waiting = {h.name for h, _ in queue}
+        for host in hosts:
+            if host.name not in waiting:
+                wait(host)
+        while queue:
+            now = time.monotonic()
+            if now > deadline:
+                never = [h for h, _ in queue]
+                break
+            booting = [
+                f for name, f in futures.items()
+                if name in started and not f.done() and now - started[name] < pace.stall
+            ]  # fmt: skip
+            for _ in range(min(pace.window - len(booting), len(queue))):
+                host, root = queue.popleft()
+                log = containers.console(lab, host)
+                offsets[host.name] = log.stat().st_size if log.exists() else 0
+                containers.start(lab, host, root)
+                started[host.name] = time.monotonic()
+                wait(host)
+            if queue:  # until a booting host answers, or half a second for the stalled
+                pending = [f for name, f in futures.items() if name in started and not f.done()]
+                futures_wait(pending, 0.5, FIRST_COMPLETED)
+        ended = {name: f.result() for name, f in futures.items()}
+        stop = time.monotonic()
+        failed = [h for h in hosts if h.name in ended and not ended[h.name].booted]
+        facts = list(
+            pool.map(
+                lambda h: _facts(
+                    lab,
+                    h,
+                    by_name[h.name],
+                    ended[h.name],
+                    stop - started.get(h.name, began),
+                    offsets.get(h.name, 0),
+                ),
+                failed,
+            )
+        )
+    facts += [boot.HostFacts(h.name, stop - began, started=False) for h in never]
+    order = {h.name: i for i, h in enumerate(hosts)}
+    return sorted(facts, key=lambda f: order[f.name])
+
+
+def _not_up(facts: Sequence[boot.HostFacts], total: int) -> FleetError:
+    lines = "".join(f"\n  {boot.describe(f)}" for f in facts)
+    return FleetError(f"{len(facts)} of {total} lab hosts did not come up:{lines}")
 
 
 def _boot_id(lab: Lab, host: LabHost) -> int | None:
@@ -323,7 +455,7 @@ def boot_ids(lab: Lab) -> dict[str, int | None]:
 def wait_booted(
     lab: Lab,
     names: Sequence[str],
-    timeout: float = SSH_WAIT,
+    timeout: float | None = None,
     *,
     after: Mapping[str, int | None] | None = None,
 ) -> None:
@@ -332,33 +464,31 @@ def wait_booted(
 
     A host that is shutting down is waited for until its next boot; ``after`` (from
     ``boot_ids`` before the reboot was asked for) waits for a boot other than the one named
-    there, for a reboot that may not have begun yet. Raises FleetError naming the hosts
-    that booted degraded, did not answer within ``timeout``, or are down (a crash or a
-    power-off ends the container; only ``lab up`` boots it again).
+    there, for a reboot that may not have begun yet. Raises FleetError naming, one line
+    each, the hosts that booted degraded, did not answer within ``timeout`` (default: the
+    lab's deadline for that many hosts), or are down (a crash or a power-off ends the
+    container; only ``lab up`` boots it again).
     """
-    wanted = {_host(lab, name).name for name in names}
-    chosen = [e for e in endpoints(lab) if e.name in wanted]
-    degraded = _wait_booted(lab, chosen, timeout, after or {})
-    if degraded:
-        raise FleetError("lab hosts booted degraded: " + "; ".join(degraded))
+    wanted = [_host(lab, name) for name in names]
+    limit = boot.PACE.deadline(len(wanted)) if timeout is None else timeout
+    failed = _bring_up(lab, wanted, None, limit, after=after)
+    if failed:
+        raise _not_up(failed, len(wanted))
 
 
-def _boot(lab: Lab, hosts: list[LabHost], image: Path) -> None:
+def _boot(lab: Lab, hosts: list[LabHost], image: Path, timeout: float, pace: boot.Pace) -> None:
     """Start the hosts that are down; a host that boots degraded is booted once more."""
-    for host in hosts:
-        if containers.nspawn_pid(lab, host) is None:
-            containers.start(lab, host, image)
-    degraded = _wait_for_ssh(lab, SSH_WAIT)
-    if not degraded:
-        return
-    names = {why.split(":", 1)[0] for why in degraded}
-    again = [h for h in hosts if h.name in names]
-    containers.kill([pid for h in again if (pid := containers.nspawn_pid(lab, h)) is not None])
-    for host in again:
-        containers.start(lab, host, image)
-    degraded = _wait_for_ssh(lab, SSH_WAIT)
-    if degraded:
-        raise FleetError("lab hosts booted degraded twice: " + "; ".join(degraded))
+    failed = _bring_up(lab, hosts, image, timeout, pace)
+    again = {f.name for f in failed if f.degraded is not None}
+    if again:
+        hosts_again = [h for h in hosts if h.name in again]
+        containers.kill(
+            [pid for h in hosts_again if (pid := containers.nspawn_pid(lab, h)) is not None]
+        )
+        retried = _bring_up(lab, hosts_again, image, pace.deadline(len(hosts_again)), pace)
+        failed = [f for f in failed if f.name not in again] + retried
+    if failed:
+        raise _not_up(failed, len(hosts))
 
 
 def _stale(lab: Lab, hosts: list[LabHost]) -> bool:
@@ -374,11 +504,16 @@ def up(
     balancers: int = 0,
     monitoring: bool = False,
     cache: bool = False,
+    *,
+    timeout: float | None = None,
+    pace: boot.Pace = boot.PACE,
 ) -> list[HostState]:
     """``balancers``: how many of the hosts run HAProxy in front of the others' lab-web,
     instead of lab-web; ``monitoring``: a host runs Prometheus, Alertmanager and the
     blackbox exporter instead; ``cache``: the last host serves the fleet's binary cache
-    instead (the monitoring host is the one before it, the balancers before those)."""
+    instead (the monitoring host is the one before it, the balancers before those).
+    ``timeout``: seconds for every host to boot and answer ssh (default ``pace.deadline``
+    of the hosts started); ``pace``: how many boot at once."""
     require_root("fleet lab up")
     if count is not None and not 1 <= count <= MAX_HOSTS:
         raise UsageError(f"--hosts {count}: expected 1 to {MAX_HOSTS}")
@@ -403,6 +538,8 @@ def up(
             _teardown(lab)
             existing = None
         hosts = existing or lab.hosts(count or DEFAULT_HOSTS)
+        stopped = [h for h in hosts if containers.nspawn_pid(lab, h) is None]
+        limits.ensure(len(stopped), say)  # before anything is made: a refusal touches nothing
         image = rootfs.ensure(lab.cache, say)
         try:
             if existing is None:
@@ -413,7 +550,8 @@ def up(
             present = network.namespaces(lab.netns_prefix)
             for host in hosts:
                 network.ensure_host(lab, host, present)
-            _boot(lab, hosts, image)
+            wait = pace.deadline(len(stopped)) if timeout is None else timeout
+            _boot(lab, hosts, image, wait, pace)
         except BaseException:
             if existing is None:
                 _teardown(lab)

@@ -116,6 +116,9 @@ def test_stop_and_start_ssh(lab):
         assert not ops._port_open(host.address, 22, 0.5)
         [state] = [s for s in ops.status(lab) if s.name == host.name]
         assert state.running and not state.ssh
+        # What a host that does not come up is named for: asked inside, not over ssh.
+        with pytest.raises(FleetError, match=r"\n  lab3: sshd is inactive \(systemd state "):
+            ops.wait_booted(lab, [host.name], 2)
     assert ops._port_open(host.address, 22, 2)
 
 
@@ -128,8 +131,9 @@ def test_a_degraded_host_is_named_then_booted_again(spare_lab):
     with ops.transport(spare_lab) as transport:
         lab1 = transport.remote(ops.endpoints(spare_lab)[0])
         lab1.run(["systemd-run", "--unit=fleet-test-broken", "--", "/bin/false"])
-        degraded = ops._wait_for_ssh(spare_lab, 30)
-        assert len(degraded) == 1 and degraded[0].startswith("lab1: fleet-test-broken.service")
+        [degraded] = ops._bring_up(spare_lab, spare_lab.hosts(2), None, 30)
+        assert degraded.name == "lab1"
+        assert (degraded.degraded or "").startswith("fleet-test-broken.service failed")
         states = ops.up(spare_lab, None, lambda _m: None)  # boots lab1 once more
         assert all(s.running and s.ssh for s in states)
         assert lab1.run(["systemctl", "is-system-running"], check=False).stdout.strip() == "running"
