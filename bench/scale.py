@@ -41,8 +41,10 @@ MAXRSS = "fleet-bench-maxrss"
 # Runs the CLI and prints its own peak memory at exit (the children's is not the tool's).
 WRAPPER = (
     "import atexit, resource, sys\n"
-    "atexit.register(lambda: sys.stderr.write("
-    f"'\\n{MAXRSS} %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    "def _say():\n"
+    "    me = resource.getrusage(resource.RUSAGE_SELF)\n"
+    f"    sys.stderr.write('\\n{MAXRSS} %d %f\\n' % (me.ru_maxrss, me.ru_utime + me.ru_stime))\n"
+    "atexit.register(_say)\n"
     "from fleet.cli import main\n"
     "main(sys.argv[1:])\n"
 )
@@ -89,10 +91,9 @@ def fleet(lab: Lab, *args: str) -> dict[str, Any]:
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     sent = bridge_tx(lab) - sent
     logins = accepted(lab)
-    maxrss = next(
-        (int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith(MAXRSS)),
-        0,
-    )
+    own = next((line.split()[1:] for line in proc.stderr.splitlines()
+                if line.startswith(MAXRSS)), ["0", "0"])  # fmt: skip
+    maxrss, self_cpu = int(own[0]), float(own[1])
     try:
         report = json.loads(proc.stdout)
     except ValueError:
@@ -103,6 +104,7 @@ def fleet(lab: Lab, *args: str) -> dict[str, Any]:
         "wall": wall,
         "cpu": cpu,
         "maxrssMiB": maxrss / 1024,
+        "selfCpu": self_cpu,
         "sentBytes": sent,
         "handshakes": shakes,
         "report": report,
@@ -117,6 +119,7 @@ def row(what: str, hosts: int, run: dict[str, Any]) -> dict[str, Any]:
         "exit": run["exit"],
         "wallSeconds": round(run["wall"], 2),
         "cpuMsPerHost": round(run["cpu"] / hosts * 1000),
+        "pythonMsPerHost": round(run["selfCpu"] / hosts * 1000),
         "peakMiB": round(run["maxrssMiB"]),
         "handshakesPerHost": shakes[len(shakes) // 2] if shakes else 0,
         "handshakesMax": shakes[-1] if shakes else 0,

@@ -1154,9 +1154,8 @@ FAKE_NIX_STORE = """#!/bin/sh
 echo "nix-store $*" >> "$FLEET_HOST_ROOT/calls"
 for last; do :; done
 case "$*" in
-  *--check-validity*) [ -e "$last" ] ;;
-  *--dry-run*) echo "${DRY_RUN:-}" >&2 ;;
-  *) echo "$last" ;;
+  *--check-validity*) for p; do case "$p" in /*) [ -e "$p" ] || echo "$p" ;; esac; done ;;
+  *) echo "${REALISE:-}" >&2; [ -z "${FAIL:-}" ] && echo "$last" ;;
 esac
 """
 HASHED = "0" * 32
@@ -1223,14 +1222,16 @@ def test_a_deploy_user_may_not_have_an_unsigned_closure_signed_by_the_cache(
     assert f"copy --to file://{host / 'cache'}?secret-key={host / 'cache-key'}" in calls
 
 
-def test_fetch_gives_up_at_once_when_the_cache_lacks_the_closure(
+def test_fetch_fails_when_the_cache_cannot_serve_and_counts_what_it_fetched(
     host: Path, cache_host: dict[str, str]
 ) -> None:
     path = f"{cache_host['NIX_STORE_DIR']}/{HASHED}-missing"
-    env = cache_host | {"DRY_RUN": "don't know how to build these paths:"}
+    env = cache_host | {"REALISE": "error: don't know how to build these paths:", "FAIL": "1"}
     code, out = helper(host, "fetch", "--cache", "http://192.0.2.1:5080", path, env=env)
-    assert code == fh.Exit.FAILED and "192.0.2.1:5080" in out["error"]
-    assert "--realise --option" not in (host / "calls").read_text()  # only the dry run
-    env["DRY_RUN"] = "this path will be fetched (0.50 MiB download, 1.00 MiB unpacked):"
+    assert code == fh.Exit.FAILED and "192.0.2.1:5080: error: don't know" in out["error"]
+    calls = (host / "calls").read_text()
+    assert "--option substituters http://192.0.2.1:5080" in calls
+    assert "--option fallback false" in calls  # never built on the host
+    env = cache_host | {"REALISE": "this path will be fetched (0.50 MiB download, 1 MiB unpacked):"}
     code, out = helper(host, "fetch", "--cache", "http://192.0.2.1:5080", path, env=env)
     assert code == 0 and out["fetched"] == 1 and out["downloadBytes"] == 524288, out
