@@ -163,6 +163,33 @@ class RemoteCommandError(FleetError):
 MAX_HANDSHAKES = 8
 
 
+class Pacing:
+    """At most ``slots`` connections being set up at once; an urgent one (a confirmation,
+    whose host's dead-man switch is running) goes before every waiting routine one."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = max(1, slots)
+        self._urgent = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self, *, urgent: bool = False) -> Iterator[None]:
+        with self._cond:
+            self._urgent += urgent
+            try:
+                while self._free == 0 or (not urgent and self._urgent > 0):
+                    self._cond.wait()
+            finally:
+                self._urgent -= urgent
+            self._free -= 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+
 class Transport:
     """Owns the run's control sockets and pinned known_hosts; hands out one Remote per host.
 
@@ -183,7 +210,7 @@ class Transport:
         self.max_open = max_open
         self.handshakes: Counter[str] = Counter()
         self.peak_open = 0
-        self._pacing = threading.BoundedSemaphore(max(1, max_handshakes))
+        self._pacing = Pacing(max_handshakes)
         self._cond = threading.Condition()
         self._open: OrderedDict[Remote, None] = OrderedDict()  # least recently used first
         self._closing: set[Remote] = set()  # evicted, their master being stopped
@@ -289,9 +316,9 @@ class Transport:
                     "peakConnectedHosts": self.peak_open}  # fmt: skip
 
     @contextmanager
-    def handshake(self, remote: Remote) -> Iterator[None]:
-        """Pace connection set-ups: at most ``max_handshakes`` at once, whoever asks."""
-        with self._pacing:
+    def handshake(self, remote: Remote, *, urgent: bool = False) -> Iterator[None]:
+        """Pace connection set-ups: at most ``max_handshakes`` at once, ``urgent`` first."""
+        with self._pacing.slot(urgent=urgent):
             with self._lock:
                 self.handshakes[remote.name] += 1
             yield
@@ -502,8 +529,8 @@ class Remote:
         command to a host sets its master up; others for the host wait for it, so that a
         host never gets two masters."""
         with self.transport.connection(self, fresh=fresh):
-            if fresh:
-                with self.transport.handshake(self):
+            if fresh:  # a confirmation: its host's switch is running, it goes first
+                with self.transport.handshake(self, urgent=True):
                     yield
                 return
             if self.control_path.exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.ssh import Endpoint, Remote, SshConfig, Transport
+from fleet.ssh import Endpoint, Pacing, Remote, SshConfig, Transport
 
 
 class Watch:
@@ -101,3 +101,35 @@ def test_a_fresh_connection_is_a_handshake_of_its_own(watch: Watch) -> None:
             pass
         assert transport.handshakes["h1"] == 2
         assert transport.peak_open == 1
+
+
+def test_an_urgent_connection_goes_before_every_waiting_routine_one() -> None:
+    pacing = Pacing(1)
+    order: list[str] = []
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with pacing.slot():
+            held.set()
+            release.wait()
+
+    def take(name: str, urgent: bool) -> None:
+        with pacing.slot(urgent=urgent):
+            order.append(name)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    routine = [threading.Thread(target=take, args=(f"r{i}", False)) for i in range(3)]
+    for t in routine:
+        t.start()
+    urgent = threading.Thread(target=take, args=("confirm", True))
+    urgent.start()
+    while not pacing._urgent:  # it is waiting: the slot is still held
+        time.sleep(0.001)
+    release.set()
+    for t in [holder, *routine, urgent]:
+        t.join()
+    assert order[0] == "confirm"
+    assert sorted(order[1:]) == ["r0", "r1", "r2"]
