@@ -37,6 +37,9 @@ KEYS: dict[str, Key] = {
     "secretsDir": Key(str, "a path to the folder of the services' secret files"),
     "jumpHost": Key(str, "an ssh destination such as user@bastion:22"),
     "jumpHostKeys": Key(dict, "a mapping of jump host to its pinned key, TYPE BASE64"),
+    "sshOptions": Key(
+        dict, "a mapping of KexAlgorithms, Ciphers, MACs, Compression or IPQoS to its value"
+    ),
     "connectTimeout": Key((int, float), "a number of seconds"),
     "parallel": Key(int, "a whole number of hosts"),
     "healthTimeout": Key((int, float), "a number of seconds"),
@@ -58,8 +61,13 @@ SECTIONS: dict[str, dict[str, str]] = {
 # have any file of the operator's sent to a host), and where the operator's deploys are
 # reported (else it could have them, and a Grafana token, sent anywhere).
 OPERATOR_ONLY = (
-    "flake", "jumpHost", "jumpHostKeys", "signingKey", "secretsDir", "events", "annotations"
+    "flake", "jumpHost", "jumpHostKeys", "signingKey", "secretsDir", "events", "annotations",
+    "sshOptions",
 )  # fmt: skip
+# ssh options an operator may set for every connection (sshOptions): how the session is
+# encrypted and carried, never how a host is found or verified (a checkout may set none).
+SSH_OPTIONS = ("KexAlgorithms", "Ciphers", "MACs", "Compression", "IPQoS")
+_SSH_OPTION_VALUE = re.compile(r"[A-Za-z0-9@.,+_-]{1,256}")
 
 # user@host:port, several joined by commas; host a name, an IPv4 address or [IPv6].
 _JUMP = re.compile(
@@ -124,6 +132,10 @@ def _section(path: Path, key: str, value: dict[Any, Any]) -> dict[str, str]:
 SHAPES: dict[str, Callable[[Any], bool]] = {
     "jumpHost": lambda v: all(_JUMP.fullmatch(part) for part in v.split(",")),
     "jumpHostKeys": _jump_host_keys,
+    "sshOptions": lambda v: all(
+        name in SSH_OPTIONS and isinstance(value, str) and _SSH_OPTION_VALUE.fullmatch(value)
+        for name, value in v.items()
+    ),
 }
 
 

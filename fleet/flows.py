@@ -66,6 +66,7 @@ class Session:
             # Verified like every other host, through the run's ssh_config (fleet/ssh.py).
             jump_hosts=jump_chain(jump, jump_keys) if jump else (),
             jump_known_hosts_file=Path(own_known_hosts) if own_known_hosts else None,
+            options=tuple(sorted((self.config.get("sshOptions") or {}).items())),
         )
 
     def transport(

@@ -138,6 +138,8 @@ class SshConfig:
     # For jump hosts without a pinned key: the knownHostsFile of the operator's own config
     # (a checkout's may not vouch for the jump host the operator chose); None: ssh's default.
     jump_known_hosts_file: Path | None = None
+    # The operator's sshOptions (config.SSH_OPTIONS only): given first, so they win.
+    options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -550,7 +552,8 @@ class Remote:
     def options(self, *, fresh: bool = False) -> list[str]:
         """ssh options, without the program name and destination (Nix takes them too)."""
         e, c = self.endpoint, self.transport.config
-        opts = [
+        opts = [arg for name, value in c.options for arg in ("-o", f"{name}={value}")]
+        opts += [
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes",
             "-o", f"ConnectTimeout={max(1, round(c.connect_timeout))}",

@@ -196,3 +196,39 @@ def test_a_checkouts_known_hosts_never_vouch_for_the_jump_host(home: Path) -> No
     (home / "xdg/fleet/config.yaml").write_text(f"jumpHost: bastion\nknownHostsFile: {home}/mine\n")
     session = flows.Session(str(home / "flake"), config.load(str(home / "flake")), NO_HOSTS)
     assert session.ssh_config().jump_known_hosts_file == home / "mine"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sshOptions: {ProxyCommand: 'sh -c id'}",
+        "sshOptions: {StrictHostKeyChecking: 'no'}",
+        "sshOptions: {KexAlgorithms: 'curve25519-sha256 -oProxyCommand=id'}",
+        "sshOptions: {Ciphers: '$(id)'}",
+        "sshOptions: {Compression: 1}",
+        "sshOptions: curve25519-sha256",
+    ],
+)
+def test_ssh_options_choose_the_session_crypto_and_nothing_else(home: Path, text: str) -> None:
+    (home / "xdg/fleet/config.yaml").write_text(text + "\n")
+    with pytest.raises(UsageError, match="sshOptions"):
+        config.load_user()
+
+
+def test_a_checkout_may_not_choose_the_ssh_options(home: Path) -> None:
+    (home / "flake/fleet.yaml").write_text(
+        "sshOptions: {KexAlgorithms: diffie-hellman-group1-sha1}\n"
+    )
+    with pytest.raises(UsageError, match="operator.s own"):
+        config.load(str(home / "flake"))
+
+
+def test_the_operators_ssh_options_come_first_on_every_ssh(home: Path) -> None:
+    (home / "xdg/fleet/config.yaml").write_text(
+        "sshOptions: {KexAlgorithms: curve25519-sha256, Ciphers: aes128-gcm@openssh.com}\n"
+    )
+    options = tuple(sorted(config.load_user().get("sshOptions").items()))
+    with Transport(SshConfig(options=options)) as transport:
+        argv = transport.remote(Endpoint("h", "192.0.2.1", host_key=None)).ssh_argv(["true"])
+    assert argv[1:5] == ["-o", "Ciphers=aes128-gcm@openssh.com",
+                         "-o", "KexAlgorithms=curve25519-sha256"]  # fmt: skip
