@@ -219,7 +219,7 @@ def test_a_checkout_may_not_choose_the_ssh_options(home: Path) -> None:
     (home / "flake/fleet.yaml").write_text(
         "sshOptions: {KexAlgorithms: diffie-hellman-group1-sha1}\n"
     )
-    with pytest.raises(UsageError, match="operator.s own"):
+    with pytest.raises(UsageError, match=r"operator.s own"):
         config.load(str(home / "flake"))
 
 
