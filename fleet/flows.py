@@ -98,8 +98,10 @@ class Session:
                 return self.each(selectors, work, own)
 
         def one(host: Host) -> T | FleetError:
+            ops = self.ops(transport, host)
             try:
-                return work(host, self.ops(transport, host))
+                with transport.hold(ops.remote):
+                    return work(host, ops)
             except FleetError as exc:
                 return exc
 

@@ -774,6 +774,10 @@ class Rollout:
 
     # -- fleet-wide rollback of persisted hosts ------------------------------------------
 
+    def _revert_held(self, report: HostReport) -> None:
+        with self.transport.hold(self.remote(report.name)):
+            self.revert_host(report)
+
     def revert_host(self, report: HostReport) -> None:
         """Put a host this release persisted back on its recorded generation, through a
         transaction of its own (switch, health, commit to the existing generation)."""
@@ -810,7 +814,8 @@ class Rollout:
         """One host's protocol; an error nobody foresaw fails that host, not the rollout.
         (After begin, the transaction catches everything and has the host undo.)"""
         try:
-            return self.deploy_host(name, path)
+            with self.transport.hold(self.remote(name)):
+                return self.deploy_host(name, path)
         except Exception as exc:
             report = HostReport(name, changed=True)
             report.fail(
@@ -857,7 +862,7 @@ class Rollout:
                 limits = unavailability(self.traffic, self.options)
                 for part, _ in within_limits([self.hosts[r.name] for r in persisted], limits):
                     names = {h.name for h in part}
-                    list(pool.map(self.revert_host, [r for r in persisted if r.name in names]))
+                    list(pool.map(self._revert_held, [r for r in persisted if r.name in names]))
         self.reporter.finish()
         report.duration = time.monotonic() - start
         return report

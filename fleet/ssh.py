@@ -309,6 +309,19 @@ class Transport:
                 self._busy[remote] -= 1
                 self._cond.notify_all()
 
+    @contextmanager
+    def hold(self, remote: Remote) -> Iterator[None]:
+        """Keep a host's master while a worker is on it, between its commands too: only a
+        host nobody works on is closed to make room."""
+        with self._cond:
+            self._busy[remote] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy[remote] -= 1
+                self._cond.notify_all()
+
     def figures(self) -> dict[str, Any]:
         """What the run asked of the network, for the report: connections set up per host
         (a deploy needs two: its master and the confirmation's), and the most hosts

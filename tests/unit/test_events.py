@@ -4,6 +4,7 @@ against a stand-in for the hosts."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import itertools
@@ -405,6 +406,10 @@ class FakeTransport:
 
     def remote(self, endpoint: Endpoint, *, pinned: bool = False) -> FakeHost:
         return self.hosts[endpoint.name]
+
+    @contextlib.contextmanager
+    def hold(self, _remote: FakeHost) -> Iterator[None]:
+        yield
 
 
 def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(

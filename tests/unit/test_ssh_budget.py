@@ -133,3 +133,15 @@ def test_an_urgent_connection_goes_before_every_waiting_routine_one() -> None:
         t.join()
     assert order[0] == "confirm"
     assert sorted(order[1:]) == ["r0", "r1", "r2"]
+
+
+def test_a_host_a_worker_holds_is_never_closed_between_its_commands(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=2) as transport:
+        held = transport.remote(Endpoint("held", "192.0.2.1"))
+        with transport.hold(held):
+            command(watch, held)
+            for i in range(6):  # other hosts come and go meanwhile
+                command(watch, transport.remote(Endpoint(f"h{i}", f"192.0.2.{10 + i}")))
+            command(watch, held)
+        assert transport.handshakes["held"] == 1
+        assert transport.peak_open <= 2

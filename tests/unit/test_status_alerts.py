@@ -83,6 +83,7 @@ class Monitor:
 class FakeOps:
     name: str
     monitor: Monitor
+    remote: Any = None
 
     def prom_alerts(self, port: int, timeout: float | None = None) -> dict[str, Any]:
         self.monitor.asked.append((self.name, port, timeout))
@@ -105,9 +106,14 @@ def monitor(monkeypatch: pytest.MonkeyPatch) -> Iterator[Monitor]:
             raise SshError("web2 (root@192.0.2.1:22): cannot connect: No route to host")
         return HostStatus(h.name, True, state=state, health=None)
 
+    class NoTransport:
+        @contextlib.contextmanager
+        def hold(self, _remote: object) -> Iterator[None]:
+            yield
+
     @contextlib.contextmanager
     def transport(_self: flows.Session, _timeout: float | None = None) -> Iterator[object]:
-        yield object()
+        yield NoTransport()
 
     monkeypatch.setattr(flows, "probe", probe)
     monkeypatch.setattr(flows.Session, "transport", transport)
