@@ -755,6 +755,14 @@ def lab_flake() -> None:
     metavar="S",
     help="The service takes S seconds to become ready (a slow activation).",
 )
+@click.option(
+    "--payload",
+    type=click.IntRange(0, 1024),
+    default=0,
+    metavar="MIB",
+    help="Every app host's system of the release shares MIB of incompressible data, as "
+    "hosts share their packages (what a binary cache saves).",
+)
 @click.pass_obj
 def lab_release(
     ctx: Context,
@@ -762,9 +770,12 @@ def lab_release(
     broken: str | None,
     broken_hosts: tuple[str, ...],
     start_delay: float,
+    payload: int,
 ) -> None:
     """Change what the lab's flake builds next."""
-    wanted = lab_flake_files.LabRelease(version, broken, start_delay, broken_hosts)
+    wanted = lab_flake_files.LabRelease(
+        version, broken, start_delay, broken_hosts, payload_mib=payload
+    )
     lab_ops.release(_lab(), wanted)
     ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
 
