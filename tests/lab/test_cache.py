@@ -13,7 +13,7 @@ from fleet.lab import ops
 from fleet.lab.layout import Lab
 from tests.lab.fleetrun import faulted, own_lab, run_fleet, set_release
 
-pytestmark = [pytest.mark.lab]
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 
 APPS = ["lab1", "lab2", "lab3"]
 CACHE = "lab4"
@@ -47,7 +47,7 @@ def cache_key_name(lab: Lab) -> str:
 
 
 def test_a_deploy_publishes_once_and_every_host_fetches_from_the_cache(
-    lab: Lab, safe: None
+    lab: Lab,
 ) -> None:
     set_release(lab, "cached1")
     code, report, err = run_fleet(lab, "deploy")
@@ -66,7 +66,7 @@ def test_a_deploy_publishes_once_and_every_host_fetches_from_the_cache(
 
 
 def test_hosts_copy_directly_when_the_cache_does_not_answer_and_say_so(
-    lab: Lab, safe: None
+    lab: Lab,
 ) -> None:
     set_release(lab, "cached2")
     with ops.transport(lab) as transport:
@@ -85,7 +85,7 @@ def test_hosts_copy_directly_when_the_cache_does_not_answer_and_say_so(
 
 
 def test_an_unreachable_cache_host_publishes_nothing_and_the_deploy_goes_on(
-    lab: Lab, safe: None
+    lab: Lab,
 ) -> None:
     set_release(lab, "cached3")
     with faulted(lab, CACHE, ops.Fault.PARTITION):
