@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from fleet import interrupt
+
 
 class ConditionError(ValueError):
     """A successCondition outside the grammar."""
@@ -307,5 +309,5 @@ def run_all(
         run.decide(complete=True)
 
     with ThreadPoolExecutor(max_workers=max(1, len(runs))) as pool:
-        list(pool.map(one, runs))
+        interrupt.gather(pool, one, runs)
     return runs

@@ -13,9 +13,9 @@ from typing import Any, NoReturn, TypeVar
 import click
 from tabulate import tabulate
 
-from fleet import day2, flows, nix, output
+from fleet import day2, flows, interrupt, nix, output
 from fleet import report as html_report
-from fleet.errors import ExitCode, FleetError
+from fleet.errors import ExitCode, FleetError, Interrupted
 from fleet.errors import UsageError as FleetUsageError
 from fleet.lab import boot as lab_boot
 from fleet.lab import flake as lab_flake_files
@@ -573,11 +573,17 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
     selectors = list(words[: len(words) - len(command)])
     if not command:
         raise FleetUsageError("fleet exec: no command after --")
-    good, bad = _split(day2.run_everywhere(_session(ctx), selectors, command))
+    session = _session(ctx)
+    with interrupt.collecting():
+        results = day2.run_everywhere(session, selectors, command)
+    stopped = sorted(h for h, r in results.items() if isinstance(r, Interrupted))
+    good, bad = _split({h: r for h, r in results.items() if h not in stopped})
     if ctx.json:
         data = {h: {"exitCode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
                 for h, r in good.items()}  # fmt: skip
-        click.echo(json.dumps({"hosts": data, "unreachable": bad}, indent=2))
+        click.echo(
+            json.dumps({"hosts": data, "unreachable": bad, "interrupted": stopped}, indent=2)
+        )
     else:
         for host, result in good.items():
             for stream, text in ((None, result.stdout), (True, result.stderr)):
@@ -585,7 +591,15 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
                     click.echo(f"{host}: {line}", err=bool(stream))
         rows = [{"host": h, "exit": r.returncode} for h, r in good.items()]
         rows += [{"host": h, "exit": f"unreachable: {why}"} for h, why in bad.items()]
+        rows += [{"host": h, "exit": "interrupted: the command was stopped"} for h in stopped]
         click.echo(tabulate(rows, headers="keys"), err=True)
+    if stopped:  # after the one document of --json, if any
+        plural = "s" if len(stopped) != 1 else ""
+        ctx.say(
+            f"fleet: interrupted (Ctrl-C): the command was stopped on {len(stopped)} "
+            f"host{plural}: {', '.join(stopped)}"
+        )
+        sys.exit(ExitCode.INTERRUPTED)
     if bad:
         sys.exit(ExitCode.ATTENTION)  # as every command: an unreachable host needs attention
     if any(r.returncode != 0 for r in good.values()):
@@ -796,6 +810,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error is one line on stderr and a documented exit code."""
     _ARGV[:] = sys.argv[1:] if argv is None else argv
+    interrupt.install()
     try:
         cli.main(args=argv, prog_name="fleet", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -810,5 +825,5 @@ def main(argv: list[str] | None = None) -> None:
     except FleetError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted (Ctrl-C)", ExitCode.INTERRUPTED)
     sys.exit(ExitCode.OK)

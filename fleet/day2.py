@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fleet import closure, generations, health, nix, testhook, traffic
 from fleet.errors import FleetError
 from fleet.flows import Session
-from fleet.hostops import HostOps, new_token
+from fleet.hostops import RUNNING_HELPER, HostOps, new_token
 from fleet.inventory import Host
 from fleet.process import Result
 from fleet.rollout import Release, endpoint
@@ -115,5 +115,23 @@ def drain(
 def run_everywhere(
     session: Session, selectors: Sequence[str], argv: Sequence[str]
 ) -> dict[str, Result | FleetError]:
-    """One command on every selected host, its argument list quoted, never pasted."""
-    return session.each(selectors, lambda _h, ops: ops.remote.run(argv, check=False))
+    """One command on every selected host, its argument list quoted, never pasted.
+
+    It runs under the host's ``fleet-host run``, which ends it when our ssh session ends
+    (Ctrl-C, a cut link); a host whose running system predates that runs it bare."""
+
+    def one(_host: Host, ops: HostOps) -> Result:
+        result = ops.remote.run([RUNNING_HELPER, "run", "--", *argv], check=False, hold_stdin=True)
+        if result.returncode in (2, 126, 127) and _no_run_command(result):
+            return ops.remote.run(argv, check=False)
+        return result
+
+    return session.each(selectors, one)
+
+
+def _no_run_command(result: Result) -> bool:
+    """The host's fleet-host has no ``run`` (argparse's refusal), or there is none."""
+    err = result.stderr
+    return "invalid choice: 'run'" in err or (
+        RUNNING_HELPER in err and ("No such file" in err or "not found" in err)
+    )

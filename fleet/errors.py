@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad input: nothing was touched
     ROLLED_BACK = 3  # the change failed and every touched host is back on its known-good generation
     ATTENTION = 4  # some host needs an operator: unreachable, or not restored
+    INTERRUPTED = 130  # Ctrl-C: hosts in flight finished or were restored, none started after
 
 
 class FleetError(Exception):
@@ -45,3 +46,9 @@ class SshError(FleetError):
 
 class HostKeyError(SshError):
     """The host presented a key that does not match the pinned or known one."""
+
+
+class Interrupted(FleetError):
+    """The operator pressed Ctrl-C (twice, in a rollout): this step was stopped midway."""
+
+    exit_code = ExitCode.INTERRUPTED

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import alerts, cache, config, events, inventory, nix, secrets, traffic
+from fleet import alerts, cache, config, events, interrupt, inventory, nix, secrets, traffic
 from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
@@ -106,7 +106,8 @@ class Session:
                 return exc
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(hosts)))) as pool:
-            return dict(zip([h.name for h in hosts], pool.map(one, hosts), strict=True))
+            answers = interrupt.gather(pool, one, hosts)
+            return dict(zip([h.name for h in hosts], answers, strict=True))
 
 
 def open_session(flake: str | None, parallel: int | None = None) -> Session:

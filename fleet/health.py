@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from fleet import interrupt
 from fleet.errors import SshError
 from fleet.hostops import RUNNING_HELPER, Declared, HostOps
 from fleet.inventory import Check, CheckType
@@ -122,7 +123,7 @@ def run_check(remote: Remote, check: Check, deadline: float) -> CheckResult:
             return CheckResult(check.name, True, attempt, message)
         if attempt == check.retries or time.monotonic() + check.interval > deadline:
             return CheckResult(check.name, False, attempt, message)
-        time.sleep(check.interval)
+        interrupt.sleep(check.interval)
     return CheckResult(check.name, False, check.retries, message)
 
 
@@ -131,7 +132,8 @@ def run_checks(remote: Remote, checks: Sequence[Check], deadline: float) -> Heal
     if not checks:
         return Health(True, (), ())
     with ThreadPoolExecutor(max_workers=len(checks)) as pool:
-        results = tuple(pool.map(lambda c: run_check(remote, c, deadline), checks))
+        one = interrupt.carried(lambda c: run_check(remote, c, deadline))
+        results = tuple(pool.map(one, checks))
     return Health(all(r.ok for r in results), (), results)
 
 

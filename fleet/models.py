@@ -45,6 +45,7 @@ class RolloutResult(StrEnum):
     DEPLOYED = "deployed"
     ROLLED_BACK = "rolled-back"
     ATTENTION = "attention"
+    INTERRUPTED = "interrupted"  # Ctrl-C: hosts after it never started (exit 130)
 
 
 @dataclass(frozen=True)

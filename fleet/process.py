@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fleet.errors import FleetError
+from fleet import interrupt
+from fleet.errors import FleetError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -59,27 +63,61 @@ def run(
     timeout: float | None = None,
     error: type[FleetError] = FleetError,
     what: str | None = None,
+    hold_stdin: bool = False,
 ) -> Result:
     """Run argv (never through a shell) and capture its output.
 
     With check, a non-zero exit raises ``error`` whose message names ``what`` (or the
-    program) and the last line the program printed on stderr.
+    program) and the last line the program printed on stderr. The program runs in a
+    session of its own, so that Ctrl-C is the tool's to handle (fleet/interrupt.py); one
+    it stops raises Interrupted. ``hold_stdin``: its stdin stays open (and empty) until it
+    ends, so that a remote ``fleet-host run`` sees the session end only when ours does.
     """
+    interrupt.check()
+    held: int | None = None
+    stdin: int = subprocess.DEVNULL
+    if input is not None:
+        stdin = subprocess.PIPE
+    elif hold_stdin:
+        stdin, held = os.pipe()
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             list(argv),
-            input=input,
-            capture_output=True,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=dict(env) if env is not None else None,
-            timeout=timeout,
-            check=False,
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise error(f"{argv[0]}: command not found") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise error(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
-    result = Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+    finally:
+        if held is not None:
+            os.close(stdin)
+    try:
+        with interrupt.child(proc):
+            try:
+                stdout, stderr = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                _kill(proc)
+                raise error(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
+            except BaseException:
+                _kill(proc)
+                raise
+    finally:
+        if held is not None:
+            os.close(held)
+    if interrupt.interrupted(proc):
+        raise Interrupted(f"{what or argv[0]}: interrupted (Ctrl-C)")
+    result = Result(tuple(argv), proc.returncode, stdout, stderr)
     if check and not result.ok:
         raise error(f"{what or argv[0]}: {result.last_error_line()}")
     return result
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """The program and whatever it started (its session's process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()

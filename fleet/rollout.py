@@ -21,6 +21,7 @@ import contextlib
 import getpass
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet import analysis, health, testhook, traffic
+from fleet import analysis, health, interrupt, testhook, traffic
 from fleet.cache import Published, fetch_or_copy
-from fleet.errors import ExitCode, FleetError, NixError, SshError, UsageError
+from fleet.errors import ExitCode, FleetError, Interrupted, NixError, SshError, UsageError
 from fleet.events import Events
 from fleet.hostops import (
     Declared,
@@ -166,6 +167,7 @@ class Report:
     reports: list[HostReport]
     duration: float = 0.0
     stopped: str | None = None  # why the rollout stopped early, if it did
+    interrupted: bool = False  # by Ctrl-C (stopped says where)
     extra: dict[str, Any] = field(default_factory=dict)
     analysis: list[analysis.Run] = field(default_factory=list)  # none ran: empty
 
@@ -181,6 +183,8 @@ class Report:
         touched = [r for r in self.reports if r.result is not HostResult.SKIPPED]
         if any(r.result.needs_attention or r.record_error for r in self.reports) or self.held:
             return RolloutResult.ATTENTION
+        if self.interrupted:
+            return RolloutResult.INTERRUPTED
         if self.stopped is None and all(r.result.succeeded for r in touched):
             return RolloutResult.DEPLOYED
         return RolloutResult.ROLLED_BACK
@@ -191,6 +195,7 @@ class Report:
             RolloutResult.DEPLOYED: ExitCode.OK,
             RolloutResult.ROLLED_BACK: ExitCode.ROLLED_BACK,
             RolloutResult.ATTENTION: ExitCode.ATTENTION,
+            RolloutResult.INTERRUPTED: ExitCode.INTERRUPTED,
         }[self.result]
 
     def as_json(self) -> dict[str, Any]:
@@ -316,6 +321,9 @@ class Rollout:
         try:
             with self._phase(report, Phase.CONNECT):
                 state = ops.state()
+        except Interrupted as exc:
+            report.fail(HostResult.SKIPPED, Phase.CONNECT, f"{exc}: nothing was changed")
+            return self._done(report)
         except SshError as exc:
             report.fail(HostResult.UNREACHABLE, Phase.CONNECT, str(exc))
             return self._done(report)
@@ -339,6 +347,9 @@ class Rollout:
             failed = report.copy.get("cacheError")
             if failed and self.published is not None and self.published.error is None:
                 self.reporter.note(f"{name}: the binary cache failed ({failed}); copied directly")
+        except Interrupted as exc:
+            report.fail(HostResult.SKIPPED, Phase.COPY, f"{exc}: nothing was changed")
+            return self._done(report)
         except (NixError, SshError) as exc:
             report.fail(HostResult.FAILED, Phase.COPY, f"nothing was changed: {exc}")
             return self._done(report)
@@ -387,7 +398,8 @@ class Rollout:
             self.traffic.drain_timeout if self.traffic and drain else 0
         )
         try:
-            with self._phase(report, Phase.LOCK):
+            # Begun or not, never half: a Ctrl-C then finds a transaction to undo.
+            with self._phase(report, Phase.LOCK), interrupt.protected():
                 answer = ops.begin(
                     txn.token,
                     self.release.holder(),
@@ -430,6 +442,7 @@ class Rollout:
         txn.deadline = time.time() + deadline
         report.previous = txn.recorded
         try:
+            interrupt.check()
             if drain:
                 self._drain(report, drain)
             if mode == "boot":
@@ -444,6 +457,9 @@ class Rollout:
             self._expired(ops, report, txn, exc)
         except Fenced as exc:
             self._resolved_by_host(ops, report, txn, str(exc))
+        except Interrupted:
+            phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
+            self._undo(ops, report, txn, phase, f"interrupted (Ctrl-C twice) in {phase.value}")
         except Exception as exc:  # lost link, or anything unforeseen: the host undoes
             phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
             why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
@@ -486,7 +502,7 @@ class Rollout:
             waited = traffic.wait_serving(
                 self.traffic, self.balancer, report.name, services, self.traffic.drain_timeout
             )
-        except traffic.BalancerError as exc:
+        except (traffic.BalancerError, Interrupted) as exc:
             report.traffic = f"back in rotation, not confirmed: {exc}"
             return
         if not waited.done:
@@ -515,6 +531,7 @@ class Rollout:
         # A canary of the release, not a revert of one (a revert's record says so).
         if self.options.canary_weight and report.name in self.canaries and not txn.record:
             self._canary(ops, report, txn, activation.declared)
+        interrupt.check()  # a second Ctrl-C restores even a host about to commit
         self._commit(ops, report, txn)
         self._back_in_rotation(report)
 
@@ -547,7 +564,7 @@ class Rollout:
                 if not verdict.ok:
                     failure = verdict.message
                 else:
-                    time.sleep(1.0)
+                    interrupt.sleep(1.0)
             if failure is not None:
                 # Out of rotation before the old system comes back: no client sees the switch.
                 ops.weight(txn.helper, txn.token, dict.fromkeys(services, "drain"), wait)
@@ -590,6 +607,7 @@ class Rollout:
         if not settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
         self._prove(ops, report, state.declared, started + self.options.health_timeout)
+        interrupt.check()
         self._commit(ops, report, txn)
         self._back_in_rotation(report)
 
@@ -597,18 +615,21 @@ class Rollout:
         """The host's state once it is back from its reboot (its transaction past
         ``rebooting``), or None if it is not back in time."""
         end = time.monotonic() + self.options.boot_timeout
-        time.sleep(1.0)
+        interrupt.sleep(1.0)
         while time.monotonic() < end:
             try:
                 state = ops.state(fresh=True, timeout=10)
+            except Interrupted:
+                raise
             except FleetError:
-                time.sleep(1.0)
+                interrupt.sleep(1.0)
                 continue
             if state.txn is None or state.txn.token != txn.token or state.txn.state != "rebooting":
                 return state
-            time.sleep(1.0)
+            interrupt.sleep(1.0)
         return None
 
+    @interrupt.protecting
     def _commit(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
         record = self.record(report) | {"phase": None, "message": None} | txn.record
         try:
@@ -635,6 +656,7 @@ class Rollout:
         )
         report.record_error = answer.get("record_error")
 
+    @interrupt.protecting
     def _undo(self, ops: HostOps, report: HostReport, txn: _Txn, phase: Phase, why: str) -> None:
         """Ask the host to undo now; if it cannot be asked, say what the host will do."""
         report.fail(HostResult.FAILED, phase, why)
@@ -656,6 +678,7 @@ class Rollout:
             return
         self._verify_restored(ops, report, txn, data)
 
+    @interrupt.protecting
     def _verify_restored(
         self, ops: HostOps, report: HostReport, txn: _Txn, data: dict[str, Any]
     ) -> None:
@@ -701,6 +724,7 @@ class Rollout:
         with contextlib.suppress(FleetError):
             report.record_error = ops.append_record(self.record(report))
 
+    @interrupt.protecting
     def _expired(self, ops: HostOps, report: HostReport, txn: _Txn, exc: Expired) -> None:
         report.fail(
             HostResult.FAILED,
@@ -709,6 +733,7 @@ class Rollout:
         )
         self._verify_restored(ops, report, txn, exc.data)
 
+    @interrupt.protecting
     def _resolved_by_host(self, ops: HostOps, report: HostReport, txn: _Txn, why: str) -> None:
         """Our transaction ended without us: read what the host did, claim nothing else."""
         try:
@@ -813,6 +838,10 @@ class Rollout:
     def _guarded(self, name: str, path: str) -> HostReport:
         """One host's protocol; an error nobody foresaw fails that host, not the rollout.
         (After begin, the transaction catches everything and has the host undo.)"""
+        if interrupt.stopping():
+            report = HostReport(name)
+            report.message = NOT_STARTED
+            return self._done(report)
         try:
             with self.transport.hold(self.remote(name)):
                 return self.deploy_host(name, path)
@@ -837,12 +866,36 @@ class Rollout:
         self.canaries = {n for w in waves for n, why in w.why.items() if why.startswith("canary")}
         self.reporter.start(list(order))
         failures = 0
-        with ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool:
+        in_flight: set[str] = set()
+        flight_lock = threading.Lock()
+
+        def one(name: str) -> HostReport:
+            with flight_lock:
+                in_flight.add(name)
+            try:
+                return self._guarded(name, paths[name])
+            finally:
+                with flight_lock:
+                    in_flight.discard(name)
+
+        def notice(level: interrupt.Level) -> None:
+            with flight_lock:
+                hosts = ", ".join(sorted(in_flight)) or "none"
+            self.reporter.note(INTERRUPT_NOTICES[level].format(hosts=hosts))
+
+        with (
+            interrupt.graceful(notice),
+            ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool,
+        ):
             for number, wave in enumerate(waves, 1):
-                done = list(pool.map(lambda n: self._guarded(n, paths[n]), wave.hosts))
+                done = interrupt.gather(pool, one, wave.hosts)
                 for r in done:
                     reports[r.name] = r
                 failures += sum(not r.result.succeeded for r in done)
+                if interrupt.stopping() and self._cut_short(number, len(waves), done):
+                    report.interrupted = True
+                    report.stopped = self._interrupted_at(number, len(waves), done)
+                    break
                 if failures > self.options.max_failures:
                     report.stopped = (
                         f"wave {number} of {len(waves)} brought failures to "
@@ -853,19 +906,50 @@ class Rollout:
                 later = waves[number].hosts if number < len(waves) else []
                 if set(wave.hosts) <= self.canaries and not set(later) <= self.canaries:
                     report.stopped = self._analyse(report, reports, order)
+                    if interrupt.stopping():
+                        report.interrupted = True
+                        report.stopped = "interrupted (Ctrl-C) during the canaries' analysis" + (
+                            f"; {report.stopped}" if report.stopped else ""
+                        )
                     if report.stopped:
                         break
             report.reports = [reports[n] for n in order]
-            if report.stopped and self.options.rollback and not report.held:
+            if report.interrupted:
+                for r in report.reports:
+                    if r.result is HostResult.SKIPPED and r.message is None:
+                        r.message = NOT_STARTED
+            # Ctrl-C stops the rollout; it does not revert hosts that finished: they run
+            # the release, healthy and committed, and the report says which.
+            revert = report.stopped and not report.interrupted
+            if revert and self.options.rollback and not report.held:
                 persisted = [r for r in report.reports if r.result.succeeded and r.changed]
                 # Reverting drains too: as many at once as the services allow.
                 limits = unavailability(self.traffic, self.options)
                 for part, _ in within_limits([self.hosts[r.name] for r in persisted], limits):
                     names = {h.name for h in part}
-                    list(pool.map(self._revert_held, [r for r in persisted if r.name in names]))
+                    interrupt.gather(
+                        pool, self._revert_held, [r for r in persisted if r.name in names]
+                    )
         self.reporter.finish()
         report.duration = time.monotonic() - start
         return report
+
+    @staticmethod
+    def _cut_short(number: int, waves: int, done: Sequence[HostReport]) -> bool:
+        """Whether a Ctrl-C changed anything: a later wave, or a host of this one, that
+        did not go its whole way (one pressed after the last host started changes none)."""
+        return number < waves or any(INTERRUPTED in (r.message or "") for r in done)
+
+    @staticmethod
+    def _interrupted_at(number: int, waves: int, done: Sequence[HostReport]) -> str:
+        cut = [r.name for r in done if r.phase is not None and INTERRUPTED in (r.message or "")]
+        unstarted = sum(r.message == NOT_STARTED for r in done)
+        where = f"interrupted (Ctrl-C) in wave {number} of {waves}"
+        if cut:
+            where += f"; stopped midway and restored: {', '.join(cut)}"
+        if unstarted:
+            where += f"; {unstarted} host{'s' if unstarted != 1 else ''} of the wave not started"
+        return where + "; later waves not started"
 
     # -- canary analysis ---------------------------------------------------------------
 
@@ -896,7 +980,9 @@ class Rollout:
                 f"analysis {run.analysis.name} {n}/{count}: {values}: {m.outcome.value}{why}"
             )
 
-        runs = analysis.run_all(self.analyses, hosts, baseline, self._prometheus(), progress)
+        runs = analysis.run_all(
+            self.analyses, hosts, baseline, self._prometheus(), progress, wait=interrupt.wait
+        )
         report.analysis = runs
         for run in runs:
             self.events.analysis(run)
@@ -933,6 +1019,20 @@ class Rollout:
             raise FleetError("; ".join(errors) or "no monitoring host")
 
         return ask
+
+
+# How a host's message says that Ctrl-C stopped it (fleet/interrupt.py).
+INTERRUPTED = "interrupted (Ctrl-C"
+NOT_STARTED = "not started: interrupted (Ctrl-C)"
+# What the operator is told at each Ctrl-C of a rollout.
+INTERRUPT_NOTICES = {
+    interrupt.Level.STOP: "Ctrl-C: no new host starts; in flight, finishing or restoring as "
+    "they would: {hosts} (Ctrl-C again to restore them now)",
+    interrupt.Level.RESTORE: "Ctrl-C again: stopping and restoring the hosts in flight now: "
+    "{hosts} (Ctrl-C a third time to leave them to their own dead-man switches)",
+    interrupt.Level.LEAVE: "Ctrl-C a third time: leaving now; each host still in flight "
+    "({hosts}) undoes its transaction by itself by its deadline: see `fleet status`",
+}
 
 
 def _tail(output: str, lines: int = 3) -> str:
@@ -1000,4 +1100,4 @@ def dry_run(
         return Plan(host.name, state.running, paths[host.name], True, "", wave, why)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return list(pool.map(one, hosts))
+        return interrupt.gather(pool, one, hosts)

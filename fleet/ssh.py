@@ -36,8 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fleet import process
-from fleet.errors import FleetError, HostKeyError, SshError, UsageError
+from fleet import interrupt, process
+from fleet.errors import FleetError, HostKeyError, Interrupted, SshError, UsageError
 from fleet.process import Result
 
 # What OpenSSH prints when it refuses a host key (unknown, changed, or mismatched alias).
@@ -644,11 +644,13 @@ class Remote:
         input: str | None = None,
         timeout: float | None = None,
         fresh: bool = False,
+        hold_stdin: bool = False,
     ) -> Result:
         """Run argv on the host; each argument is quoted, so nothing is pasted into a shell.
 
         ``fresh`` opens a new connection instead of the shared one: a confirmation
         must prove that the host is reachable now, not that an old session survives.
+        ``hold_stdin``: the remote command's stdin stays open until ours ends (process.run).
         """
         with self.session(fresh=fresh):
             result = process.run(
@@ -658,6 +660,7 @@ class Remote:
                 timeout=timeout,
                 error=SshError,
                 what=f"{self.name}: ssh",
+                hold_stdin=hold_stdin,
             )
         if result.returncode == 255:
             raise self.connection_error(result)
@@ -711,14 +714,21 @@ class Remote:
         argv = ["ssh", *self.options(), "-W", f"127.0.0.1:{port}", "--", self.endpoint.address]
         with self.session():
             proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C is the tool's (fleet/interrupt.py)
             )
             try:
-                yield proc
+                with interrupt.child(proc):
+                    yield proc
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.communicate()
+            if interrupt.interrupted(proc):
+                raise Interrupted(f"{self.name}: interrupted (Ctrl-C)")
 
     def disconnect(self) -> None:
         """Stop the master; return once it is gone (its socket removed), so that whoever
@@ -729,6 +739,7 @@ class Remote:
                 capture_output=True,
                 check=False,
                 timeout=10,
+                start_new_session=True,
             )
             end = time.monotonic() + 2
             while self.control_path.exists() and time.monotonic() < end:

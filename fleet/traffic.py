@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fleet import interrupt
 from fleet.errors import FleetError
 from fleet.hostops import HostOps, printable
 from fleet.inventory import Traffic
@@ -169,7 +170,7 @@ def _wait(
         elapsed = time.monotonic() - start
         if not pending or elapsed >= timeout:
             return Wait(not pending, pending, elapsed)
-        time.sleep(POLL)
+        interrupt.sleep(POLL)
 
 
 def wait_drained(

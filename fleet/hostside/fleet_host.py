@@ -815,6 +815,51 @@ def agent_answer(paths: Paths, request: str) -> str:
     return word if AGENT_WORD.fullmatch(word) else "ready 100%"
 
 
+# How long a command of `fleet exec` has to end after SIGTERM before SIGKILL.
+RUN_GRACE = 5.0
+
+
+def cmd_run(argv: list[str]) -> int:
+    """`fleet exec`'s command, ended with its session. ssh without a terminal passes no
+    signal on, so the operator's Ctrl-C (or a cut link) reaches the host only as the end
+    of this program's stdin, which the tool holds open (and empty) while it waits. The
+    command gets /dev/null as its stdin and its own process group, which is ended as a
+    whole: SIGTERM, then SIGKILL after RUN_GRACE seconds. Exit code: the command's
+    (128 + N for signal N, as a shell says), or 127 when it cannot be started."""
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("fleet-host run: no command", file=sys.stderr)
+        return Exit.USAGE
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        print(f"fleet-host run: {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    watching = True
+    while child.poll() is None:
+        if not watching:
+            time.sleep(0.2)
+            continue
+        try:
+            readable, _, _ = select.select([sys.stdin], [], [], 0.2)
+            ended = bool(readable) and not os.read(sys.stdin.fileno(), 4096)
+        except (OSError, ValueError):
+            ended = True
+        if ended:
+            watching = False
+            print("fleet-host run: the session ended: stopping the command", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(RUN_GRACE)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+    code = child.returncode
+    return 128 - code if code < 0 else code
+
+
 def cmd_agent(paths: Paths, args: argparse.Namespace) -> None:
     """One agent check: a line in (the service), a line out. Run per connection by the
     fleet-agent socket, so that systemd, not a daemon of ours, holds the port."""
@@ -2005,6 +2050,8 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("path", type=store_path_arg)
     publish = command("publish", "add closures to the binary cache this host serves")
     publish.add_argument("paths", type=store_path_arg, nargs="+")
+    run_ = command("run", "run a command until it ends or this session does (fleet exec)")
+    run_.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
     alerts = command("prom-alerts", "the alerts of the Prometheus on 127.0.0.1:PORT")
     alerts.add_argument("--port", required=True, type=port_arg)
     alerts.add_argument("--timeout", type=float, default=5.0)
@@ -2052,6 +2099,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     args = parser().parse_args(argv)
+    if args.command == "run":  # the operator's own command, as the ssh user: never JSON
+        return cmd_run(args.argv)
     os.umask(0o077)
     paths = Paths.from_env()
     if args.command in INTERNAL and caller_uid() != 0:

@@ -44,6 +44,8 @@ class Fault(StrEnum):
     PARTITION = "partition"  # the host's link cut, healed after the confirm timeout
     CRASH = "crash"  # the host dies; `lab up` boots it again
     TAKEOVER = "takeover"  # a second operator deploys another release with --break-lock
+    INTERRUPT = "ctrl-c"  # one SIGINT: the hosts in flight finish, no new one starts
+    INTERRUPT_TWICE = "ctrl-c-twice"  # two: the hosts in flight are restored at once
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,35 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, Any, str]:
     return proc.returncode, report, err
 
 
+# The tool's notice of the first Ctrl-C of a rollout (fleet/rollout.py INTERRUPT_NOTICES).
+FIRST_NOTICE = "Ctrl-C: no new host starts"
+
+
+def _interrupt(proc: subprocess.Popen[str], presses: int) -> tuple[int, Any]:
+    """Ctrl-C as a terminal sends it, ``presses`` times (a second one only once the tool
+    has taken the first: pending signals of one kind do not add up); its exit code and
+    report. Outside a rollout (gc) the first one ends the command."""
+    import json
+
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    seen = _read_until(proc, FIRST_NOTICE)
+    if presses > 1 and seen and FIRST_NOTICE in seen[-1]:
+        os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    report = json.loads(out) if out.strip() else None
+    # 0 or 3: the Ctrl-C came after the last host had started and cut nothing.
+    allowed = {0, 3, 4, 130}
+    if report is not None and "release" in report:
+        results = {h["result"] for h in report["hosts"].values()}
+        if results & {"failed", "unreachable"}:
+            allowed = {4}
+        if proc.returncode == 130:
+            assert report["result"] == "interrupted" and report["stopped"], report
+    assert proc.returncode in allowed, f"exit {proc.returncode}: {report}"
+    return proc.returncode, report
+
+
 def _assert_truthful(lab: Lab, code: int | None, report: Any, what: str) -> None:
     """Nothing a report claims is false once the hosts have settled."""
     if report is None or "release" not in report:
@@ -263,6 +294,8 @@ def run_case(lab: Lab, case: Case) -> float:
             runs.append((code, report))
         finally:
             ops.up(lab, None, lambda _m: None)
+    elif case.fault in (Fault.INTERRUPT, Fault.INTERRUPT_TWICE):
+        runs.append(_interrupt(proc, 2 if case.fault is Fault.INTERRUPT_TWICE else 1))
     elif case.fault is Fault.TAKEOVER:
         set_release(lab, f"mxt-{next(_counter)}")
         second = run_fleet(lab, "deploy", op.host, "--break-lock", *TIMEOUTS)

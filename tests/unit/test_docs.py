@@ -53,7 +53,7 @@ def test_every_documented_command_and_option_exists() -> None:
 
 
 def test_exit_codes_table_matches_the_code() -> None:
-    table = dict(re.findall(r"^\| (\d) \| (.+) \|$", README, re.M))
+    table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", README, re.M))
     assert {int(k) for k in table} == {int(c) for c in ExitCode}
 
 
