@@ -39,32 +39,38 @@ class Published:
         }
 
 
-def publish(cache: Cache, remote: Remote, paths: Sequence[str]) -> Published:
-    """Copy the closures to the cache host (one copy) and add them to its cache."""
+def publish(
+    cache: Cache, remote: Remote, paths: Sequence[str], *, substitute: bool = False
+) -> Published:
+    """Copy the closures to the cache host (one copy) and add them to its cache;
+    ``substitute``: the cache host first fetches what it can from its own substituters."""
     unique = sorted(set(paths))
     start = time.monotonic()
     try:
-        nix.copy_closure(remote, *unique)
+        nix.copy_closure(remote, *unique, substitute=substitute)
         HostOps(remote).call("publish", *unique)
     except FleetError as exc:
         return Published(cache.url, frozenset(), time.monotonic() - start, str(exc))
     return Published(cache.url, frozenset(unique), time.monotonic() - start)
 
 
-def fetch_or_copy(ops: HostOps, published: Published | None, path: str) -> dict[str, Any]:
+def fetch_or_copy(
+    ops: HostOps, published: Published | None, path: str, *, substitute: bool = False
+) -> dict[str, Any]:
     """Bring a closure to a host: from the cache when it holds it, else (and when that
-    fails) from the operator's machine. What happened, for the host's report."""
+    fails) from the operator's machine, from which ``substitute`` has the host first fetch
+    what it can from its own substituters. What happened, for the host's report."""
     if published is not None and path in published.paths:
         try:
             answer = ops.call("fetch", "--cache", published.url, path)
         except FleetError as exc:
-            nix.copy_closure(ops.remote, path)
+            nix.copy_closure(ops.remote, path, substitute=substitute)
             return {"source": "operator", "cacheError": str(exc)}
         return {
             "source": "cache",
             "paths": answer.get("fetched"),
             "downloadBytes": answer.get("downloadBytes"),
         }
-    nix.copy_closure(ops.remote, path)
+    nix.copy_closure(ops.remote, path, substitute=substitute)
     why = None if published is None else (published.error or "the cache does not hold it")
     return {"source": "operator", "cacheError": why} if why else {"source": "operator"}

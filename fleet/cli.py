@@ -66,16 +66,38 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
     is_flag=True,
     help="When the declaration does not evaluate, print Nix's whole trace.",
 )
+@click.option(
+    "--option",
+    "nix_options",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Set a Nix setting for every evaluation and build of the flake (repeatable).",
+)
+@click.option(
+    "--override-input",
+    "override_inputs",
+    nargs=2,
+    multiple=True,
+    metavar="INPUT REF",
+    help="Evaluate the flake with this input at another flake reference (repeatable).",
+)
 @click.version_option(package_name="fleet")
 @click.pass_context
 def cli(
-    click_ctx: click.Context, flake: str | None, as_json: bool, verbose: bool, show_trace: bool
+    click_ctx: click.Context,
+    flake: str | None,
+    as_json: bool,
+    verbose: bool,
+    show_trace: bool,
+    nix_options: tuple[tuple[str, str], ...],
+    override_inputs: tuple[tuple[str, str], ...],
 ) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
     argv = list(_ARGV)
     click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose, argv=argv)
     _JSON[0] = as_json
-    nix.TRACE[:] = ["--show-trace"] if show_trace else []
+    nix.configure(nix.NixArgs(nix_options, override_inputs, show_trace))
 
 
 def _report(ctx: Context, report: Report) -> NoReturn:
@@ -196,6 +218,20 @@ def rollout_options(command: F) -> F:
     help="Copy every closure from this machine, even when the fleet has a binary cache.",
 )
 @click.option(
+    "-s",
+    "--substitute-on-destination",
+    is_flag=True,
+    help="Each host first fetches what it can of its closure from its own substituters.",
+)
+@click.option(
+    "--build-host",
+    metavar="HOST",
+    help="Build the systems on HOST (a host of the inventory, or [user@]address) instead "
+    "of this machine; evaluation stays here, and the outputs come back here once.",
+)
+@click.option("--max-jobs", metavar="N", help="Nix's builds at once (a number, or auto).")
+@click.option("--builders", metavar="SPEC", help="Nix's remote builders for this build.")
+@click.option(
     "--order",
     type=click.Choice([o.value for o in Order]),
     help="Waves by dependencies (default: a dependency's hosts before its dependents') "
@@ -208,6 +244,8 @@ def deploy(
     """Build, copy, activate behind a dead-man switch, prove healthy, persist: in waves."""
     if overrides.get("boot") and overrides.get("reboot"):
         raise click.UsageError("--boot and --reboot exclude each other")
+    build = {"max_jobs": overrides.pop("max_jobs"), "builders": overrides.pop("builders")}
+    nix.configure(dataclasses.replace(nix.ARGS, **build))
     session = _session(ctx)
     session.inventory.select(selectors)  # an unknown selector fails before any build
     overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None

@@ -28,7 +28,7 @@ from fleet.rollout import (
     endpoint,
     waves_for,
 )
-from fleet.ssh import SshConfig, Transport, jump_chain
+from fleet.ssh import Endpoint, SshConfig, Transport, jump_chain
 from fleet.status import STATE_TIMEOUT, FleetStatus, HostStatus, probe
 from fleet.waves import Order
 
@@ -139,6 +139,9 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
             return cfg.get(config_key)
         return default
 
+    build_host = overrides.get("build_host")
+    if build_host is not None:
+        resolve_build_host(session, build_host)  # bad input: before anything is built
     batch = pick("batch_size", None, policy.batch_size)
     if isinstance(batch, str) and not batch.endswith("%"):
         batch = int(batch)
@@ -162,6 +165,8 @@ def deploy_options(session: Session, overrides: dict[str, Any]) -> DeployOptions
         canary_hold=float(overrides.get("canary_hold") or 30),
         skip_analysis=bool(overrides.get("skip_analysis", False)),
         use_cache=not overrides.get("no_cache", False),
+        substitute=bool(overrides.get("substitute_on_destination", False)),
+        build_host=build_host,
     )
 
 
@@ -250,8 +255,7 @@ def deploy(
     hosts = session.inventory.select(selectors)
     check_timeouts(options, hosts)
     delivered = secrets.payloads(hosts, session.config.get("secretsDir"))
-    reporter.note(f"building {len(hosts)} host{'s' if len(hosts) != 1 else ''}")
-    paths = nix.build_systems(session.flake, [h.name for h in hosts])
+    paths = build(session, [h.name for h in hosts], options.build_host, reporter)
     user = session.config.get("sshUser")
     if not options.dry_run:
         sign(session, paths.values())
@@ -269,7 +273,9 @@ def deploy(
         names = [h.name for h in hosts]
         published = None
         if options.use_cache:
-            published = publish(session, transport, reporter, paths.values())
+            published = publish(
+                session, transport, reporter, paths.values(), substitute=options.substitute
+            )
         with events.recording(session.config, release, names) as recorder:
             rollout = Rollout(
                 hosts,
@@ -293,8 +299,76 @@ def deploy(
         return report
 
 
+# A build host the operator names that is not in the inventory: one ssh destination, a
+# user and a host name or address (IPv6 bare), which no ssh or Nix can read as an option,
+# a port, a URL or a second word.
+_DESTINATION = re.compile(
+    r"(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?"
+    r"(?P<address>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8})"
+)
+
+
+@dataclass(frozen=True)
+class BuildHost:
+    """Where --build-host builds, and how that host is reached and verified."""
+
+    endpoint: Endpoint
+    ssh: SshConfig
+    in_inventory: bool
+
+    def describe(self) -> str:
+        e = self.endpoint
+        return e.name if self.in_inventory else f"{e.user}@{e.address}"
+
+
+def resolve_build_host(session: Session, text: str) -> BuildHost:
+    """A host of the inventory (reached as a deploy reaches it: its pinned key, else the
+    known_hosts of the config), or ``[user@]address`` (port 22; the user defaults to the
+    config's sshUser, else root), verified against the operator's own knownHostsFile or
+    ssh's default known_hosts, never a checkout's: the operator chose this host, and what
+    it builds is what the fleet runs."""
+    host = session.inventory.hosts.get(text)
+    if host is not None:
+        return BuildHost(endpoint(host, session.config.get("sshUser")), session.ssh_config(), True)
+    m = _DESTINATION.fullmatch(text)
+    if m is None:
+        raise UsageError(
+            f"--build-host {text!r}: expected a host of the inventory or one ssh destination, "
+            "[user@]address (no spaces, options or ssh:// URL, not starting with '-')"
+        )
+    user = m["user"] or session.config.get("sshUser") or "root"
+    own = config.load_user().get("knownHostsFile")
+    ssh = dataclasses.replace(session.ssh_config(), known_hosts_file=Path(own) if own else None)
+    return BuildHost(Endpoint(text, m["address"], 22, user), ssh, False)
+
+
+def build(
+    session: Session, names: Sequence[str], build_host: str | None, reporter: Reporter
+) -> dict[str, str]:
+    """Every host's system in one evaluation here, built here or on the build host (whose
+    outputs come back here once, to be signed, published and copied as if built here)."""
+    count = f"{len(names)} host{'s' if len(names) != 1 else ''}"
+    if build_host is None:
+        reporter.note(f"building {count} on this machine")
+        return nix.build_systems(session.flake, names)
+    builder = resolve_build_host(session, build_host)
+    systems = nix.evaluate_systems(session.flake, names)
+    reporter.note(f"building {count} on {builder.describe()}")
+    # A build host whose ssh user Nix does not trust takes only signed derivations.
+    sign(session, (s.drv for s in systems.values()))
+    with Transport(builder.ssh, max_open=1) as transport:
+        paths = nix.build_on(transport.remote(builder.endpoint), systems)
+    reporter.note(f"built on {builder.describe()}; the systems are copied back to this machine")
+    return paths
+
+
 def publish(
-    session: Session, transport: Transport, reporter: Reporter, paths: Iterable[str]
+    session: Session,
+    transport: Transport,
+    reporter: Reporter,
+    paths: Iterable[str],
+    *,
+    substitute: bool = False,
 ) -> cache.Published | None:
     """Put the closures in the fleet's binary cache, once, before any host needs them."""
     declared = session.inventory.cache
@@ -303,7 +377,7 @@ def publish(
     server = session.inventory.hosts[declared.host]
     remote = transport.remote(endpoint(server, session.config.get("sshUser")), pinned=True)
     reporter.note(f"publishing to the binary cache {declared.url} on {declared.host}")
-    published = cache.publish(declared, remote, list(paths))
+    published = cache.publish(declared, remote, list(paths), substitute=substitute)
     if published.error is not None:
         reporter.note(
             f"binary cache: nothing published ({published.error}); every host gets its "

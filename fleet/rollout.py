@@ -87,6 +87,10 @@ class DeployOptions:
     canary_hold: float = 30.0
     skip_analysis: bool = False  # an emergency: no canary analysis
     use_cache: bool = True  # publish to the fleet's binary cache and fetch from it
+    # --substitute-on-destination: a host fetches what it can from its own substituters
+    # before the rest is copied from the operator's machine.
+    substitute: bool = False
+    build_host: str | None = None  # --build-host: where the systems are built (flows.build)
 
     @property
     def mode(self) -> str:
@@ -343,7 +347,9 @@ class Rollout:
         report.changed = True
         try:
             with self._phase(report, Phase.COPY):
-                report.copy = fetch_or_copy(ops, self.published, path)
+                report.copy = fetch_or_copy(
+                    ops, self.published, path, substitute=self.options.substitute
+                )
             failed = report.copy.get("cacheError")
             if failed and self.published is not None and self.published.error is None:
                 self.reporter.note(f"{name}: the binary cache failed ({failed}); copied directly")

@@ -376,3 +376,25 @@ def test_a_boot_loader_that_refuses_the_new_system_leaves_the_old_one_whole(lab)
     assert running_paths(lab) == before  # the others were reverted with the release
     assert [g.number for g in host_states(lab)["lab2"].generations] == numbers
     assert_safe(lab)
+
+
+def test_a_build_host_builds_and_the_deploy_goes_on_from_here(lab, lab_remotes):
+    """--build-host lab2: lab2's Nix builds what lab1 runs; the output comes back here once
+    and goes on to lab1 as usual (-s: lab1 first asks its own substituters, which it has
+    none of, for what it can fetch)."""
+    set_release(lab, "bh1")
+    before = running_paths(lab)["lab1"]
+    # The build options reach the build host's nix-store; a failed build touches no host.
+    code, _, err = run_fleet(lab, "deploy", "lab1", "--build-host", "lab2", "--max-jobs", "0")
+    assert code == 1 and "nix build on lab2: error: unable to start any build" in err, err
+    assert running_paths(lab)["lab1"] == before
+    code, report, err = run_fleet(lab, "deploy", "lab1", "--build-host", "lab2", "-s")
+    assert code == 0, err
+    assert "building 1 host on lab2" in err and "built on lab2" in err
+    path = report["hosts"]["lab1"]["new"]["path"]
+    assert running_paths(lab)["lab1"] == path
+    # lab2, not a target, holds lab1's system and Nix's log of building it.
+    builder = lab_remotes["lab2"]
+    assert builder.run(["nix-store", "--check-validity", path], check=False).ok
+    assert builder.run(["nix-store", "--read-log", path], check=False).ok
+    assert running_paths(lab)["lab2"] != path

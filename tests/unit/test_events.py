@@ -417,7 +417,7 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
 ) -> None:
     """web1, the canary, deploys; web2 fails its switch and is undone; the release stops
     and web1 is reverted with it."""
-    monkeypatch.setattr("fleet.nix.copy_closure", lambda remote, *paths: None)
+    monkeypatch.setattr("fleet.nix.copy_closure", lambda remote, *paths, **_how: None)
     fakes = {"web1": FakeHost("web1"), "web2": FakeHost("web2", switch_exit=4)}
     hosts = [Host(n, "192.0.2.1", 22, "root", (), "x86_64-linux", None, (), ()) for n in fakes]
     options = DeployOptions(parallel=1, canary=1, batch_size=10, max_failures=0,
