@@ -657,17 +657,28 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
 @click.option(
     "--limit", type=click.IntRange(1), default=20, show_default=True, help="Releases shown."
 )
+@click.option(
+    "--timelines",
+    type=click.IntRange(0),
+    default=3,
+    show_default=True,
+    metavar="N",
+    help="The newest rollouts drawn as a timeline of their hosts' phases.",
+)
 @click.pass_obj
-def report(ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int) -> None:
-    """A self-contained HTML page: the status table, each host's alerts (with monitoring)
-    and the recent releases."""
+def report(
+    ctx: Context, selectors: tuple[str, ...], html_file: str, limit: int, timelines: int
+) -> None:
+    """A self-contained HTML page: the status table, each host's alerts (with monitoring),
+    a timeline of the last rollouts and the recent releases."""
     folder = Path(html_file).parent
     if not folder.is_dir():  # before any host is asked
         raise FleetUsageError(f"--html {html_file}: the folder {folder} does not exist")
     session = _session(ctx)
     found = flows.status(session, selectors)
     releases, unread = flows.history(session, None, limit)
-    html_report.write(Path(html_file), html_report.render(session.flake, found, releases, unread))
+    page = html_report.render(session.flake, found, releases, unread, timelines)
+    html_report.write(Path(html_file), page)
     ctx.say(f"wrote {html_file}")
     if found.note:
         ctx.say(found.note)

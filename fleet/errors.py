@@ -20,6 +20,8 @@ class FleetError(Exception):
     """A failure with a one-line message meant for the operator."""
 
     exit_code: ExitCode = ExitCode.ERROR
+    # A failed remote step's equivalent command line, for the operator to run it again.
+    command: str | None = None
 
 
 class UsageError(FleetError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.errors import UsageError
@@ -26,6 +26,9 @@ class ReleaseEntry:
     flake: str | None
     revision: str | None
     hosts: dict[str, dict[str, Any]]  # host -> its newest record of this release
+    # host -> all its records of this release, oldest first, whole (a fleet-wide revert
+    # adds a second): for the report's timeline; not part of the history's JSON.
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict, compare=False)
 
     @property
     def result(self) -> str:
@@ -50,11 +53,13 @@ class ReleaseEntry:
 def merge(records: Mapping[str, Sequence[dict[str, Any]]]) -> list[ReleaseEntry]:
     """Releases newest first, from each host's records (oldest first, as the hosts keep them)."""
     by_release: dict[str, dict[str, dict[str, Any]]] = {}
+    every: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for host in sorted(records):
         for record in records[host]:
             release = record.get("release")
             if isinstance(release, str):
                 by_release.setdefault(release, {})[host] = record
+                every.setdefault(release, {}).setdefault(host, []).append(record)
     entries = []
     for release, hosts in by_release.items():
         first = min(hosts.values(), key=lambda r: str(r.get("time", "")))
@@ -67,6 +72,7 @@ def merge(records: Mapping[str, Sequence[dict[str, Any]]]) -> list[ReleaseEntry]
             revision=first.get("revision"),
             hosts={h: {k: r.get(k) for k in ("result", "previous", "new", "phase", "message")}
                    for h, r in sorted(hosts.items())},
+            records=every[release],
         ))  # fmt: skip
     return sorted(entries, key=lambda e: (e.time, e.id), reverse=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 from fleet.errors import FleetError, InventoryError
 from fleet.inventory import Check, parse_checks
 from fleet.models import Generation
+from fleet.process import Result
 from fleet.ssh import Remote
 
 # The running system's helper; a transaction uses its target's, which was just copied.
@@ -371,6 +372,7 @@ class Activation:
     failed_units: tuple[str, ...]
     deadline: float
     declared: Declared = field(default_factory=Declared)  # the activated system's checks
+    command: str | None = None  # the call, for an operator to run again (a failed switch)
 
 
 class HostOps:
@@ -392,19 +394,29 @@ class HostOps:
         fresh: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Run ``fleet-host COMMAND ARGS`` as root; its JSON answer, or the matching error."""
+        """Run ``fleet-host COMMAND ARGS`` as root; its JSON answer, or the matching error
+        (which carries the call as a command line: ``FleetError.command``)."""
+        argv = self.argv(command, *args, helper=helper)
+        result = self.remote.run(argv, check=False, fresh=fresh, input=input, timeout=timeout)
+        try:
+            return self._answer(command, argv[argv.index(command) - 1], result)
+        except HelperError as exc:
+            exc.command = self.remote.command_line(argv)
+            raise
+
+    def argv(self, command: str, *args: str, helper: str = RUNNING_HELPER) -> list[str]:
+        """The remote argument list of ``fleet-host COMMAND ARGS``."""
         # A deploy user other than root acts through sudo, which allows it the running
         # system's helper alone (docs/security.md); that helper drives every step.
-        sudo = ["sudo", "-n"] if self.remote.endpoint.user != "root" else []
-        if sudo:
-            helper = RUNNING_HELPER
-        result = self.remote.run(
-            [*sudo, helper, command, *args],
-            check=False,
-            fresh=fresh,
-            input=input,
-            timeout=timeout,
-        )
+        if self.remote.endpoint.user != "root":
+            return ["sudo", "-n", RUNNING_HELPER, command, *args]
+        return [helper, command, *args]
+
+    def command_line(self, command: str, *args: str, helper: str = RUNNING_HELPER) -> str:
+        """``fleet-host COMMAND ARGS`` on this host, as a line an operator can paste."""
+        return self.remote.command_line(self.argv(command, *args, helper=helper))
+
+    def _answer(self, command: str, helper: str, result: Result) -> dict[str, Any]:
         lines = result.stdout.strip().splitlines()
         try:
             data = json.loads(lines[-1]) if lines else None
@@ -482,12 +494,14 @@ class HostOps:
                 return self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
         except LockHeld as exc:
             holder_text = describe_holder(exc.data.get("holder"))
-            raise LockHeld(
+            held = LockHeld(
                 f"{self.name}: deploy lock held by {holder_text}, whose dead-man switch "
                 f"resolves it by {clock(exc.data.get('deadline'))}; to take its transaction "
                 "over now, use --break-lock",
                 exc.data,
-            ) from None
+            )
+            held.command = exc.command
+            raise held from None
 
     def weight(
         self, helper: str, token: str, weights: Mapping[str, int | str], hold: float
@@ -501,16 +515,8 @@ class HostOps:
         return float(data["deadline"])
 
     def activate(self, helper: str, token: str, health: float, confirm: float) -> Activation:
-        data = self.call(
-            "activate",
-            "--token",
-            token,
-            "--health",
-            f"{health:g}",
-            "--confirm",
-            f"{confirm:g}",
-            helper=helper,
-        )
+        args = ["--token", token, "--health", f"{health:g}", "--confirm", f"{confirm:g}"]
+        data = self.call("activate", *args, helper=helper)
         return Activation(
             switch_exit=int(data["switchExit"]),
             output=str(data.get("output", "")),
@@ -518,6 +524,7 @@ class HostOps:
             failed_units=tuple(data.get("failedUnits", [])),
             deadline=float(data["deadline"]),
             declared=declared(data.get("checks"), "the new system's manifest"),
+            command=self.command_line("activate", *args, helper=helper),
         )
 
     def commit(self, helper: str, token: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,9 @@ class HostReport:
     changed: bool = False
     previous: Generation | None = None
     new: Generation | None = None
+    # The generation this run tried to put on the host (the release's system): after a
+    # rollback ``new`` is the restored one, and this says what failed.
+    attempted: Generation | None = None
     phase: Phase | None = None  # the failing phase, when one failed
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -80,6 +83,12 @@ class HostReport:
     reverting: bool = False
     # How the closure came: {"source": "cache" | "operator", ...} (fleet/cache.py).
     copy: dict[str, Any] | None = None
+    # The failing remote step as a command line an operator can paste (fleet/ssh.py
+    # Remote.command_line); None when the host did not fail or no remote step failed.
+    command: str | None = None
+    # When the host's protocol started (seconds since the epoch), for the release record:
+    # the report's timeline places each phase from it.
+    started: float | None = None
 
     def fail(self, result: HostResult, phase: Phase, message: str) -> None:
         self.result, self.phase, self.message = result, phase, message
@@ -90,6 +99,7 @@ class HostReport:
             "changed": self.changed,
             "previous": self.previous.as_json() if self.previous else None,
             "new": self.new.as_json() if self.new else None,
+            "attempted": self.attempted.as_json() if self.attempted else None,
             "phase": self.phase.value if self.phase else None,
             "message": self.message,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -97,4 +107,5 @@ class HostReport:
             "checks": self.checks,
             "traffic": self.traffic,
             "copy": self.copy,
+            "command": self.command,
         }

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TextIO
 
 from tabulate import tabulate
 
-from fleet.models import Generation, HostReport, Phase
+from fleet.models import Generation, HostReport, HostResult, Phase
+
+WAVE_NAMES = 6  # hosts a plain wave line names before "(+N more)"
 
 
 class Reporter:
@@ -23,12 +32,23 @@ class Reporter:
     def start(self, hosts: list[str]) -> None:
         pass
 
+    def wave(self, number: int, total: int, hosts: list[str]) -> None:
+        """A wave starts: ``number`` of ``total`` (1 first), with these hosts."""
+        more = len(hosts) - WAVE_NAMES
+        names = ", ".join(hosts[:WAVE_NAMES]) + (f" (+{more} more)" if more > 0 else "")
+        self.note(f"wave {number} of {total}: {names}")
+
     def phase(self, host: str, phase: Phase, detail: str = "") -> None:
         with self.lock:
             elapsed = time.monotonic() - self.start_time
             suffix = f": {detail}" if detail else ""
             self.stream.write(f"{host}: {phase.value}{suffix} [{elapsed:.1f}s]\n")
             self.stream.flush()
+
+    def done(self, report: HostReport) -> None:
+        """The host's protocol ended (a revert of it ends it a second time)."""
+        detail = report.result.value + (f" ({report.message})" if report.message else "")
+        self.phase(report.name, Phase.DONE, detail[:160])
 
     def note(self, message: str) -> None:
         with self.lock:
@@ -39,25 +59,104 @@ class Reporter:
         pass
 
 
-class LiveReporter(Reporter):
-    """One line per host, redrawn in place on a terminal: phase and time in it."""
+class State(Enum):
+    """Where a host is in the rollout, as the live view counts it."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
+    WAITING = "waiting"
+    FLIGHT = "in flight"
+    DONE = "done"
+    FAILED = "failed"  # ended on anything but success: rolled back, failed, unreachable
+
+
+@dataclass
+class Row:
+    """One host as the live view shows it."""
+
+    state: State = State.WAITING
+    phase: Phase | None = None
+    detail: str = ""
+    since: float = 0.0  # when its current phase started
+    started: float | None = None  # when its first phase started
+    ended: float | None = None  # when it ended: its time stops there
+    result: HostResult | None = None
+
+
+def _terminal_size(stream: TextIO) -> os.terminal_size:
+    """The size of the terminal the view is drawn on (stderr, even when stdout is a pipe)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size()
+    # A terminal that does not know its size says 0: then $COLUMNS/$LINES, or 80x24.
+    return size if size.columns > 0 and size.lines > 0 else shutil.get_terminal_size()
+
+
+class LiveReporter(Reporter):
+    """A live view redrawn in place on a terminal: a header with the wave and the counts,
+    then one line per host (phase and its time; a finished host's result and its whole
+    time, frozen at its end). Events only update the rows; the ticker redraws at most
+    ``1 / interval`` times a second, and only the lines that fit the terminal: in-flight
+    and failed hosts first, a summary line for the rest. A fleet of thousands costs no
+    more per redraw than one screenful."""
+
+    def __init__(
+        self,
+        stream: TextIO = sys.stderr,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        size: Callable[[], os.terminal_size] | None = None,
+        interval: float = 0.25,
+    ) -> None:
         super().__init__(stream)
-        self.rows: dict[str, tuple[Phase | None, str, float]] = {}
+        self.clock = clock
+        self.size = size or (lambda: _terminal_size(stream))
+        self.interval = interval
+        self.rows: dict[str, Row] = {}
+        # The hosts in each state, in the order they entered it (dicts as ordered sets).
+        self.by_state: dict[State, dict[str, None]] = {s: {} for s in State}
+        self.width = 0
+        self.wave_text = "starting"
+        self.began: float | None = None
         self.drawn = 0
         self.stop = threading.Event()
         self.ticker = threading.Thread(target=self._tick, daemon=True)
 
     def start(self, hosts: list[str]) -> None:
-        now = time.monotonic()
-        self.rows = {h: (None, "waiting", now) for h in hosts}
+        with self.lock:
+            self.began = self.clock()
+            self.rows = {h: Row() for h in hosts}
+            self.by_state = {s: {} for s in State}
+            self.by_state[State.WAITING] = dict.fromkeys(hosts)
+            self.width = max((len(h) for h in hosts), default=0)
+            self._draw()
         self.ticker.start()
+
+    def wave(self, number: int, total: int, hosts: list[str]) -> None:
+        with self.lock:
+            self.wave_text = f"wave {number} of {total}"
+
+    def _move(self, host: str, row: Row, state: State) -> None:
+        self.by_state[row.state].pop(host, None)
+        self.by_state[state][host] = None
+        row.state = state
 
     def phase(self, host: str, phase: Phase, detail: str = "") -> None:
         with self.lock:
-            self.rows[host] = (phase, detail, time.monotonic())
-            self._draw()
+            row = self.rows.setdefault(host, Row())
+            now = self.clock()
+            if row.state is not State.FLIGHT:  # its start, or a revert of a finished host
+                row.started, row.ended, row.result = now, None, None
+                self._move(host, row, State.FLIGHT)
+            row.phase, row.detail, row.since = phase, detail, now
+
+    def done(self, report: HostReport) -> None:
+        with self.lock:
+            row = self.rows.setdefault(report.name, Row())
+            now = self.clock()
+            row.started = now if row.started is None else row.started
+            row.ended, row.result = now, report.result
+            row.detail = report.message or ""
+            self._move(report.name, row, State.DONE if report.result.succeeded else State.FAILED)
 
     def note(self, message: str) -> None:
         with self.lock:
@@ -66,7 +165,7 @@ class LiveReporter(Reporter):
             self._draw()
 
     def _tick(self) -> None:
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(self.interval):
             with self.lock:
                 self._draw()
 
@@ -75,15 +174,57 @@ class LiveReporter(Reporter):
             self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
             self.drawn = 0
 
+    def header(self, now: float) -> str:
+        n = {s: len(hosts) for s, hosts in self.by_state.items()}
+        elapsed = now - (self.began if self.began is not None else now)
+        return (
+            f"{self.wave_text} · {n[State.DONE]} done · {n[State.FAILED]} failed · "
+            f"{n[State.FLIGHT]} in flight · {n[State.WAITING]} waiting · {elapsed:.1f}s"
+        )
+
+    def line(self, host: str, row: Row, now: float) -> str:
+        if row.state is State.WAITING:
+            return f"  {host:<{self.width}}  waiting"
+        if row.ended is not None and row.result is not None:
+            label, seconds = row.result.value, row.ended - (row.started or row.ended)
+        else:
+            label = row.phase.value if row.phase else ""
+            seconds = now - row.since
+        extra = f"  {row.detail}" if row.detail else ""
+        return f"  {host:<{self.width}}  {label:<9} {seconds:5.1f}s{extra}"
+
+    def frame(self) -> list[str]:
+        """What one redraw shows: the header, then the rows that fit the terminal."""
+        now = self.clock()
+        columns, lines = self.size()
+        room = max(1, lines - 2)  # the header, and the line the cursor waits on
+        if len(self.rows) <= room:
+            shown = list(self.rows)
+            summary = None
+        else:
+            room = max(1, room - 1)  # the summary's line
+            first = itertools.chain(self.by_state[State.FLIGHT], self.by_state[State.FAILED])
+            shown = list(itertools.islice(first, room))
+            on_screen = Counter(self.rows[h].state for h in shown)
+            rest = [
+                f"{count} {s.value}"
+                for s in (State.DONE, State.FAILED, State.FLIGHT, State.WAITING)
+                if (count := len(self.by_state[s]) - on_screen[s])
+            ]
+            summary = f"  … {len(self.rows) - len(shown)} more: {', '.join(rest)}"
+        out = [self.header(now)] + [self.line(h, self.rows[h], now) for h in shown]
+        if summary is not None:
+            out.append(summary)
+        limit = max(10, columns - 1)  # a wrapped line would throw the redraw off
+        return [text[:limit] for text in out]
+
     def _draw(self) -> None:
+        if self.began is None:
+            return
         self._clear()
-        now = time.monotonic()
-        width = max((len(h) for h in self.rows), default=0)
-        for host, (phase, detail, since) in self.rows.items():
-            label = phase.value if phase else detail
-            extra = f"  {detail}" if phase and detail else ""
-            self.stream.write(f"  {host:<{width}}  {label:<9} {now - since:5.1f}s{extra}\n")
-        self.drawn = len(self.rows)
+        out = self.frame()
+        self.stream.write("".join(text + "\n" for text in out))
+        self.drawn = len(out)
         self.stream.flush()
 
     def finish(self) -> None:
@@ -114,7 +255,23 @@ def generation_cell(gen: Generation | None) -> str:
     return number + short_path(gen.path)
 
 
+def new_cell(report: HostReport) -> str:
+    """The generation the host ends on; after a rollback, what was attempted, then what
+    was restored."""
+    attempted, new = report.attempted, report.new
+    if (
+        attempted is not None
+        and new is not None
+        and attempted.path != new.path
+        and not report.result.succeeded
+    ):
+        return f"{generation_cell(attempted)} → {generation_cell(new)}"
+    return generation_cell(new)
+
+
 def host_table(reports: list[HostReport]) -> str:
+    """The report's table, then, for each host that failed in a remote step, that step
+    as a command line to run again."""
     rows: list[dict[str, Any]] = []
     for r in reports:
         rows.append({
@@ -122,9 +279,14 @@ def host_table(reports: list[HostReport]) -> str:
             "result": r.result.value + ("" if r.changed or r.result.value != "deployed"
                                         else " (unchanged)"),
             "previous": generation_cell(r.previous),
-            "new": generation_cell(r.new),
+            "new": new_cell(r),
             "failed in": r.phase.value if r.phase else "",
             "message": (r.message or "")[:100],
             "time": f"{sum(r.timings.values()):.1f}s",
         })  # fmt: skip
-    return tabulate(rows, headers="keys")
+    lines = [tabulate(rows, headers="keys")]
+    for r in reports:
+        if r.command and not r.result.succeeded:
+            lines += [f"{r.name} ({r.phase.value if r.phase else r.result.value}):",
+                      f"  to run it again: {r.command}"]  # fmt: skip
+    return "\n".join(lines)

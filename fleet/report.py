@@ -1,6 +1,6 @@
 """`fleet report --html`: one self-contained page (no scripts, no network) with the status
-table, each host's alerts beside its last release, and the recent releases, for someone
-who has never used the tool."""
+table, each host's alerts beside its last release, the recent releases and a timeline of
+the last rollouts (fleet/timeline.py), for someone who has never used the tool."""
 
 from __future__ import annotations
 
@@ -14,13 +14,21 @@ from pathlib import Path
 
 import jinja2
 
+from fleet import timeline
 from fleet.errors import UsageError
 from fleet.history import ReleaseEntry
 from fleet.output import short_path
 from fleet.status import FleetStatus
 
 
-def render(flake: str, found: FleetStatus, releases: list[ReleaseEntry], unread: list[str]) -> str:
+def render(
+    flake: str,
+    found: FleetStatus,
+    releases: list[ReleaseEntry],
+    unread: list[str],
+    timelines: int = 3,
+) -> str:
+    """The page; ``timelines``: how many of the newest rollouts get a timeline."""
     # Autoescape stays on: alerts, messages and records are other machines' words.
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("fleet", "templates"),
@@ -38,6 +46,10 @@ def render(flake: str, found: FleetStatus, releases: list[ReleaseEntry], unread:
         healthy=sum(1 for h in hosts if h["reachable"] and h.get("healthy")),
         releases=[r.as_json() for r in releases],
         unread=unread,
+        timelines=timeline.recent(releases, timelines),
+        phases=[p for p in timeline.PROTOCOL if p in timeline.COLOURS],
+        colours=timeline.COLOURS,
+        failed_colour=timeline.FAILED,
         monitored=monitored,
         fleet_alerts=(
             [a.as_json() | {"host": a.host} for a in found.alerts.fleet]

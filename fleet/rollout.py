@@ -221,11 +221,13 @@ class Report:
 
 
 class _Failed(Exception):
-    """A protocol step failed; the host's transaction is still ours to undo."""
+    """A protocol step failed; the host's transaction is still ours to undo. ``command``:
+    the remote step, as a line the operator can paste."""
 
-    def __init__(self, phase: Phase, message: str) -> None:
+    def __init__(self, phase: Phase, message: str, command: str | None = None) -> None:
         super().__init__(message)
         self.phase = phase
+        self.command = command
 
 
 def endpoint(host: Host, user: str | None = None) -> Endpoint:
@@ -290,6 +292,7 @@ class Rollout:
         self.reporter = reporter
         self.ssh_user = ssh_user
         self.events = events if events is not None else Events(release)  # none: no sinks
+        self.wave_of: dict[str, int] = {}  # host -> its wave (1 first), once run() plans them
 
     def remote(self, name: str) -> Remote:
         return self.transport.remote(endpoint(self.hosts[name], self.ssh_user))
@@ -301,7 +304,7 @@ class Rollout:
 
     @contextlib.contextmanager
     def _phase(self, report: HostReport, phase: Phase) -> Iterator[None]:
-        self.reporter.phase(report.name, phase)
+        self.reporter.phase(report.name, phase, "revert" if report.reverting else "")
         label = f"revert-{phase.value}" if report.reverting else phase.value
         self.events.phase_start(report, label)
         start = time.monotonic()
@@ -310,6 +313,7 @@ class Rollout:
             yield
         except BaseException as exc:
             error = printable(str(exc) or type(exc).__name__)
+            report.command = getattr(exc, "command", None) or report.command
             raise
         finally:
             seconds = time.monotonic() - start
@@ -318,7 +322,7 @@ class Rollout:
         testhook.pause(phase.value, report.name)
 
     def deploy_host(self, name: str, path: str) -> HostReport:
-        report = HostReport(name)
+        report = HostReport(name, started=time.time())
         ops = HostOps(self.remote(name))
         target = Generation(self.generations.get(name), path)
         state: HostState | None = None
@@ -345,6 +349,7 @@ class Rollout:
                 self._unchanged(ops, report, state.declared)
                 return self._done(report)
         report.changed = True
+        report.attempted = target
         try:
             with self._phase(report, Phase.COPY):
                 report.copy = fetch_or_copy(
@@ -409,7 +414,7 @@ class Rollout:
                 answer = ops.begin(
                     txn.token,
                     self.release.holder(),
-                    self.release.base(report.name),
+                    self.release.base(report.name) | self._placed(report),
                     mode,
                     target,
                     deadline,
@@ -458,6 +463,7 @@ class Rollout:
             else:
                 self._switch(ops, report, txn)
         except _Failed as failure:
+            report.command = failure.command or report.command
             self._undo(ops, report, txn, failure.phase, str(failure))
         except Expired as exc:
             self._expired(ops, report, txn, exc)
@@ -525,14 +531,16 @@ class Rollout:
                 txn.helper, txn.token, self.options.health_timeout, self.options.confirm_timeout
             )
         txn.deadline = activation.deadline
+        line = activation.command
         if activation.switch_exit != 0:
             code = activation.switch_exit
             why = SWITCH_MESSAGES.get(code, f"switch-to-configuration exited {code}")
-            raise _Failed(Phase.ACTIVATE, f"{why} (exit {code})" + _tail(activation.output))
+            raise _Failed(Phase.ACTIVATE, f"{why} (exit {code})" + _tail(activation.output), line)
         if activation.failed_units:
-            raise _Failed(Phase.HEALTH, f"failed units: {', '.join(activation.failed_units)}")
+            failed = ", ".join(activation.failed_units)
+            raise _Failed(Phase.HEALTH, f"failed units: {failed}", line)
         if not activation.settled:
-            raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout")
+            raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout", line)
         self._prove(ops, report, activation.declared, started + self.options.health_timeout)
         # A canary of the release, not a revert of one (a revert's record says so).
         if self.options.canary_weight and report.name in self.canaries and not txn.record:
@@ -656,7 +664,9 @@ class Rollout:
             self._verify_restored(ops, report, txn, exc.data)
             return
         new = answer.get("new") or {}
-        report.new = Generation(new.get("number"), str(new.get("path", txn.target.path)))
+        report.new = report.attempted = Generation(
+            new.get("number"), str(new.get("path", txn.target.path))
+        )
         report.result = (
             HostResult.PENDING_REBOOT if self.options.mode == "boot" else HostResult.DEPLOYED
         )
@@ -784,8 +794,15 @@ class Rollout:
             f"`fleet status {report.name}`",
         )
 
+    def _placed(self, report: HostReport) -> dict[str, Any]:
+        """Where the host's transaction sits in the release, for the release records (and
+        the report's timeline): its wave, and when its protocol started (epoch seconds)."""
+        started = round(report.started, 3) if report.started is not None else None
+        return {"wave": self.wave_of.get(report.name), "started": started}
+
     def record(self, report: HostReport) -> dict[str, Any]:
         return self.release.base(report.name) | {
+            **self._placed(report),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "previous": report.previous.as_json() if report.previous else None,
             "new": report.new.as_json() if report.new else None,
@@ -798,8 +815,9 @@ class Rollout:
         }
 
     def _done(self, report: HostReport) -> HostReport:
-        detail = report.result.value + (f" ({report.message})" if report.message else "")
-        self.reporter.phase(report.name, Phase.DONE, detail[:160])
+        if report.result.succeeded:
+            report.command = None  # a step that failed on the way did not fail the host
+        self.reporter.done(report)
         self.events.host_end(report)
         return report
 
@@ -813,7 +831,9 @@ class Rollout:
         """Put a host this release persisted back on its recorded generation, through a
         transaction of its own (switch, health, commit to the existing generation)."""
         assert report.previous is not None
-        back = HostReport(report.name, changed=True, previous=report.new, reverting=True)
+        back = HostReport(
+            report.name, changed=True, previous=report.new, reverting=True, started=time.time()
+        )
         ops = HostOps(self.remote(report.name))
         target = report.previous
         # The host's record: this release, rolled back from what it ran before it.
@@ -837,6 +857,8 @@ class Rollout:
             report.phase = Phase.ROLLBACK
             report.message = f"fleet rollback failed: {back.message}"
             report.new = back.new
+            report.command = back.command
+        self.reporter.done(report)
         self.events.host_end(report)  # its second end: the release's revert of it
 
     # -- the fleet ---------------------------------------------------------------------
@@ -894,6 +916,8 @@ class Rollout:
             ThreadPoolExecutor(max_workers=max(1, self.options.parallel)) as pool,
         ):
             for number, wave in enumerate(waves, 1):
+                self.wave_of.update(dict.fromkeys(wave.hosts, number))
+                self.reporter.wave(number, len(waves), list(wave.hosts))
                 done = interrupt.gather(pool, one, wave.hosts)
                 for r in done:
                     reports[r.name] = r

@@ -154,9 +154,12 @@ class Endpoint:
 class RemoteCommandError(FleetError):
     """A remote command ran and exited non-zero."""
 
-    def __init__(self, host: str, argv: Sequence[str], result: Result) -> None:
+    def __init__(
+        self, host: str, argv: Sequence[str], result: Result, command: str | None = None
+    ) -> None:
         self.host = host
         self.result = result
+        self.command = command
         super().__init__(f"{host}: {shlex.join(argv)}: {result.last_error_line()}")
 
 
@@ -627,6 +630,45 @@ class Remote:
             )
         return " ".join(opts)
 
+    def command_line(self, remote_argv: Sequence[str]) -> str:
+        """``remote_argv`` on this host as one ssh command line an operator can paste.
+
+        The run's host-key policy, identity and options, but nothing of the run's own that
+        is gone once it ends: no shared connection, a pinned key given in the line itself
+        (``KnownHostsCommand``, no file), jump hosts as ``-J`` (verified as the operator's
+        own ssh would). Quoted twice, as ssh needs it: the remote command for the host's
+        shell, the whole line for the operator's."""
+        e, c = self.endpoint, self.transport.config
+        opts = [arg for name, value in c.options for arg in ("-o", f"{name}={value}")]
+        opts += [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"ConnectTimeout={max(1, round(c.connect_timeout))}",
+            "-o", "ControlMaster=no",
+            "-o", "ControlPath=none",
+            "-p", str(e.port),
+            "-l", e.user,
+        ]  # fmt: skip
+        if c.identity_file is not None:
+            opts += ["-o", f"IdentityFile={_literal(c.identity_file)}", "-o", "IdentitiesOnly=yes"]
+        if e.host_key is not None:
+            # ssh runs the command (no shell; an absolute path) and splits it on spaces;
+            # echo prints the known_hosts line, its words joined by one space again.
+            line = f"{e.name} {_key_type_and_blob(e.host_key)}".replace("%", "%%")
+            opts += [
+                "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", f"HostKeyAlias={e.name}",
+                "-o", f"KnownHostsCommand=/usr/bin/env echo {line}",
+                "-o", "VerifyHostKeyDNS=no",
+                "-o", "UpdateHostKeys=no",
+            ]  # fmt: skip
+        elif c.known_hosts_file is not None:
+            opts += ["-o", f"UserKnownHostsFile={_literal(c.known_hosts_file)}"]
+        if c.jump_hosts:
+            opts += ["-J", ",".join(hop.spec for hop in c.jump_hosts)]
+        return shlex.join(["ssh", *opts, "--", e.address, shlex.join(remote_argv)])
+
     def ssh_argv(self, remote_argv: Sequence[str], *, fresh: bool = False) -> list[str]:
         return [
             "ssh",
@@ -652,20 +694,26 @@ class Remote:
         must prove that the host is reachable now, not that an old session survives.
         ``hold_stdin``: the remote command's stdin stays open until ours ends (process.run).
         """
-        with self.session(fresh=fresh):
-            result = process.run(
-                self.ssh_argv(argv, fresh=fresh),
-                check=False,
-                input=input,
-                timeout=timeout,
-                error=SshError,
-                what=f"{self.name}: ssh",
-                hold_stdin=hold_stdin,
-            )
+        try:
+            with self.session(fresh=fresh):
+                result = process.run(
+                    self.ssh_argv(argv, fresh=fresh),
+                    check=False,
+                    input=input,
+                    timeout=timeout,
+                    error=SshError,
+                    what=f"{self.name}: ssh",
+                    hold_stdin=hold_stdin,
+                )
+        except SshError as exc:  # no answer in time, or no ssh
+            exc.command = exc.command or self.command_line(argv)
+            raise
         if result.returncode == 255:
-            raise self.connection_error(result)
+            error = self.connection_error(result)
+            error.command = self.command_line(argv)
+            raise error
         if check and not result.ok:
-            raise RemoteCommandError(self.name, argv, result)
+            raise RemoteCommandError(self.name, argv, result, self.command_line(argv))
         return result
 
     def connection_error(self, result: Result) -> SshError:

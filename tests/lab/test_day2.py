@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 
@@ -16,6 +14,7 @@ import pytest
 from fleet import health
 from fleet.inventory import Check, CheckType
 from fleet.lab import ops
+from tests.browser import dump_dom, needs_chromium
 from tests.lab.fleetrun import faulted, host_states, run_fleet, set_release
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
@@ -79,34 +78,17 @@ def test_gc_keeps_the_rollback_target(lab):
     assert report["hosts"]["lab2"]["new"]["number"] == before.current - 1
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (Debian package)")
+@needs_chromium
 def test_html_report_shows_hosts_and_releases_in_a_browser(lab, tmp_path):
     page = tmp_path / "report.html"
     code, _, err = run_fleet(lab, "report", "--html", str(page))
     assert code == 0, err
-    dom = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    dom = dump_dom(page, tmp_path / "profile")
     assert "3 of 3 hosts reachable and healthy" in dom
     for host in ("lab1", "lab2", "lab3"):
         assert f'data-host="{host}"' in dom
-    assert "Recent releases" in dom and "<script" not in page.read_text()
+    assert "Recent releases" in dom and "Recent rollouts" in dom
+    assert "<script" not in page.read_text()
 
 
 @pytest.mark.parametrize(

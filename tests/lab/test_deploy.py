@@ -93,6 +93,15 @@ def test_unit_that_fails_to_start_rolls_back(lab):
     assert host["result"] == "rolled-back" and host["phase"] == "activate"
     assert "exit 4" in host["message"]
     assert running_paths(lab) == before
+    # What failed beside what was restored, and the failed step as a line to paste: as is,
+    # in a shell, it reaches the host (host key, identity) and its program answers that
+    # the transaction is over.
+    assert host["attempted"]["path"].endswith("-s1") and host["new"]["path"] == before["lab2"]
+    assert "fleet-host activate --token" in host["command"]
+    pasted = subprocess.run(["/bin/sh", "-c", host["command"]], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert pasted.returncode == 4, pasted.stderr
+    assert "no longer this transaction's" in pasted.stdout
 
 
 def test_build_failure_touches_no_host(lab):

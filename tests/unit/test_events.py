@@ -9,6 +9,7 @@ import http.server
 import io
 import itertools
 import json
+import shlex
 import socket
 import stat
 import threading
@@ -380,14 +381,19 @@ class FakeHost:
     name: str
     switch_exit: int = 0
     sent: list[tuple[str, Any]] = field(default_factory=list)
+    argvs: list[list[str]] = field(default_factory=list)
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(self.name, "192.0.2.1")
 
+    def command_line(self, argv: list[str]) -> str:
+        return shlex.join(["ssh", "--", "192.0.2.1", shlex.join(argv)])
+
     def run(self, argv: list[str], *, input: str | None = None, **_: Any) -> Result:
         command = argv[1]
         self.sent.append((command, json.loads(input) if input else None))
+        self.argvs.append(argv)
         recorded = {"number": 1, "path": OLD}
         answer: dict[str, Any] = {
             "state": {"current": 1, "running": OLD, "generations": [[1, 0, OLD]], "checks": []},
@@ -424,7 +430,8 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
                             health_timeout=10, confirm_timeout=5)  # fmt: skip
     path = tmp_path / "events.jsonl"
     recorder = Events(RELEASE, [FileSink(path)])
-    rollout = Rollout(hosts, options, RELEASE, FakeTransport(fakes), Reporter(io.StringIO()),
+    progress = io.StringIO()
+    rollout = Rollout(hosts, options, RELEASE, FakeTransport(fakes), Reporter(progress),
                       events=recorder)  # type: ignore[arg-type]  # fmt: skip
     recorder.release_start(list(fakes))  # as flows does, around the rollout
     report = rollout.run(dict.fromkeys(fakes, NEW), list(fakes))
@@ -459,3 +466,14 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
     [(_, undo)] = [(c, r) for c, r in fakes["web2"].sent if c == "undo"]
     assert set(undo["timings"]) == {"connect", "copy", "lock", "activate"}
     assert report.as_json()["hosts"]["web2"]["timings"].keys() >= undo["timings"].keys()
+    # Where each host's transaction sits, for the report's timeline: its wave, its start.
+    assert (first_commit["wave"], revert_commit["wave"], undo["wave"]) == (1, 1, 2)
+    assert first_commit["started"] <= undo["started"] <= revert_commit["started"]
+    # The failed host: what it attempted beside what it was restored to, and the step.
+    web2 = report.as_json()["hosts"]["web2"]
+    assert web2["attempted"]["path"] == NEW and web2["new"]["path"] == OLD
+    [activate] = [argv for argv in fakes["web2"].argvs if argv[1] == "activate"]
+    assert activate[0] == f"{NEW}/sw/bin/fleet-host"
+    assert web2["command"] == shlex.join(["ssh", "--", "192.0.2.1", shlex.join(activate)])
+    assert report.as_json()["hosts"]["web1"]["command"] is None
+    assert progress.getvalue().splitlines()[0] == "wave 1 of 2: web1"

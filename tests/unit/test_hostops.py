@@ -34,6 +34,9 @@ class FakeRemote:
         code, out, err = self.answers.pop(0)
         return Result(tuple(argv), code, out, err)
 
+    def command_line(self, argv: list[str]) -> str:
+        return " ".join(["ssh", self.endpoint.address, *argv])
+
 
 def ops(*answers: tuple[int, str, str]) -> tuple[HostOps, FakeRemote]:
     remote = FakeRemote(list(answers))
@@ -57,10 +60,13 @@ def test_a_target_without_fleet_host_falls_back_to_the_running_one() -> None:
 
 def test_exit_codes_become_their_errors() -> None:
     held = json.dumps({"ok": False, "error": "held", "holder": {"operator": "bob\x1b[2J"}})
-    host, _ = ops((3, held, ""))
+    host, remote = ops((3, held, ""))
     with pytest.raises(LockHeld) as exc:
         begin(host)
     assert "bob?[2J" in str(exc.value) and "\x1b" not in str(exc.value)
+    assert exc.value.command == f"ssh 192.0.2.1 {TARGET}/sw/bin/fleet-host begin " + " ".join(
+        remote.calls[0][2:]
+    )  # the step, to run again by hand
     host, _ = ops((4, json.dumps({"ok": False, "error": "no longer ours"}), ""))
     with pytest.raises(Fenced):
         host.commit(helper_of(TARGET), "ab" * 16, {})

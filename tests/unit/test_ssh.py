@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -243,3 +245,87 @@ def test_another_login_to_the_same_host_never_rides_its_connection(tmp_path) -> 
         moved = transport.remote(Endpoint("web1", "192.0.2.2", 22, "root"))
         assert len({root.control_path, deploy.control_path, moved.control_path}) == 3
         assert transport.remote(Endpoint("web1", "192.0.2.1", 22, "deploy")) is deploy
+
+
+# A failed remote step as a line the operator can paste (Remote.command_line).
+
+HOSTILE_ARGS = ["activate", "a b", "it's", '"q"', "$HOME", "$(touch pwned)", "`touch pwned`",
+                "a;b", "x\ny", "--", "-o", "*", "~", "\\", ""]  # fmt: skip
+FAKE_SSH = """#!/bin/sh
+# Record the options, then run the remote command through a shell, as sshd does.
+for last; do :; done
+printf '%s\\0' "$@" > "$OUT/ssh-args"
+cd "$OUT" && exec /bin/sh -c "$last"
+"""
+FAKE_HELPER = """#!/bin/sh
+printf '%s\\0' "$@" > "$OUT/remote-args"
+echo 'not JSON' >&2
+exit 9
+"""
+
+
+@pytest.fixture()
+def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``ssh`` and ``fleet-host`` on PATH that record what reached them, run from ``out``."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    for name, text in (("ssh", FAKE_SSH), ("fleet-host", FAKE_HELPER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("OUT", str(out))
+    return out
+
+
+def args_in(path: Path) -> list[str]:
+    return path.read_text().split("\0")[:-1]
+
+
+def test_a_pasted_line_reaches_the_host_with_every_argument_intact(fake_ssh: Path) -> None:
+    config = SshConfig(identity_file=Path("/keys/id_ed25519"), known_hosts_file=Path("/k/hosts"))
+    with Transport(config) as transport:
+        remote = transport.remote(Endpoint("web1", "10.0.0.5", 2222, "deploy"))
+        line = remote.command_line(["fleet-host", *HOSTILE_ARGS])
+    subprocess.run(["/bin/sh", "-c", line], check=False)  # as pasted in a shell
+    assert args_in(fake_ssh / "remote-args") == HOSTILE_ARGS
+    assert not (fake_ssh / "pwned").exists()
+    sent = args_in(fake_ssh / "ssh-args")
+    assert sent[-3:-1] == ["--", "10.0.0.5"]
+    options = dict(zip(sent[:-3:2], sent[1:-3:2], strict=True))
+    assert options["-p"] == "2222" and options["-l"] == "deploy"
+    given = {
+        v.split("=", 1)[0]: v.split("=", 1)[1] for k, v in itertools.pairwise(sent) if k == "-o"
+    }
+    assert given["IdentityFile"] == "/keys/id_ed25519"
+    assert given["UserKnownHostsFile"] == "/k/hosts" and given["StrictHostKeyChecking"] == "yes"
+    assert given["ControlMaster"] == "no"  # not the run's connection, gone when it ends
+
+
+def test_a_pinned_key_goes_in_the_line_and_no_file_of_the_run(fake_ssh: Path) -> None:
+    chain = jump_chain("ops@bastion.example:2222")
+    with Transport(SshConfig(jump_hosts=chain)) as transport:
+        remote = transport.remote(Endpoint("web1", "10.0.0.5", 22, "root", KEY))
+        line = remote.command_line(["fleet-host", "state"])
+        assert str(transport.dir) not in line
+    sent = shlex.split(line)
+    given = [v for k, v in itertools.pairwise(sent) if k == "-o"]
+    assert f"KnownHostsCommand=/usr/bin/env echo web1 {KEY}" in given
+    assert {"UserKnownHostsFile=/dev/null", "GlobalKnownHostsFile=/dev/null",
+            "HostKeyAlias=web1"} <= set(given)  # fmt: skip
+    assert sent[sent.index("-J") + 1] == "ops@bastion.example:2222"
+
+
+def test_a_failed_remote_step_carries_its_line(fake_ssh: Path) -> None:
+    from fleet.hostops import HelperError, HostOps
+
+    with Transport(SshConfig()) as transport:
+        remote = transport.remote(Endpoint("web1", "10.0.0.5"))
+        with pytest.raises(ssh.RemoteCommandError) as failed:
+            remote.run(["fleet-host", "it's; $(x)"])
+        with pytest.raises(HelperError) as helper:
+            HostOps(remote).call("activate", "--token", "t 1", helper="fleet-host")
+    assert failed.value.command == remote.command_line(["fleet-host", "it's; $(x)"])
+    assert helper.value.command == remote.command_line(
+        ["fleet-host", "activate", "--token", "t 1"])  # fmt: skip
+    assert "exit 9" in str(helper.value)
