@@ -7,11 +7,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet import config, process
+from fleet import flakeref, process
 from fleet.errors import DeclarationError, NixError
-from fleet.ssh import Remote
+
+if TYPE_CHECKING:
+    from fleet.ssh import Remote
 
 # Flakes are enabled per call: the operator's nix.conf is theirs, not ours.
 NIX = ("nix", "--extra-experimental-features", "nix-command flakes")
@@ -36,7 +38,7 @@ def evaluate(argv: Sequence[str], what: str, flake: str) -> process.Result:
     if TRACE:
         raise DeclarationError(f"{what}:\n{result.stderr.rstrip()}")
     text = result.error_text()
-    root = config.flake_root(flake)
+    root = flakeref.root(flake)
     if "No such file or directory" in text and root is not None and (root / ".git").exists():
         text += (
             " (a flake in a git repository sees only the files git tracks: `git add` the"

@@ -7,8 +7,6 @@ import threading
 import time
 from typing import Any, TextIO
 
-from tabulate import tabulate
-
 from fleet.models import Generation, HostReport, Phase
 
 
@@ -127,4 +125,12 @@ def host_table(reports: list[HostReport]) -> str:
             "message": (r.message or "")[:100],
             "time": f"{sum(r.timings.values()):.1f}s",
         })  # fmt: skip
+    return table(rows)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Rows as an aligned table, headed by their keys. tabulate is imported only when a
+    table is printed: --json and every error never need it."""
+    from tabulate import tabulate
+
     return tabulate(rows, headers="keys")
