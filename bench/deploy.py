@@ -5,7 +5,8 @@ Usage (as root): python bench/deploy.py [--hosts 16] [--deploy-user]
 the lab's key first, every step through sudo and the host's signature check.
 Prints: wall time of one host alone, of all hosts in parallel, of the sequential script;
 the tool's CPU time per host (its own process and its ssh/nix children); and the time from
-a failed health check to every touched host running its recorded generation again.
+a failed health check to every touched host running its recorded generation again; then
+how long each command takes to start (bench/startup.py).
 Runs on its own lab instance, torn down at the end.
 """
 
@@ -22,6 +23,8 @@ import urllib.request
 
 os.environ.setdefault("FLEET_LAB_INSTANCE", "8")
 os.environ.setdefault("NIX_CONFIG", "substituters =")
+
+from startup import print_times, startup_times  # bench/startup.py, beside this script
 
 from fleet import nix
 from fleet.lab import flake, ops
@@ -126,6 +129,8 @@ def main() -> None:
         )
     finally:
         ops.down(lab)
+    print("fleet start-up, to its first Nix call (bench/startup.py), median of 10:")
+    print_times(startup_times())
 
 
 if __name__ == "__main__":

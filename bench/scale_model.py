@@ -1158,6 +1158,7 @@ def workspace() -> Iterator[Path]:
         root = Path(scratch)
         for sub in ("flake", "config", "tmp"):
             (root / sub).mkdir()
+        (root / "flake/flake.nix").write_text("{ outputs = { self }: { }; }\n")  # Nix simulated
         os.environ["XDG_CONFIG_HOME"] = str(root / "config")
         for name in ("FLEET_TEST_PAUSE", "FLEET_TEST_RAISE"):
             os.environ.pop(name, None)

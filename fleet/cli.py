@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from tabulate import tabulate
 
-from fleet import day2, flows, interrupt, nix, output
-from fleet import report as html_report
+from fleet import interrupt
 from fleet.errors import ExitCode, FleetError, Interrupted
 from fleet.errors import UsageError as FleetUsageError
-from fleet.lab import boot as lab_boot
-from fleet.lab import flake as lab_flake_files
-from fleet.lab import ops as lab_ops
-from fleet.lab.layout import MAX_HOSTS
-from fleet.lab.layout import Lab as LabInstance
-from fleet.rollout import Report
+from fleet.models import READ_PARALLEL
 from fleet.waves import Order
+
+
+class _Lazy:
+    """A module imported when a command first uses it, not when the CLI loads: `--help`
+    loads no core module, and each command only what it runs."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+if TYPE_CHECKING:
+    from fleet import day2, flows, nix, output
+    from fleet import report as html_report
+    from fleet.rollout import Report
+else:
+    day2 = _Lazy("fleet.day2")
+    flows = _Lazy("fleet.flows")
+    nix = _Lazy("fleet.nix")
+    output = _Lazy("fleet.output")
+    html_report = _Lazy("fleet.report")  # jinja2: only `report --html` renders a page
 
 # The command line as typed, kept for `exec` (click drops the `--` that ends selectors).
 _ARGV: list[str] = []
@@ -39,6 +56,10 @@ class Context:
     verbose: bool
     argv: list[str]  # as typed: `exec` needs to see where `--` was
     parallel: int | None = None  # --parallel of a command other than deploy and rollback
+    show_trace: bool = False
+    # --option and --override-input, given to Nix once a command opens the flake.
+    nix_options: tuple[tuple[str, str], ...] = ()
+    override_inputs: tuple[tuple[str, str], ...] = ()
 
     def say(self, message: str) -> None:
         """Progress for people: stderr, so stdout stays a clean report."""
@@ -49,7 +70,7 @@ def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) ->
     if ctx.json:
         click.echo(json.dumps(data, indent=2))
     elif table is not None:
-        click.echo(tabulate(table, headers="keys"))
+        click.echo(output.table(table))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,9 +116,16 @@ def cli(
 ) -> None:
     """Deploy NixOS configurations to a fleet, health-gated, with atomic rollback."""
     argv = list(_ARGV)
-    click_ctx.obj = Context(flake=flake, json=as_json, verbose=verbose, argv=argv)
+    click_ctx.obj = Context(
+        flake=flake,
+        json=as_json,
+        verbose=verbose,
+        argv=argv,
+        show_trace=show_trace,
+        nix_options=nix_options,
+        override_inputs=override_inputs,
+    )
     _JSON[0] = as_json
-    nix.configure(nix.NixArgs(nix_options, override_inputs, show_trace))
 
 
 def _report(ctx: Context, report: Report) -> NoReturn:
@@ -110,7 +138,10 @@ def _report(ctx: Context, report: Report) -> NoReturn:
     sys.exit(report.exit_code)
 
 
-def _session(ctx: Context) -> flows.Session:
+def _session(ctx: Context, **build: Any) -> flows.Session:
+    """The flake opened with the command line's Nix options (checked here, exit 2): only
+    the commands that evaluate it load nix. ``build``: deploy's --max-jobs, --builders."""
+    nix.configure(nix.NixArgs(ctx.nix_options, ctx.override_inputs, ctx.show_trace, **build))
     return flows.open_session(ctx.flake, ctx.parallel)
 
 
@@ -127,7 +158,7 @@ def parallel_option(command: F) -> F:
         metavar="N",
         expose_value=False,
         callback=remember,
-        help=f"Hosts worked on at once (default {flows.READ_PARALLEL}).",
+        help=f"Hosts worked on at once (default {READ_PARALLEL}).",
     )(command)
 
 
@@ -245,8 +276,7 @@ def deploy(
     if overrides.get("boot") and overrides.get("reboot"):
         raise click.UsageError("--boot and --reboot exclude each other")
     build = {"max_jobs": overrides.pop("max_jobs"), "builders": overrides.pop("builders")}
-    nix.configure(dataclasses.replace(nix.ARGS, **build))
-    session = _session(ctx)
+    session = _session(ctx, **build)
     session.inventory.select(selectors)  # an unknown selector fails before any build
     overrides["batch_size"] = flows.parse_batch_size(batch_size) if batch_size else None
     options = flows.deploy_options(session, overrides)
@@ -630,7 +660,7 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
         rows = [{"host": h, "exit": r.returncode} for h, r in good.items()]
         rows += [{"host": h, "exit": f"unreachable: {why}"} for h, why in bad.items()]
         rows += [{"host": h, "exit": "interrupted: the command was stopped"} for h in stopped]
-        click.echo(tabulate(rows, headers="keys"), err=True)
+        click.echo(output.table(rows), err=True)
     if stopped:  # after the one document of --json, if any
         plural = "s" if len(stopped) != 1 else ""
         ctx.say(
@@ -689,158 +719,22 @@ def report(
         sys.exit(ExitCode.ATTENTION)  # the page says why, as status would
 
 
-@cli.group()
+class _LabGroup(click.Group):
+    """`fleet lab`: its commands live in fleet.lab.cli, loaded (with the lab's modules)
+    only when a lab command, or the group's help, is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        importlib.import_module("fleet.lab.cli")  # registers the commands on `lab`
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        importlib.import_module("fleet.lab.cli")
+        return super().get_command(ctx, cmd_name)
+
+
+@cli.group(cls=_LabGroup)
 def lab() -> None:
     """A practice fleet of local hosts: Debian containers with Nix and systemd (not NixOS)."""
-
-
-def _lab() -> LabInstance:
-    return LabInstance.from_env()
-
-
-def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
-    return [
-        {
-            "host": s.name,
-            "address": s.address,
-            "container": "up" if s.running else "down",
-            "link": "up" if s.link_up else "cut",
-            "ssh": "yes" if s.ssh else "no",
-        }
-        for s in states
-    ]
-
-
-@lab.command("up")
-@click.option(
-    "--hosts",
-    "count",
-    type=click.IntRange(1, MAX_HOSTS),
-    default=None,
-    help=f"Number of hosts (default {lab_ops.DEFAULT_HOSTS}; 1 to {MAX_HOSTS}).",
-)
-@click.option(
-    "--balancers",
-    type=click.IntRange(0),
-    default=0,
-    help="How many of the hosts (the last ones, before the monitoring host) run HAProxy in "
-    "front of the others' lab-web (a new lab only).",
-)
-@click.option(
-    "--monitoring",
-    is_flag=True,
-    help="The last host (before the cache host) runs Prometheus, Alertmanager and the "
-    "blackbox exporter, and every host the node exporter (a new lab only).",
-)
-@click.option(
-    "--cache",
-    is_flag=True,
-    help="The last host serves the fleet's binary cache with nginx; deploys publish to it "
-    "and the hosts fetch from it (a new lab only).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=None,
-    help=f"Seconds for every host to boot and answer ssh (default {lab_boot.PACE.base:g} + "
-    f"{lab_boot.PACE.per_host:g} per host started).",
-)
-@click.pass_obj
-def lab_up(
-    ctx: Context,
-    count: int | None,
-    balancers: int,
-    monitoring: bool,
-    cache: bool,
-    timeout: float | None,
-) -> None:
-    """Start the lab (or the hosts of it that are down) and wait until every host answers ssh."""
-    states = lab_ops.up(_lab(), count, ctx.say, balancers, monitoring, cache, timeout=timeout)
-    _emit(ctx, [asdict(s) for s in states], _state_rows(states))
-
-
-@lab.command("down")
-@click.pass_obj
-def lab_down(ctx: Context) -> None:
-    """Remove every container, namespace, link, bridge, mount and file the lab made."""
-    lab_ops.down(_lab())
-    ctx.say("lab is down")
-
-
-@lab.command("status")
-@click.pass_obj
-def lab_status(ctx: Context) -> None:
-    """List the lab's hosts, their addresses and whether each is up."""
-    states = lab_ops.status(_lab())
-    if not states and not ctx.json:
-        ctx.say("no lab is up")
-        return
-    _emit(ctx, [asdict(s) for s in states], _state_rows(states))
-
-
-@lab.command("fault")
-@click.argument("host")
-@click.argument("action", type=click.Choice([f.value for f in lab_ops.Fault]))
-@click.pass_obj
-def lab_fault(ctx: Context, host: str, action: str) -> None:
-    """Break (or mend) one lab host: cut its link, stop sshd, crash it, fill its disk."""
-    lab_ops.fault(_lab(), host, lab_ops.Fault(action))
-    ctx.say(f"{host}: {action}")
-
-
-@lab.command("flake")
-def lab_flake() -> None:
-    """Print the path of the lab's flake (use it as --flake)."""
-    click.echo(str(_lab().flake))
-
-
-@lab.command("release")
-@click.option("--version", "version", required=True, help="The release the lab flake builds next.")
-@click.option(
-    "--broken",
-    default=None,
-    metavar="|".join(lab_flake_files.BROKEN_KINDS),
-    help="health: the service fails its check; start: its unit fails to start; "
-    "build: the system fails to build; boot: its boot loader entry cannot be installed; "
-    "errors:N: it passes its check but answers 500 to N of every 100 requests.",
-)
-@click.option(
-    "--on",
-    "broken_hosts",
-    multiple=True,
-    metavar="HOST",
-    help="Break only this host (repeatable); default: every host.",
-)
-@click.option(
-    "--start-delay",
-    type=float,
-    default=0.0,
-    metavar="S",
-    help="The service takes S seconds to become ready (a slow activation).",
-)
-@click.option(
-    "--payload",
-    type=click.IntRange(0, 1024),
-    default=0,
-    metavar="MIB",
-    help="Every app host's system of the release shares MIB of incompressible data, as "
-    "hosts share their packages (what a binary cache saves).",
-)
-@click.pass_obj
-def lab_release(
-    ctx: Context,
-    version: str,
-    broken: str | None,
-    broken_hosts: tuple[str, ...],
-    start_delay: float,
-    payload: int,
-) -> None:
-    """Change what the lab's flake builds next."""
-    wanted = lab_flake_files.LabRelease(
-        version, broken, start_delay, broken_hosts, payload_mib=payload
-    )
-    lab_ops.release(_lab(), wanted)
-    ctx.say(f"lab flake now builds release {version}" + (f" (broken: {broken})" if broken else ""))
 
 
 # --json, once the command line is parsed (before that: whether it was typed).

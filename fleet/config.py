@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fleet import flakeref
 from fleet.errors import UsageError
 
 
@@ -153,20 +152,9 @@ def user_config_path() -> Path:
     return base / "fleet" / "config.yaml"
 
 
-def flake_root(flake: str) -> Path | None:
-    """The local directory of a flake reference, if it has one."""
-    for scheme in ("path:", "git+file://", "git+file:"):
-        if flake.startswith(scheme):
-            flake = flake[len(scheme) :]
-            break
-    else:
-        if ":" in flake.split("#", 1)[0]:
-            return None  # github:, https:, a registry name with a scheme
-    path = Path(flake.split("?", 1)[0].split("#", 1)[0])
-    return path if path.is_dir() else None
-
-
 def _read(path: Path) -> dict[str, Any]:
+    import yaml  # here: a command run without any config file never loads it
+
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -213,7 +201,7 @@ def load(flake: str, user: Config | None = None) -> Config:
     """The user's config over the flake's fleet.yaml (when the flake is local), which may
     not set what only the operator decides."""
     user = load_user() if user is None else user
-    root = flake_root(flake)
+    root = flakeref.root(flake)
     local = _config_of(root / "fleet.yaml") if root is not None else Config({}, ())
     for key in OPERATOR_ONLY:
         if key in local.values:

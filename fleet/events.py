@@ -11,19 +11,15 @@ line on stderr.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import queue
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import Message
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -33,6 +29,9 @@ from fleet.errors import ExitCode, FleetError
 from fleet.models import HostReport, Phase
 
 if TYPE_CHECKING:
+    import urllib.request
+    from email.message import Message
+
     from fleet.analysis import Run
     from fleet.rollout import Release, Report
 
@@ -92,19 +91,26 @@ class FileSink:
         return f"events: {self.lost} not written to {self.path}: {self.error}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A POST is never sent on elsewhere, nor its token with it."""
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's opener, but a POST is never sent on elsewhere, nor its token with it.
 
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Message,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None
+    urllib (with http.client, ssl and email) is imported here: only an operator's HTTP
+    sink needs it, and it would weigh on every command's start."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(
+            self,
+            req: urllib.request.Request,
+            fp: IO[bytes],
+            code: int,
+            msg: str,
+            headers: Message,
+            newurl: str,
+        ) -> urllib.request.Request | None:
+            return None
+
+    return urllib.request.build_opener(NoRedirect)
 
 
 class HttpSink:
@@ -125,7 +131,7 @@ class HttpSink:
         self.queue: queue.Queue[bytes | None] = queue.Queue(capacity)
         self.offered = self.delivered = 0
         self.error = ""
-        self.opener = urllib.request.build_opener(_NoRedirect)
+        self.opener = _opener()
         self.thread = threading.Thread(target=self._deliver, name=f"fleet {what}", daemon=True)
         self.thread.start()
 
@@ -138,6 +144,10 @@ class HttpSink:
             self.queue.put_nowait(json.dumps(body, sort_keys=True, default=str).encode())
 
     def _deliver(self) -> None:
+        import http.client
+        import urllib.error
+        import urllib.request
+
         while (data := self.queue.get()) is not None:
             request = urllib.request.Request(self.url, data, self.headers, method="POST")
             try:

@@ -10,12 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet import alerts, cache, config, events, interrupt, inventory, nix, secrets, traffic
-from fleet.errors import FleetError, NixError, UsageError
+from fleet import (
+    alerts,
+    cache,
+    config,
+    events,
+    flakeref,
+    interrupt,
+    inventory,
+    nix,
+    secrets,
+    traffic,
+)
+from fleet.errors import DeclarationError, FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
 from fleet.inventory import Host, Inventory
-from fleet.models import Generation, HostReport, HostResult, Phase
+from fleet.models import READ_PARALLEL, Generation, HostReport, HostResult, Phase
 from fleet.output import Reporter
 from fleet.rollout import (
     DeployOptions,
@@ -34,9 +45,6 @@ from fleet.waves import Order
 
 # Status must not stall on a dead host: it reports it unreachable instead.
 STATUS_CONNECT_TIMEOUT = 5.0
-# Hosts a command other than deploy and rollback works on at once (--parallel): bounded,
-# so that a thousand hosts are never a thousand connections and threads at once.
-READ_PARALLEL = 32
 
 T = TypeVar("T")
 
@@ -111,11 +119,32 @@ class Session:
 
 
 def open_session(flake: str | None, parallel: int | None = None) -> Session:
+    """Every command that reads the fleet starts here: a flake reference that cannot be
+    the fleet's is refused in one line (exit 2) before Nix is asked, when it can be."""
     user_config = config.load_user()
     ref = flake or user_config.get("flake") or "."
+    named = _named(ref, typed=bool(flake), user_config=user_config)
+    flakeref.check(ref, named)
     cfg = config.load(ref, user_config)
-    data = nix.eval_inventory(ref)
+    try:
+        data = nix.eval_inventory(ref)
+    except DeclarationError as exc:
+        if flakeref.missing_output(str(exc)):
+            raise DeclarationError(f"{named}: {flakeref.MISSING_OUTPUT}") from exc
+        hint = flakeref.registry_hint(ref)
+        if hint:
+            raise DeclarationError(f"{exc}{hint}") from exc
+        raise
     return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"), parallel or READ_PARALLEL)
+
+
+def _named(ref: str, typed: bool, user_config: config.Config) -> str:
+    """How an error names the flake: as typed, else where it came from."""
+    if typed:
+        return f"--flake {ref}"
+    if user_config.get("flake"):
+        return f"flake {ref} (from {user_config.sources[0]})"
+    return f"--flake {ref} (the default)"
 
 
 def revision(flake: str) -> str | None:

@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
-from importlib import resources
-from typing import Any
-
-import jsonschema.exceptions
+from typing import TYPE_CHECKING, Any
 
 from fleet import schemacheck
 from fleet.analysis import Analysis, ConditionError, parse_condition
 from fleet.errors import InventoryError, UsageError
+
+if TYPE_CHECKING:
+    import jsonschema.exceptions
 
 
 class CheckType(StrEnum):
@@ -220,6 +220,8 @@ class Inventory:
 
 @cache
 def schema() -> dict[str, Any]:
+    from importlib import resources  # only a command that reads an inventory needs it
+
     text = resources.files("fleet").joinpath("inventory.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+# Hosts a command other than deploy and rollback works on at once (--parallel): bounded,
+# so that a thousand hosts are never a thousand connections and threads at once.
+READ_PARALLEL = 32
+
 
 class Phase(StrEnum):
     """Steps of the one-host protocol, in order; a failure names the phase it happened in."""

@@ -8,11 +8,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet import config, process
+from fleet import flakeref, process
 from fleet.errors import DeclarationError, NixError, UsageError
-from fleet.ssh import Remote, RemoteCommandError
+
+if TYPE_CHECKING:
+    from fleet.ssh import Remote
 
 # Flakes are enabled per call: the operator's nix.conf is theirs, not ours.
 NIX = ("nix", "--extra-experimental-features", "nix-command flakes")
@@ -124,7 +126,7 @@ def evaluate(argv: Sequence[str], what: str, flake: str) -> process.Result:
     if ARGS.show_trace:
         raise DeclarationError(f"{what}:\n{result.stderr.rstrip()}")
     text = result.error_text()
-    root = config.flake_root(flake)
+    root = flakeref.root(flake)
     if "No such file or directory" in text and root is not None and (root / ".git").exists():
         text += (
             " (a flake in a git repository sees only the files git tracks: `git add` the"
@@ -223,11 +225,13 @@ def build_on(remote: Remote, systems: Mapping[str, System]) -> dict[str, str]:
     the derivations there, realise them there (with the command line's build options),
     then bring the outputs back here once. Evaluation stays here: the build host needs no
     flake, and its word is taken for what the derivations build, nothing else."""
+    from fleet import ssh  # the laptop's builds never load it
+
     drvs = sorted({s.drv for s in systems.values()})
     copy_closure(remote, *drvs)
     try:
         remote.run(realise_argv(drvs))
-    except RemoteCommandError as exc:
+    except ssh.RemoteCommandError as exc:
         raise NixError(f"nix build on {remote.name}: {exc.result.last_error_line()}") from exc
     fetch_closure(remote, *sorted({s.out for s in systems.values()}))
     return {h: s.out for h, s in systems.items()}

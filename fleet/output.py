@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TextIO
 
-from tabulate import tabulate
-
 from fleet.models import Generation, HostReport, HostResult, Phase
 
 WAVE_NAMES = 6  # hosts a plain wave line names before "(+N more)"
@@ -284,9 +282,17 @@ def host_table(reports: list[HostReport]) -> str:
             "message": (r.message or "")[:100],
             "time": f"{sum(r.timings.values()):.1f}s",
         })  # fmt: skip
-    lines = [tabulate(rows, headers="keys")]
+    lines = [table(rows)]
     for r in reports:
         if r.command and not r.result.succeeded:
             lines += [f"{r.name} ({r.phase.value if r.phase else r.result.value}):",
                       f"  to run it again: {r.command}"]  # fmt: skip
     return "\n".join(lines)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Rows as an aligned table, headed by their keys. tabulate is imported only when a
+    table is printed: --json and every error never need it."""
+    from tabulate import tabulate
+
+    return tabulate(rows, headers="keys")

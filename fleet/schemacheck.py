@@ -22,12 +22,11 @@ from __future__ import annotations
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
+if TYPE_CHECKING:
+    import jsonschema.exceptions
 
 Predicate = Callable[[Any], bool]
 
@@ -58,14 +57,23 @@ class Schema:
     """A schema compiled once: its validity check, and its error search."""
 
     def __init__(self, root: Mapping[str, Any]) -> None:
+        self._root = root
         self._compiler = _Compiler(root)
         self.is_valid: Predicate = self._compiler.node(root)
-        self._search = _pruned(self._compiler)(root)
+        self._search: Any = None  # jsonschema's validator: built for the first invalid value
 
     def best_error(self, instance: Any) -> jsonschema.exceptions.ValidationError | None:
-        """jsonschema's best match among the errors, or None for a valid instance."""
+        """jsonschema's best match among the errors, or None for a valid instance.
+
+        jsonschema is imported here, not with the module: a valid document never needs it,
+        and it is the heaviest import a command would otherwise pay for at its start.
+        """
         if self.is_valid(instance):
             return None
+        import jsonschema.exceptions
+
+        if self._search is None:
+            self._search = _pruned(self._compiler)(self._root)
         error: jsonschema.exceptions.ValidationError | None = jsonschema.exceptions.best_match(
             self._search.iter_errors(instance)
         )
@@ -412,7 +420,9 @@ def _pruned(compiler: _Compiler) -> Any:
     The keywords that descend into an object's values or an array's items are
     jsonschema's own, given the refused ones only; array indices are kept.
     """
-    base = jsonschema.Draft202012Validator
+    import jsonschema.validators
+
+    base = jsonschema.validators.Draft202012Validator
     original = base.VALIDATORS
 
     def refused(subschemas: Mapping[str, Any], instance: dict[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from fleet.errors import UsageError
-from fleet.inventory import Host
+
+if TYPE_CHECKING:
+    from fleet.inventory import Host
 
 
 class Order(StrEnum):

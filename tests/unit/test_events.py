@@ -283,6 +283,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     (tmp_path / "xdg/fleet").mkdir(parents=True)
     (tmp_path / "flake").mkdir()
+    (tmp_path / "flake/flake.nix").write_text("{ outputs = { self }: { }; }\n")
     return tmp_path
 
 
