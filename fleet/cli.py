@@ -758,7 +758,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="fleet", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's word for a KeyboardInterrupt, too
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _fail("interrupted (Ctrl-C)", ExitCode.INTERRUPTED)
         _fail("aborted", ExitCode.ERROR)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
