@@ -194,7 +194,9 @@ def test_sigkill_after_activation_reverts_every_host(lab):
     before = running_paths(lab)
     set_release(lab, "k1", broken="health")
     proc = subprocess.Popen(
-        fleet_argv(lab, "deploy", "--canary", "0", "--confirm-timeout", "4"),
+        fleet_argv(
+            lab, "deploy", "--canary", "0", "--health-timeout", "6", "--confirm-timeout", "4"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -203,7 +205,7 @@ def test_sigkill_after_activation_reverts_every_host(lab):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert running_paths(lab) != before  # the broken release is running, unconfirmed
-    # With the health timeout of the lab (30 s) the switch fires 34 s after activation.
+    # The switch fires 10 s after activation (health 6 s + confirm 4 s).
     wait_until_safe(lab, 60)
     assert running_paths(lab) == before
 

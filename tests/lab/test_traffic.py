@@ -108,7 +108,7 @@ def test_a_drain_waits_for_open_sessions_until_its_timeout(lab: Lab, safe: None)
     answers: list[tuple[str | None, str | None]] = []
 
     def slow() -> None:
-        answers.append(ask(address, flake.INGRESS_PORT, "/slow/40", 90))
+        answers.append(ask(address, flake.INGRESS_PORT, "/slow/20", 90))
 
     threads = [threading.Thread(target=slow) for _ in range(8)]  # two per instance
     for thread in threads:
