@@ -862,15 +862,17 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_agent(paths: Paths, args: argparse.Namespace) -> None:
     """One agent check: a line in (the service), a line out. Run per connection by the
-    fleet-agent socket, so that systemd, not a daemon of ours, holds the port."""
+    fleet-agent socket, so that systemd, not a daemon of ours, holds the port. A balancer
+    that resets the connection (a restart, say) is no failure: a failed unit per check
+    would fail the host's next health check."""
     request = b""
-    ready, _, _ = select.select([sys.stdin.buffer], [], [], args.timeout)
-    if ready:
-        request = os.read(sys.stdin.fileno(), 256)
-    answer = agent_answer(paths, request.decode(errors="replace").split("\n", 1)[0])
     with contextlib.suppress(OSError):
-        sys.stdout.write(answer + "\n")
-        sys.stdout.flush()
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], args.timeout)
+        if ready:
+            request = os.read(sys.stdin.fileno(), 256)
+    answer = agent_answer(paths, request.decode(errors="replace").split("\n", 1)[0])
+    with contextlib.suppress(OSError):  # unbuffered: nothing left to fail at exit
+        os.write(sys.stdout.fileno(), (answer + "\n").encode())
 
 
 def cmd_traffic_stat(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:

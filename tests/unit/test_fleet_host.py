@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -551,6 +553,26 @@ def test_the_agent_answers_anything_it_cannot_read_with_ready(host: Path, reques
     (host / "run/fleet/traffic").mkdir(parents=True)
     (host / "run/fleet/traffic/web").write_text("drain\n")
     assert agent(host, request_) == "ready 100%\n"
+
+
+@pytest.mark.parametrize("when", ["before-reading", "before-answering"])
+def test_a_balancer_that_resets_the_connection_fails_no_unit(host: Path, when: str) -> None:
+    """HAProxy restarting mid-check resets the agent's connection: the per-connection unit
+    must still end cleanly, or the failed unit fails the host's next health check."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPER), "agent", "--timeout", "5"], stdin=ours, stdout=ours,
+        stderr=subprocess.PIPE, env=dict(os.environ, FLEET_HOST_ROOT=str(host)),
+    )  # fmt: skip
+    ours.close()
+    if when == "before-answering":
+        theirs.sendall(b"web\n")
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    theirs.close()  # a reset, not an orderly close
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def test_the_agent_never_repeats_what_it_does_not_understand(host: Path) -> None:
