@@ -1,37 +1,57 @@
-"""`fleet deploy` on 16 lab hosts against a plain sequential ssh script doing the same steps.
+"""`fleet deploy` against the same work done by hand (the floor), at 1, 8 and 16 lab hosts.
 
-Usage (as root): python bench/deploy.py [--hosts 16] [--deploy-user]
---deploy-user deploys as the lab's deploy user other than root: every closure signed with
-the lab's key first, every step through sudo and the host's signature check.
-Prints: wall time of one host alone, of all hosts in parallel, of the sequential script;
-the tool's CPU time per host (its own process and its ssh/nix children); and the time from
-a failed health check to every touched host running its recorded generation again; then
-how long each command takes to start (bench/startup.py).
-Runs on its own lab instance, torn down at the end.
+Usage (as root): python bench/deploy.py [--hosts 16] [--runs 3] [--deploy-user]
+
+The floor is what an operator's script does for one host, without any safety step: one
+`nix build` of the systems, then per host, over ONE ssh connection (a ControlMaster the
+script opens and closes): `nix-copy-closure`, `nix-env -p /nix/var/nix/profiles/system
+--set`, `switch-to-configuration switch`, and the web service's health check; N hosts are
+N such scripts at once. Each run deploys a release no host runs yet, built beforehand, so
+both sides start warm.
+
+Prints, per host count: fleet's wall time and the floor's (medians), their ratio, and
+fleet's phases for one host; the ssh processes a one-host `fleet deploy` and the floor
+start (a wrapper `ssh` first on PATH logs each exec), split by what started them; the
+evaluations of Nix a deploy starts; the tool's CPU time per host; the time from a failed
+health check to every touched host on its recorded generation; the CLI's start time per
+command. --deploy-user deploys as the lab's deploy user other than root: every closure
+signed with the lab's key first, every step through sudo and the host's signature check.
+Runs on its own lab instance (8 unless FLEET_LAB_INSTANCE says otherwise), torn down at
+the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import os
+import re
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("FLEET_LAB_INSTANCE", "8")
 os.environ.setdefault("NIX_CONFIG", "substituters =")
 
-from startup import print_times, startup_times  # bench/startup.py, beside this script
-
 from fleet import nix
 from fleet.lab import flake, ops
-from fleet.lab.layout import Lab
+from fleet.lab.layout import WEB_PORT, Lab
 from fleet.lab.rootfs import DEPLOY_USER
 
 ENV: dict[str, str] = dict(os.environ)
+COUNTS = (1, 8, 16)
+_versions = itertools.count(1)
 
 
 def as_deploy_user(lab: Lab) -> None:
@@ -44,12 +64,14 @@ def as_deploy_user(lab: Lab) -> None:
     ENV["XDG_CONFIG_HOME"] = str(home)
 
 
-def fleet(lab: Lab, *args: str) -> tuple[dict, float, float]:
+def fleet(
+    lab: Lab, *args: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], float, float]:
     """Run `fleet --json deploy ...`; its report, wall time and CPU time (with children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     argv = [sys.executable, "-m", "fleet", "--flake", str(lab.flake), "--json", "deploy", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=ENV)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env or ENV)
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -58,35 +80,187 @@ def fleet(lab: Lab, *args: str) -> tuple[dict, float, float]:
     return json.loads(proc.stdout), wall, cpu
 
 
-def sequential(lab: Lab, hosts: list[str]) -> float:
-    """What an operator's loop would do: build, then per host copy, set, switch, check."""
-    start = time.monotonic()
-    paths = nix.build_systems(str(lab.flake), hosts)
+def new_release(lab: Lab, names: Sequence[str]) -> None:
+    """A release no host runs yet, built now so that the timed run starts warm."""
+    flake.set_release(lab, flake.LabRelease(f"b{next(_versions)}"))
+    nix.build_systems(str(lab.flake), list(names))
+
+
+# -- the floor --------------------------------------------------------------------------
+
+
+def _ssh_base(lab: Lab, control: Path) -> list[str]:
+    return ["-i", str(lab.identity), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+            "-o", "BatchMode=yes", "-o", f"ControlPath={control}"]  # fmt: skip
+
+
+def floor_build(lab: Lab, names: Sequence[str]) -> dict[str, str]:
+    """By hand: one `nix build` of every host's system, its output paths in order."""
+    attr = "config.system.build.toplevel"
+    argv = [*nix.NIX, "build", "--no-link", "--json",
+            *(f"{lab.flake}#nixosConfigurations.{n}.{attr}" for n in names)]  # fmt: skip
+    built = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+    return {n: b["outputs"]["out"] for n, b in zip(names, built, strict=True)}
+
+
+def floor_host(lab: Lab, address: str, path: str, env: dict[str, str]) -> None:
+    """One host by hand: one master connection, copy, set the profile, switch, check."""
+    with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
+        base = _ssh_base(lab, Path(tmp) / "master")
+        dest = f"root@{address}"
+
+        def ssh(*argv: str) -> None:
+            subprocess.run(["ssh", *base, dest, *argv], check=True, capture_output=True, env=env)
+
+        subprocess.run(["ssh", *base, "-o", "ControlMaster=yes", "-o", "ControlPersist=yes",
+                        "-f", "-N", dest], check=True, capture_output=True, env=env)  # fmt: skip
+        try:
+            copy_env = env | {"NIX_SSHOPTS": " ".join(base)}
+            subprocess.run(["nix-copy-closure", "--to", dest, path],
+                           check=True, capture_output=True, env=copy_env)  # fmt: skip
+            ssh("nix-env", "-p", "/nix/var/nix/profiles/system", "--set", path)
+            ssh(f"{path}/bin/switch-to-configuration", "switch")
+            web_check(address)
+        finally:
+            subprocess.run(["ssh", *base, "-O", "exit", dest], capture_output=True, env=env)
+
+
+def web_check(address: str, timeout: float = 10.0) -> None:
+    """The lab-web check, asked directly: retried every 0.2 s, as the declared check is."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}:{WEB_PORT}/health", timeout=2) as r:
+                if r.status == 200 and b"ok" in r.read():
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise SystemExit(f"{address}: lab-web never healthy")
+        time.sleep(0.2)
+
+
+def floor(lab: Lab, names: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """The floor for ``names``, all at once; its wall time."""
     spec = flake.spec(lab) or {}
-    ssh = ["ssh", "-i", str(lab.identity), "-o", f"UserKnownHostsFile={lab.known_hosts}",
-           "-o", "BatchMode=yes"]  # fmt: skip
-    for host, path in paths.items():
-        address = spec["hosts"][host]["address"]
-        env = dict(os.environ, NIX_SSHOPTS=" ".join(ssh[1:]))
-        subprocess.run(
-            ["nix-copy-closure", "--to", f"root@{address}", path],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        for command in (
-            f"nix-env -p /nix/var/nix/profiles/system --set {path}",
-            f"{path}/bin/switch-to-configuration switch",
-        ):
-            subprocess.run([*ssh, f"root@{address}", command], check=True, capture_output=True)
-        with urllib.request.urlopen(f"http://{address}:8080/health", timeout=5) as answer:
-            assert answer.status == 200
+    start = time.monotonic()
+    paths = floor_build(lab, names)
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda n: floor_host(lab, spec["hosts"][n]["address"], paths[n],
+                                           env or dict(os.environ)), names))  # fmt: skip
     return time.monotonic() - start
+
+
+# -- counting child processes ----------------------------------------------------------
+
+# One line per exec: the parent's pid and name, then the arguments (newlines flattened).
+WRAPPER = """#!/bin/sh
+args=$(printf '%s ' "$@" | tr '\\n' ' ')
+printf '%s\\t%s\\t%s\\n' "$PPID" "$(cat /proc/$PPID/comm 2>/dev/null)" "$args" >> {log}
+exec {real} "$@"
+"""
+NIX_WRAPPER = """#!/bin/sh
+args=$(printf '%s ' "$@" | tr '\\n' ' ')
+printf '%s %s\\n' {name} "$args" >> {log}
+exec {real} "$@"
+"""
+
+
+def wrapped(directory: Path) -> tuple[dict[str, str], Path, Path]:
+    """An environment whose `ssh`, `nix` and `nix-store` log each exec: (env, ssh log,
+    nix log)."""
+    ssh_log, nix_log = directory / "ssh.log", directory / "nix.log"
+    bin_dir = directory / "bin"
+    bin_dir.mkdir()
+    wrappers = (("ssh", WRAPPER, ssh_log), ("nix", NIX_WRAPPER, nix_log),
+                ("nix-store", NIX_WRAPPER, nix_log))  # fmt: skip
+    for name, template, log in wrappers:
+        real = shutil.which(name)
+        assert real is not None, name
+        (bin_dir / name).write_text(template.format(log=log, real=real, name=name))
+        (bin_dir / name).chmod(0o755)
+    env = dict(ENV, PATH=f"{bin_dir}:{ENV.get('PATH', '')}")
+    return env, ssh_log, nix_log
+
+
+_HELPER = re.compile(r"fleet-host'? '?([a-z-]+)")
+
+
+def ssh_kind(parent: str, args: str) -> str:
+    """What an ssh exec was for, from its parent and arguments."""
+    if "-O exit" in args:
+        return "close the master (-O exit)"
+    if parent.startswith("nix"):
+        return "nix-copy-closure"
+    if " -W " in args:
+        return "health check tunnel (-W)"
+    if " -f -N " in args or "fleet-master-ready" in args:
+        return "the master connection"
+    helper = _HELPER.search(args)
+    fresh = " (new connection)" if "ControlPath=none" in args else ""
+    if helper:
+        return f"fleet-host {helper.group(1)}{fresh}"
+    for by_hand in ("nix-env", "switch-to-configuration"):
+        if by_hand in args:
+            return by_hand
+    return "other: " + args.strip().rsplit(" ", 1)[-1][:40]
+
+
+def read_ssh_log(log: Path) -> collections.Counter[str]:
+    kinds: collections.Counter[str] = collections.Counter()
+    if log.exists():
+        for line in log.read_text().splitlines():
+            _pid, parent, args = line.split("\t", 2)
+            kinds[ssh_kind(parent, f" {args} ")] += 1
+    return kinds
+
+
+def nix_kind(args: str) -> str:
+    words = args.split()
+    if words[0] == "nix-store":
+        return "nix-store " + words[1]
+    verb = next((w for w in words if w in ("eval", "build", "flake", "store", "copy")), "?")
+    if verb == "flake":
+        return "nix flake " + words[words.index("flake") + 1]
+    if verb == "eval":
+        return "nix eval " + ("(systems)" if "--apply" in words else words[-1].split("#")[-1])
+    return f"nix {verb}"
+
+
+def print_counts(title: str, kinds: collections.Counter[str]) -> None:
+    print(f"{title}: {sum(kinds.values())}")
+    for kind, count in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {count:3d}  {kind}")
+
+
+# -- the CLI's start time --------------------------------------------------------------
+
+
+def startup() -> dict[str, float]:
+    """The CLI's start time per command: process start to its first Nix call
+    (bench/startup.py, which has the commands and the floor of a bare interpreter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from startup import startup_times  # type: ignore[import-not-found]
+
+    times: dict[str, float] = startup_times()
+    return times
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def phases(report: dict[str, Any], wall: float) -> str:
+    """Where one host's deploy went: before the rollout (evaluation, build), then each phase."""
+    host = next(iter(report["hosts"].values()))
+    parts = [f"before the rollout {wall - report['durationSeconds']:.2f}"]
+    parts += [f"{k} {v:.2f}" for k, v in host["timings"].items()]
+    return ", ".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each, median")
     parser.add_argument("--deploy-user", action="store_true")
     args = parser.parse_args()
     lab = Lab.from_env()
@@ -95,42 +269,76 @@ def main() -> None:
     if args.deploy_user:
         as_deploy_user(lab)
     names = [f"lab{i}" for i in range(1, args.hosts + 1)]
+    counts = [n for n in COUNTS if n <= args.hosts]
     try:
-        flake.set_release(lab, flake.LabRelease("b1"))
-        fleet(lab, "--dry-run")  # build once, so every timed run below starts warm
-        _, one, _ = fleet(lab, "lab1")
-        report, wall, cpu = fleet(lab, "--parallel", str(args.hosts), "--canary", "0")
+        new_release(lab, names)
+        report, _, _ = fleet(lab, "--parallel", str(args.hosts), "--canary", "0")
         assert report["result"] == "deployed", report
-        flake.set_release(lab, flake.LabRelease("b2"))
+        rows = []
+        one_phases = []
+        cpu_per_host = 0.0
+        for n in counts:
+            selected = names[:n]
+            fleet_walls, floor_walls = [], []
+            for _ in range(args.runs):
+                new_release(lab, selected)
+                report, wall, cpu = fleet(lab, *selected, "--parallel", str(n), "--canary", "0")
+                assert report["result"] == "deployed", report
+                fleet_walls.append(wall)
+                if n == 1:
+                    one_phases.append((wall, phases(report, wall)))
+                if n == max(counts):
+                    cpu_per_host = cpu / n
+                new_release(lab, selected)
+                floor_walls.append(floor(lab, selected))
+            rows.append((n, statistics.median(fleet_walls), statistics.median(floor_walls),
+                         min(fleet_walls), max(fleet_walls)))  # fmt: skip
+
+        # One more of each with every ssh and nix exec logged.
+        with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+            env, ssh_log, nix_log = wrapped(Path(tmp))
+            new_release(lab, names[:1])
+            report, _, _ = fleet(lab, "lab1", env=env)
+            assert report["result"] == "deployed", report
+            fleet_ssh = read_ssh_log(ssh_log)
+            nix_calls = collections.Counter(nix_kind(line) for line in
+                                            nix_log.read_text().splitlines())  # fmt: skip
+            ssh_log.unlink()
+            new_release(lab, names[:1])
+            floor(lab, names[:1], env)
+            floor_ssh = read_ssh_log(ssh_log)
+            handshakes = report.get("ssh", {}).get("handshakes", {})
+
+        flake.set_release(lab, flake.LabRelease(f"b{next(_versions)}", broken="health"))
         nix.build_systems(str(lab.flake), names)
-        seq = sequential(lab, names)
-        flake.set_release(lab, flake.LabRelease("b3", broken="health"))
-        fleet(lab, "--dry-run")
         report, _, _ = fleet(
             lab, "--parallel", str(args.hosts), "--canary", "0", "--health-timeout", "3"
         )
         assert report["result"] == "rolled-back", report
         rollback = max(h["timings"]["rollback"] for h in report["hosts"].values())
         switch = max(h["timings"]["activate"] for h in report["hosts"].values())
-        print(f"hosts: {args.hosts}, as {DEPLOY_USER if args.deploy_user else 'root'}")
-        print(f"fleet deploy, one host alone:            {one:6.2f} s")
-        print(
-            f"fleet deploy --parallel {args.hosts}:            {wall:6.2f} s "
-            f"({wall / one:.2f}x one host)"
-        )
-        print(
-            f"sequential ssh script, same steps:       {seq:6.2f} s "
-            f"({seq / wall:.1f}x slower than fleet)"
-        )
-        print(f"fleet CPU time per host (with children): {cpu / args.hosts * 1000:6.0f} ms")
-        print(
-            f"failed check -> all on recorded gen:     {rollback:6.2f} s "
-            f"(one switch: {switch:.2f} s)"
-        )
+
+        print(f"hosts in the lab: {args.hosts}, as {DEPLOY_USER if args.deploy_user else 'root'}"
+              f"; median of {args.runs} runs")  # fmt: skip
+        print(f"{'hosts':>5}  {'fleet deploy':>12}  {'floor':>7}  {'ratio':>5}  fleet's range")
+        for n, wall, low, fastest, slowest in rows:
+            print(f"{n:5d}  {wall:10.2f} s  {low:5.2f} s  {wall / low:5.2f}  "
+                  f"{fastest:.2f}-{slowest:.2f} s")  # fmt: skip
+        if one_phases:
+            wall, where = sorted(one_phases)[len(one_phases) // 2]
+            print(f"one host, the median run ({wall:.2f} s): {where}")
+        print_counts("ssh processes, fleet deploy of one host", fleet_ssh)
+        print(f"  handshakes the report counts: {handshakes}")
+        print_counts("ssh processes, the floor for one host", floor_ssh)
+        print_counts("nix evaluations and builds, fleet deploy of one host", nix_calls)
+        print(f"fleet CPU time per host (with children), {max(counts)} hosts: "
+              f"{cpu_per_host * 1000:.0f} ms")  # fmt: skip
+        print(f"failed check -> all {args.hosts} on their recorded generation: {rollback:.2f} s "
+              f"(one switch: {switch:.2f} s)")  # fmt: skip
+        for command, seconds in startup().items():
+            print(f"CLI start time, {command}: {seconds * 1000:.0f} ms")
     finally:
         ops.down(lab)
-    print("fleet start-up, to its first Nix call (bench/startup.py), median of 10:")
-    print_times(startup_times())
 
 
 if __name__ == "__main__":

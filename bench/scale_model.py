@@ -285,7 +285,9 @@ class SimHost:
             raise HostFailure(FAILED, f"{target} is not on the host (was it collected?)")
         mode = str(args["--mode"])
         if mode == "switch" and self.system == target and self.current_path() == target:
-            return out | {"noop": True, "restarted": [], "checks": self.checks}
+            running = {"path": target, "number": self.number_of(target)}
+            return out | {"noop": True, "restarted": [], "checks": self.checks,
+                          "running": running}  # fmt: skip
         recorded = {"path": self.system, "number": self.number_of(self.system)}
         number = args.get("--generation")
         self.txn = {
@@ -322,6 +324,17 @@ class SimHost:
         return {"switchExit": 0, "output": "", "settled": True, "failedUnits": [],
                 "deadline": txn["deadline"], "started": time.time(), "restarted": [],
                 "checks": self.checks}  # fmt: skip
+
+    def health(self) -> dict[str, Any]:
+        """fleet-host's run of the system's checks (every one HTTP, every one passing)."""
+        made = [{"name": c["name"], "ok": True, "attempts": 1, "message": "HTTP 200"}
+                for c in self.checks]  # fmt: skip
+        return {"ok": True, "checks": made, "seconds": 0.0}
+
+    def proof(self) -> dict[str, Any]:
+        """fleet-host health: settled, no failed unit, the running system's checks."""
+        return {"settled": True, "failedUnits": [], "checks": self.checks,
+                "health": self.health()}  # fmt: skip
 
     def commit(self, args: Mapping[str, Any], record: dict[str, Any]) -> dict[str, Any]:
         txn = self.ours(str(args["--token"]))
@@ -370,7 +383,7 @@ def answer(data: dict[str, Any]) -> str:
 
 def options(words: Sequence[str]) -> dict[str, Any]:
     """fleet-host's options: ``--name value``, flags, repeated ``--drain``."""
-    flags = {"--take-over", "--secrets", "--force"}
+    flags = {"--take-over", "--secrets", "--force", "--activate", "--checks"}
     found: dict[str, Any] = {}
     i = 0
     while i < len(words):
@@ -439,10 +452,12 @@ def unquote(line: str) -> list[str]:
 
 @dataclass
 class Master:
-    """A master connection: its sessions now, and since when it has had none."""
+    """A master connection: its sessions now, and since when it has had none; ``owned``:
+    the tool's own process (ControlPersist=no), alive until it is stopped."""
 
     sessions: int
     idle_since: float
+    owned: bool = False
 
 
 @dataclass
@@ -570,13 +585,15 @@ class Simulator:
     @contextlib.contextmanager
     def session(self, config: Mapping[str, str]) -> Iterator[None]:
         """One ssh client's connection: over the master when its socket exists, else a
-        handshake (which leaves a master behind, as ControlMaster=auto does)."""
+        handshake (which leaves a master behind with ControlMaster=auto, as ssh does; with
+        ControlMaster=no it is a connection of its own)."""
         path = config.get("ControlPath", "none")
-        shared = path != "none" and config.get("ControlMaster") != "no"
+        rides = path != "none"
+        becomes = rides and config.get("ControlMaster", "no") in ("auto", "yes")
         self._client("cpu_ssh")
         kind = "fresh"
         with self.lock:
-            master = self.masters.get(path) if shared else None
+            master = self.masters.get(path) if rides else None
             if master is not None and not os.path.exists(path):  # its directory is gone
                 del self.masters[path]
                 self.counts.connections -= 1
@@ -584,7 +601,7 @@ class Simulator:
             if master is not None:
                 master.sessions += 1
                 kind = "mux"
-            elif shared and path not in self.connecting:
+            elif becomes and path not in self.connecting:
                 self.connecting.add(path)
                 kind = "master"
             self.counts.handshakes += kind != "mux"
@@ -619,7 +636,7 @@ class Simulator:
             limit = time.monotonic() - self.persist / self.speed
             with self.lock:
                 idle = [p for p, m in self.masters.items() if not m.sessions
-                        and m.idle_since < limit]  # fmt: skip
+                        and not m.owned and m.idle_since < limit]  # fmt: skip
                 for path in idle:
                     del self.masters[path]
                     with contextlib.suppress(OSError):
@@ -665,15 +682,19 @@ class Simulator:
             return subprocess.CompletedProcess(argv, code, out.encode(), err.encode())
         return subprocess.CompletedProcess(argv, code, out, err)
 
-    def popen(self, argv: Sequence[str], **_kwargs: Any) -> Tunnel:
-        """subprocess.Popen: the tool opens one for each HTTP check (``ssh -W``)."""
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> Tunnel | MasterProcess:
+        """subprocess.Popen: the tool opens one for each host's master connection, and one
+        for each HTTP check it makes itself (``ssh -W``)."""
         mark = time.thread_time()
         spawned = self._real_spawn()
         try:
             self._process(1, 3)
         finally:
             self._sim_cpu(time.thread_time() - mark - spawned)
-        return Tunnel(self, [str(a) for a in argv])
+        words = [str(a) for a in argv]
+        if ssh_options(words[1:])[0].get("ControlMaster") == "yes":
+            return MasterProcess(self, words, kwargs.get("stderr"))
+        return Tunnel(self, words)
 
     def _answer(self, words: list[str], kwargs: Mapping[str, Any]) -> tuple[int, str, str]:
         program = os.path.basename(words[0])
@@ -731,11 +752,24 @@ class Simulator:
         args = options(argv[2:])
         try:
             if command == "activate":  # the switch runs outside the host's lock
+                text = answer(self._activate(host, args))
+            elif command == "begin" and ("--activate" in args or "--checks" in args):
+                self._sleep("begin")
                 with host.lock:
-                    host.activate(args, before=True)
-                self._sleep("activate")
+                    data = host.begin(args)
+                if data.get("noop"):
+                    self._sleep("check")
+                    data |= host.proof()
+                elif "--activate" in args:
+                    data["activation"] = self._activate(host, {
+                        "--token": args["--token"], "--health": args["--health"],
+                        "--confirm": args["--confirm-timeout"], "--checks": True})  # fmt: skip
+                text = answer(data)
+            elif command == "health":
+                self._sleep("helper")
+                self._sleep("check")
                 with host.lock:
-                    text = answer(host.activate(args, before=False))
+                    text = answer(host.proof())
             else:
                 self._sleep(HOST_COSTS.get(command, "helper"))
                 with host.lock:  # the answer names the host's live records
@@ -744,6 +778,18 @@ class Simulator:
             failure = {"ok": False, "error": str(exc), "code": exc.code} | exc.extra
             return exc.code, json.dumps(failure, sort_keys=True) + "\n", f"fleet-host: {exc}\n"
         return 0, text, ""
+
+    def _activate(self, host: SimHost, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The switch (outside the host's lock), then, with --checks, the host's checks."""
+        with host.lock:
+            host.activate(args, before=True)
+        self._sleep("activate")
+        with host.lock:
+            done = host.activate(args, before=False)
+        if "--checks" in args:
+            self._sleep("check")
+            done["health"] = host.health()
+        return done
 
     def _step(
         self, host: SimHost, command: str, args: Mapping[str, Any], stdin: str | None
@@ -886,6 +932,59 @@ class Tunnel:
 
     def poll(self) -> int | None:
         return self.returncode
+
+
+class MasterProcess:
+    """The tool's master connection to a host (``ControlMaster=yes``, ControlPersist=no):
+    a handshake, its word on stdout, then nothing until it is stopped, which removes its
+    socket. Its stdout is a real pipe: the tool waits on it."""
+
+    def __init__(self, sim: Simulator, argv: list[str], stderr: Any) -> None:
+        self.sim = sim
+        self.returncode: int | None = None
+        config, _, end = ssh_options(argv[1:])
+        self.path = config.get("ControlPath", "none")
+        rest = argv[1 + end + 1 :]
+        host = sim.hosts.get(rest[0]) if rest else None
+        readable, writable = os.pipe()
+        self.stdout = os.fdopen(readable, "rb")
+        self.stdin = io.BytesIO()
+        sim._count("ssh master")
+        if host is None:
+            if stderr is not None:
+                stderr.write(b"ssh: Could not resolve hostname\n")
+            os.close(writable)
+            self._end(255)
+            return
+        with sim.session(config), sim.lock:  # its handshake; then the socket, its own
+            sim.masters[self.path].owned = True
+        os.write(writable, b"fleet-master-ready\n")
+        os.close(writable)
+
+    def _end(self, code: int) -> None:
+        if self.returncode is not None:
+            return
+        self.returncode = code
+        sim = self.sim
+        with sim.lock:
+            gone = sim.masters.pop(self.path, None)
+            if gone is not None:
+                sim.counts.connections -= 1
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        sim._process(-1, 3)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._end(255)
+
+    kill = terminate
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._end(255)
+        return self.returncode or 0
 
 
 # -- measuring --------------------------------------------------------------------------

@@ -284,7 +284,11 @@ def deploy(
     hosts = session.inventory.select(selectors)
     check_timeouts(options, hosts)
     delivered = secrets.payloads(hosts, session.config.get("secretsDir"))
-    paths = build(session, [h.name for h in hosts], options.build_host, reporter)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The release's revision, asked of Nix while the systems evaluate and build.
+        revised = None if options.dry_run else pool.submit(revision, session.flake)
+        paths = build(session, [h.name for h in hosts], options.build_host, reporter)
+        rev = revised.result() if revised is not None else None
     user = session.config.get("sshUser")
     if not options.dry_run:
         sign(session, paths.values())
@@ -297,7 +301,7 @@ def deploy(
                 options.parallel,
                 waves_for(hosts, options, session.inventory.depends_on, session.inventory.traffic),
             )
-        release = Release.new("deploy", session.flake, revision(session.flake))
+        release = Release.new("deploy", session.flake, rev)
         reporter.note(f"release {release.id}")
         names = [h.name for h in hosts]
         published = None

@@ -1,9 +1,12 @@
 """Health of one host: systemd settled with no failed unit, then every declared check.
 
-HTTP checks reach 127.0.0.1:PORT on the host through the ssh master connection
+A system whose checks are all HTTP and TCP (to the host's own 127.0.0.1) is proven by the
+host itself, in the step that needs it (``fleet-host health``, or the activation's own
+answer): no ssh channel per check, no round trip of their own. Otherwise this side makes
+them: HTTP checks reach 127.0.0.1:PORT on the host through the ssh master connection
 (``ssh -W``), so they need no open port towards the operator and work through jump hosts;
 TCP checks are made by the host itself (``fleet-host probe-tcp``), since an ``ssh -W``
-channel that stays open does not prove a connection.
+channel that stays open does not prove a connection; a command runs as the ssh user.
 Checks run concurrently; each retries until it passes, runs out of retries, or the
 host's health deadline passes.
 """
@@ -13,13 +16,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fleet import interrupt
 from fleet.errors import SshError
-from fleet.hostops import RUNNING_HELPER, Declared, HostOps
+from fleet.hostops import RUNNING_HELPER, Declared, HelperUsage, HostOps, declared, printable
 from fleet.inventory import Check, CheckType
 from fleet.ssh import Remote
 
@@ -144,14 +147,51 @@ def prove(remote: Remote, declared: Declared, deadline: float) -> Health:
     return run_checks(remote, declared.checks, deadline)
 
 
-def check_host(ops: HostOps, checks: Sequence[Check] | Declared, timeout: float) -> Health:
-    """Settle, then look for failed units, then run every check concurrently."""
-    deadline = time.monotonic() + timeout
-    settled, failed = ops.settle(timeout)
-    if failed:
-        return Health(False, failed, ())
-    if not settled:
+def from_host(answer: object, checks: Declared) -> Health | None:
+    """The host's own run of ``checks`` (fleet-host's ``health`` answer), or None when it
+    is not a run of exactly those checks: then this side makes them."""
+    if not isinstance(answer, Mapping) or checks.problem is not None:
+        return None
+    raw = answer.get("checks")
+    if not isinstance(raw, list) or not all(isinstance(r, Mapping) for r in raw):
+        return None
+    if [r.get("name") for r in raw] != [c.name for c in checks.checks]:
+        return None
+    results = tuple(
+        CheckResult(c.name, r.get("ok") is True, int(r.get("attempts") or 0),
+                    printable(str(r.get("message", ""))))
+        for c, r in zip(checks.checks, raw, strict=True)
+    )  # fmt: skip
+    return Health(all(r.ok for r in results), (), results)
+
+
+def verdict(
+    ops: HostOps, answer: Mapping[str, object], checks: Declared, deadline: float
+) -> Health:
+    """What the host said of a system it runs (settled, failed units, and its run of the
+    checks when it made them), with the checks it left to this side made here."""
+    failed = answer.get("failedUnits")
+    if isinstance(failed, list) and failed:
+        return Health(False, tuple(printable(str(u)) for u in failed), ())
+    if not answer.get("settled"):
         return Health(False, ("(systemd jobs still running)",), ())
+    # Its own checks, exactly the ones asked for, made by the host.
+    if declared(answer.get("checks"), "the running system's manifest") == checks:
+        made = from_host(answer.get("health"), checks)
+        if made is not None:
+            return made
+    return prove(ops.remote, checks, deadline)
+
+
+def check_host(ops: HostOps, checks: Sequence[Check] | Declared, timeout: float) -> Health:
+    """Settle, then look for failed units, then run every check concurrently: one round
+    trip when the host can make the checks itself."""
+    deadline = time.monotonic() + timeout
     if not isinstance(checks, Declared):
         checks = Declared(tuple(checks), manifest=True)
-    return prove(ops.remote, checks, deadline)
+    try:
+        answer = ops.health(timeout)
+    except HelperUsage:  # a running helper from before `health`
+        settled, failed = ops.settle(timeout)
+        answer = {"settled": settled, "failedUnits": list(failed)}
+    return verdict(ops, answer, checks, deadline)

@@ -7,6 +7,7 @@ call is one ssh round trip with a quoted argument list; the answer is one JSON d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -45,6 +46,11 @@ class HelperError(FleetError):
 
 class HelperMissing(HelperError):
     """The named fleet-host is not on the host (a system built before it existed)."""
+
+
+class HelperUsage(HelperError):
+    """fleet-host refused its arguments before doing anything (argparse): one from before
+    the subcommand or option existed. Safe to ask again the older way."""
 
 
 class LockHeld(HelperError):
@@ -373,6 +379,26 @@ class Activation:
     deadline: float
     declared: Declared = field(default_factory=Declared)  # the activated system's checks
     command: str | None = None  # the call, for an operator to run again (a failed switch)
+    # The host's own run of those checks (fleet-host's "health"), when it made them all;
+    # None: the tool makes them.
+    health: dict[str, Any] | None = None
+    seconds: float | None = None  # the switch and settling, as the host timed them
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], command: str | None = None) -> Activation:
+        health = data.get("health")
+        seconds = data.get("seconds")
+        return cls(
+            switch_exit=int(data["switchExit"]),
+            output=str(data.get("output", "")),
+            settled=bool(data.get("settled")),
+            failed_units=tuple(data.get("failedUnits", [])),
+            deadline=float(data["deadline"]),
+            declared=declared(data.get("checks"), "the new system's manifest"),
+            health=health if isinstance(health, dict) else None,
+            seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+            command=command,
+        )
 
 
 class HostOps:
@@ -425,6 +451,8 @@ class HostOps:
         if not isinstance(data, dict):
             if result.returncode == 127 or "command not found" in result.stderr:
                 raise HelperMissing(f"{self.name}: {helper} is missing: the host has no fleet-host")
+            if result.returncode == 2 and "usage:" in result.stderr:
+                raise HelperUsage(f"{self.name}: fleet-host {command}: {result.last_error_line()}")
             raise HelperError(
                 f"{self.name}: fleet-host {command} failed (exit {result.returncode}): "
                 f"{result.last_error_line()}"
@@ -449,9 +477,17 @@ class HostOps:
         take_over: bool = False,
         secrets: Sequence[dict[str, str]] | None = None,
         drain: Sequence[str] = (),
+        health: float | None = None,
+        activate: float | None = None,
     ) -> dict[str, Any]:
         """Take the lock and arm the switch; the answer has ``noop`` or ``recorded``, and
         ``helper`` when the transaction's helper is not the target's.
+
+        ``health`` (the health timeout): the host also proves the system it ends on, in
+        the same call: with ``activate`` (the confirm timeout), it activates the target
+        at once and makes the new system's checks (``activation``, as ``activate``
+        answers); with nothing to change, it proves the running system (``health``). A
+        helper from before these options is asked the older way.
 
         ``drain``: services whose instance here the host's agent takes out of rotation
         until the transaction ends, however it ends.
@@ -483,15 +519,24 @@ class HostOps:
         for service in drain:
             args += ["--drain", service]
         given = json.dumps(list(secrets)) if secrets is not None else None
-        if secrets is not None:
-            args.append("--secrets")
+        newer = []
+        if health is not None:
+            newer += ["--checks", "--health", f"{health:g}"]
+        if activate is not None:
+            newer += ["--activate", "--confirm-timeout", f"{activate:g}"]
+        delivering = ["--secrets"] if secrets is not None else []
+        # The newest form first; a helper that refuses an option (one from before it)
+        # refused it before doing anything, so the older form is asked next.
+        variants = [[*args, *newer, *delivering]]
+        if newer:
+            variants.append([*args, *delivering])
+        if secrets is not None and not secrets:
+            variants.append(args)  # nothing to deliver: a helper from before secrets
         try:
-            try:
-                return self.call("begin", *args, helper=helper_of(target.path), input=given)
-            except HelperMissing:
-                # A target from before fleet-host (a rollback to an old generation): the
-                # running system's helper drives the transaction instead.
-                return self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
+            for variant in variants[:-1]:
+                with contextlib.suppress(HelperUsage):
+                    return self._begin(variant, target, given)
+            return self._begin(variants[-1], target, given)
         except LockHeld as exc:
             holder_text = describe_holder(exc.data.get("holder"))
             held = LockHeld(
@@ -502,6 +547,19 @@ class HostOps:
             )
             held.command = exc.command
             raise held from None
+
+    def _begin(self, args: list[str], target: Generation, given: str | None) -> dict[str, Any]:
+        given = given if "--secrets" in args else None
+        helper = helper_of(target.path)
+        try:
+            answer = self.call("begin", *args, helper=helper, input=given)
+        except HelperMissing:
+            # A target from before fleet-host (a rollback to an old generation): the
+            # running system's helper drives the transaction instead.
+            helper = RUNNING_HELPER
+            answer = self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
+        # The call as a line to run again, should its activation fail (begin --activate).
+        return answer | {"command": self.command_line("begin", *args, helper=helper)}
 
     def weight(
         self, helper: str, token: str, weights: Mapping[str, int | str], hold: float
@@ -515,17 +573,20 @@ class HostOps:
         return float(data["deadline"])
 
     def activate(self, helper: str, token: str, health: float, confirm: float) -> Activation:
+        """Activate and settle; the host also makes the new system's checks when it can."""
         args = ["--token", token, "--health", f"{health:g}", "--confirm", f"{confirm:g}"]
-        data = self.call("activate", *args, helper=helper)
-        return Activation(
-            switch_exit=int(data["switchExit"]),
-            output=str(data.get("output", "")),
-            settled=bool(data.get("settled")),
-            failed_units=tuple(data.get("failedUnits", [])),
-            deadline=float(data["deadline"]),
-            declared=declared(data.get("checks"), "the new system's manifest"),
-            command=self.command_line("activate", *args, helper=helper),
-        )
+        try:
+            data = self.call("activate", *args, "--checks", helper=helper)
+            line = self.command_line("activate", *args, "--checks", helper=helper)
+        except HelperUsage:  # a helper from before --checks
+            data = self.call("activate", *args, helper=helper)
+            line = self.command_line("activate", *args, helper=helper)
+        return Activation.parse(data, line)
+
+    def health(self, seconds: float) -> dict[str, Any]:
+        """Settle, failed units, and the running system's checks made by the host when it
+        can make them all (``health``; else the tool makes them): one round trip."""
+        return self.call("health", "--seconds", f"{max(1.0, seconds):g}")
 
     def commit(self, helper: str, token: str, record: dict[str, Any]) -> dict[str, Any]:
         """Over a new connection: a new system that locks out new sessions is not committed."""

@@ -1,11 +1,14 @@
 """The rollout: waves of hosts, each through one host-owned transaction, and fleet-wide
 rollback.
 
-One host (docs/transaction.md): connect (read its state), copy the closure, begin (lock,
-record the running generation, arm the dead-man switch: one step on the host), activate
-and settle, health, commit over a new connection (profile, boot entry, commit point,
-record, unlock: one step on the host). Every failure after begin ends with the host's own
-undo, run by the tool at once or by the host's switch when the tool cannot.
+One host (docs/transaction.md): connect (the master connection), copy the closure, begin
+(lock, record the running generation, arm the dead-man switch), activate and settle,
+health, commit over a new connection (profile, boot entry, commit point, record, unlock:
+one step on the host). Begin, activation and the checks are one step on the host when
+nothing happens between them (no drain) and the host can make the checks (HTTP, TCP); a
+host that already runs the target is proven by begin's own answer. Every failure after
+begin ends with the host's own undo, run by the tool at once or by the host's switch when
+the tool cannot.
 
 The fleet: canary hosts first, then batches; a wave that takes failures past
 --max-failures stops the rollout, and hosts this release already persisted go back to
@@ -34,6 +37,7 @@ from fleet.cache import Published, fetch_or_copy
 from fleet.errors import ExitCode, FleetError, Interrupted, NixError, SshError, UsageError
 from fleet.events import Events
 from fleet.hostops import (
+    Activation,
     Declared,
     Expired,
     Fenced,
@@ -244,6 +248,7 @@ class _Txn:
     target: Generation
     recorded: Generation | None = None
     deadline: float | None = None  # the host's own undo deadline, as it last told us
+    activated: float = 0.0  # this side's clock (monotonic) when it asked for activation
     record: dict[str, Any] = field(default_factory=dict)  # what the release record says
 
 
@@ -303,7 +308,9 @@ class Rollout:
     # -- one host -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _phase(self, report: HostReport, phase: Phase) -> Iterator[None]:
+    def _phase(self, report: HostReport, phase: Phase, pause: bool = True) -> Iterator[None]:
+        """One step, timed and told; then its boundary (fleet/testhook.py), unless the
+        caller passes the boundaries of the steps the call made (``_split``)."""
         self.reporter.phase(report.name, phase, "revert" if report.reverting else "")
         label = f"revert-{phase.value}" if report.reverting else phase.value
         self.events.phase_start(report, label)
@@ -319,35 +326,24 @@ class Rollout:
             seconds = time.monotonic() - start
             report.timings[phase.value] = report.timings.get(phase.value, 0.0) + seconds
             self.events.phase_end(report, phase, label, seconds, error)
-        testhook.pause(phase.value, report.name)
+        if pause:
+            testhook.pause(phase.value, report.name)
 
     def deploy_host(self, name: str, path: str) -> HostReport:
         report = HostReport(name, started=time.time())
         ops = HostOps(self.remote(name))
         target = Generation(self.generations.get(name), path)
-        state: HostState | None = None
         try:
             with self._phase(report, Phase.CONNECT):
-                state = ops.state()
+                ops.remote.connect()  # the master connection, nothing run yet
         except Interrupted as exc:
             report.fail(HostResult.SKIPPED, Phase.CONNECT, f"{exc}: nothing was changed")
             return self._done(report)
         except SshError as exc:
             report.fail(HostResult.UNREACHABLE, Phase.CONNECT, str(exc))
             return self._done(report)
-        except HelperError:
-            pass  # no fleet-host on the running system yet: the target brings one
-        if state is not None:
-            report.previous = state.running_generation()
-            if (
-                self.options.mode == "switch"
-                and state.txn is None
-                and state.running == path
-                and state.current_path == path
-                and not (self.secrets or {}).get(name)  # the host delivers them even then
-            ):
-                self._unchanged(ops, report, state.declared)
-                return self._done(report)
+        # Nothing is read first: the copy finds what the host lacks, and begin finds a host
+        # that already runs and names the target (it then proves it and changes nothing).
         report.changed = True
         report.attempted = target
         try:
@@ -364,21 +360,34 @@ class Rollout:
         except (NixError, SshError) as exc:
             report.fail(HostResult.FAILED, Phase.COPY, f"nothing was changed: {exc}")
             return self._done(report)
+        # A deploy gives all the host is declared to get, [] included: begin removes what
+        # the host holds beyond it.
         delivered = None if self.secrets is None else self.secrets.get(name, [])
-        if not delivered and not (state is not None and state.held_secrets):
-            delivered = None  # nothing to deliver or remove: any helper version will do
         self._transaction(ops, report, target, secrets=delivered)
         return self._done(report)
 
-    def _unchanged(self, ops: HostOps, report: HostReport, checks: Declared | None) -> None:
+    def _unchanged(
+        self,
+        ops: HostOps,
+        report: HostReport,
+        checks: Declared | None,
+        answer: Mapping[str, Any] | None = None,
+    ) -> None:
         """Nothing to change; the host still has to prove itself healthy, by the checks of
-        the system it runs (``checks``; None: ask the host for them)."""
+        the system it runs (``checks``; None: ask the host for them). ``answer``: what the
+        host already said of its health (settled, failed units, its run of the checks)."""
+        report.changed = False
         report.new = report.previous
+        report.copy = None  # it needed none (the copy found it there)
         with self._phase(report, Phase.HEALTH):
             if checks is None:
                 checks = ops.state().declared
             report.checks = checks.names()
-            verdict = health.check_host(ops, checks, self.options.health_timeout)
+            if answer is not None and "settled" in answer:
+                deadline = time.monotonic() + self.options.health_timeout
+                verdict = health.verdict(ops, answer, checks, deadline)
+            else:
+                verdict = health.check_host(ops, checks, self.options.health_timeout)
         if verdict.ok:
             report.result = HostResult.DEPLOYED
         else:
@@ -399,18 +408,29 @@ class Rollout:
         """One transaction on the host: begin, then the mode's steps, then commit; any
         failure after begin (foreseen or not) is undone by the host. ``record``: fields of
         the release record the commit writes, where they differ from a deploy's;
-        ``secrets``: what begin delivers (``HostOps.begin``)."""
+        ``secrets``: what begin delivers (``HostOps.begin``).
+
+        A switch that drains nothing has nothing to do between begin and activation: the
+        host takes the lock, activates and makes the new system's checks in one call."""
         txn = _Txn(new_token(), helper_of(target.path), target, record=record or {})
         mode = self.options.mode
         drain = self._drained(report.name)
+        merged = mode == "switch" and not drain
         # The host undoes a transaction not activated by begin's deadline: the drain
         # comes first, so it gets the drain timeout on top.
         deadline = self.options.confirm_timeout + (
             self.traffic.drain_timeout if self.traffic and drain else 0
         )
+        after = self.options.health_timeout + self.options.confirm_timeout
+        # Until the host answers, the latest it may act by itself.
+        txn.deadline = time.time() + (max(deadline, after) if merged else deadline)
+        txn.activated = time.monotonic()
         try:
-            # Begun or not, never half: a Ctrl-C then finds a transaction to undo.
-            with self._phase(report, Phase.LOCK), interrupt.protected():
+            # A begin alone is never cut (a Ctrl-C then finds a transaction to undo); one
+            # that also activates and proves may be, and is undone with our token.
+            guard = contextlib.nullcontext() if merged else interrupt.protected()
+            phase = Phase.ACTIVATE if merged else Phase.LOCK
+            with self._phase(report, phase, pause=not merged), guard:
                 answer = ops.begin(
                     txn.token,
                     self.release.holder(),
@@ -422,17 +442,38 @@ class Rollout:
                     take_over=self.options.break_lock,
                     secrets=secrets,
                     drain=drain,
+                    health=self.options.health_timeout if mode == "switch" else None,
+                    activate=self.options.confirm_timeout if merged else None,
                 )
         except LockHeld as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, str(exc))
             return
+        except Interrupted:
+            self._undo(ops, report, txn, phase, f"interrupted (Ctrl-C twice) in {phase.value}")
+            return
         except SshError as exc:
+            if merged:  # it may have begun and activated: ours to undo, or the host's
+                self._undo(ops, report, txn, Phase.ACTIVATE, str(exc))
+                return
             report.fail(
                 HostResult.UNREACHABLE,
                 Phase.LOCK,
                 f"{exc}; if the lock was taken, the host releases it by itself "
                 f"within {deadline:g} s",
             )
+            return
+        except HelperError as exc:
+            if not exc.data.get("begun"):
+                report.fail(HostResult.FAILED, Phase.LOCK, f"nothing was changed: {exc}")
+                return
+            # Begun, then its activation failed on the host.
+            self._begun(report, txn, exc.data)
+            if isinstance(exc, Expired):
+                self._expired(ops, report, txn, exc)
+            elif isinstance(exc, Fenced):
+                self._resolved_by_host(ops, report, txn, str(exc))
+            else:
+                self._undo(ops, report, txn, Phase.ACTIVATE, str(exc))
             return
         except FleetError as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, f"nothing was changed: {exc}")
@@ -441,18 +482,22 @@ class Rollout:
             self._undo(ops, report, txn, Phase.LOCK, f"unexpected error: {exc!r}")
             return
         if answer.get("noop"):
-            # The host names the running system's checks in its answer (a helper from
-            # before it did not: then one more round trip asks).
-            known = "checks" in answer
-            checks = declared(answer["checks"], "the running system's manifest") if known else None
-            self._unchanged(ops, report, checks)
+            if merged:  # no activation: the call was begin's alone
+                self._split(report, Phase.ACTIVATE, {Phase.LOCK: None})
+            self._noop(ops, report, answer)
             return
         txn.helper = str(answer.get("helper", txn.helper))
-        recorded = answer.get("recorded") or {}
-        txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
+        self._begun(report, txn, answer)
         txn.deadline = time.time() + deadline
-        report.previous = txn.recorded
+        activation = None
+        if isinstance(answer.get("activation"), dict):
+            activation = Activation.parse(answer["activation"], answer.get("command"))
+            txn.deadline = activation.deadline
         try:
+            if activation is not None:
+                self._split(report, Phase.ACTIVATE, self._host_times(answer, activation))
+            elif merged:  # a helper from before --activate: the steps one by one
+                self._split(report, Phase.ACTIVATE, {Phase.LOCK: None})
             interrupt.check()
             if drain:
                 self._drain(report, drain)
@@ -461,7 +506,7 @@ class Rollout:
             elif mode == "reboot":
                 self._reboot(ops, report, txn)
             else:
-                self._switch(ops, report, txn)
+                self._switch(ops, report, txn, activation)
         except _Failed as failure:
             report.command = failure.command or report.command
             self._undo(ops, report, txn, failure.phase, str(failure))
@@ -476,6 +521,58 @@ class Rollout:
             phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
             why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
             self._undo(ops, report, txn, phase, why)
+
+    def _begun(self, report: HostReport, txn: _Txn, answer: Mapping[str, Any]) -> None:
+        """What the host recorded as the generation to go back to."""
+        recorded = answer.get("recorded")
+        if isinstance(recorded, dict):
+            txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
+            report.previous = txn.recorded
+
+    def _noop(self, ops: HostOps, report: HostReport, answer: Mapping[str, Any]) -> None:
+        """The host already runs and names the target: proven by its checks, unchanged."""
+        running = answer.get("running")
+        checks = None
+        if "checks" in answer:
+            checks = declared(answer["checks"], "the running system's manifest")
+        if isinstance(running, dict):
+            report.previous = Generation(running.get("number"), str(running.get("path")))
+        else:  # a helper from before it named the running system: one more round trip
+            state = ops.state()
+            report.previous = state.running_generation()
+            checks = checks or state.declared
+        self._unchanged(ops, report, checks, answer)
+
+    @staticmethod
+    def _host_times(
+        answer: Mapping[str, Any] | None, activation: Activation
+    ) -> dict[Phase, float | None]:
+        """The parts of one call the host timed: its lock (when begin was in the call), its
+        switch and settling, its checks."""
+        parts: dict[Phase, float | None] = {}
+        if answer is not None:  # the rest of the call, the round trip's too, is the lock's
+            parts[Phase.LOCK] = None
+            if activation.seconds is not None:
+                parts[Phase.ACTIVATE] = activation.seconds
+        else:  # or the activation's
+            parts[Phase.ACTIVATE] = None
+        made = activation.health
+        seconds = made.get("seconds") if made is not None else None
+        if isinstance(seconds, (int, float)):
+            parts[Phase.HEALTH] = float(seconds)
+        return parts
+
+    def _split(self, report: HostReport, whole: Phase, parts: Mapping[Phase, float | None]) -> None:
+        """One call that did several steps on the host, timed as ``whole``: its timings
+        split into those steps (the one given None gets what the others leave), and each
+        step's boundary passed in order (fleet/testhook.py)."""
+        total = report.timings.pop(whole.value, 0.0)
+        known = sum(s for s in parts.values() if s is not None)
+        for phase, seconds in parts.items():
+            share = max(0.0, total - known) if seconds is None else min(seconds, total)
+            report.timings[phase.value] = report.timings.get(phase.value, 0.0) + share
+        for phase in parts:
+            testhook.pause(phase.value, report.name)
 
     def _drained(self, name: str) -> list[str]:
         """The services whose instance on this host a transaction takes out of rotation:
@@ -524,12 +621,17 @@ class Rollout:
         """How long a host that booted its new generation waits for proof."""
         return self.options.health_timeout + self.options.confirm_timeout
 
-    def _switch(self, ops: HostOps, report: HostReport, txn: _Txn) -> None:
-        started = time.monotonic()
-        with self._phase(report, Phase.ACTIVATE):
-            activation = ops.activate(
-                txn.helper, txn.token, self.options.health_timeout, self.options.confirm_timeout
-            )
+    def _switch(
+        self, ops: HostOps, report: HostReport, txn: _Txn, activation: Activation | None = None
+    ) -> None:
+        """Activate (unless begin did), prove, commit. ``activation``: begin's answer."""
+        if activation is None:
+            txn.activated = time.monotonic()
+            with self._phase(report, Phase.ACTIVATE, pause=False):
+                activation = ops.activate(
+                    txn.helper, txn.token, self.options.health_timeout, self.options.confirm_timeout
+                )
+            self._split(report, Phase.ACTIVATE, self._host_times(None, activation))
         txn.deadline = activation.deadline
         line = activation.command
         if activation.switch_exit != 0:
@@ -541,7 +643,14 @@ class Rollout:
             raise _Failed(Phase.HEALTH, f"failed units: {failed}", line)
         if not activation.settled:
             raise _Failed(Phase.HEALTH, "systemd jobs still running at the health timeout", line)
-        self._prove(ops, report, activation.declared, started + self.options.health_timeout)
+        made = health.from_host(activation.health, activation.declared)
+        if made is None:
+            deadline = txn.activated + self.options.health_timeout
+            self._prove(ops, report, activation.declared, deadline)
+        else:  # the host made the new generation's own checks in the same call
+            report.checks = activation.declared.names()
+            if not made.ok:
+                raise _Failed(Phase.HEALTH, made.message, line)
         # A canary of the release, not a revert of one (a revert's record says so).
         if self.options.canary_weight and report.name in self.canaries and not txn.record:
             self._canary(ops, report, txn, activation.declared)

@@ -21,6 +21,7 @@ import hashlib
 import os
 import pwd
 import re
+import selectors
 import shlex
 import shutil
 import subprocess
@@ -162,6 +163,13 @@ class RemoteCommandError(FleetError):
         self.command = command
         super().__init__(f"{host}: {shlex.join(argv)}: {result.last_error_line()}")
 
+
+# What a master connection runs on the host: a word once the session is up, then nothing
+# until its stdin closes, which happens when this process closes it or dies. So a master
+# never outlives the run that opened it, and this process owns it (its pid): closing it
+# needs no `ssh -O exit` of its own.
+MASTER_READY = "fleet-master-ready"
+MASTER_COMMAND = ("sh", "-c", f"echo {MASTER_READY}; exec cat")
 
 # Handshakes in progress at once: below sshd's default MaxStartups (10), which a jump host
 # (every connection through it is one handshake there too) or a host would otherwise drop.
@@ -343,7 +351,7 @@ class Transport:
 
     def close(self) -> None:
         """Stop every master connection this run opened and remove its sockets."""
-        remotes = [r for r in self._remotes.values() if r.control_path.exists()]
+        remotes = [r for r in self._remotes.values() if r.has_master]
         if remotes:
             with ThreadPoolExecutor(min(16, len(remotes))) as pool:
                 list(pool.map(lambda r: r.disconnect(), remotes))
@@ -538,35 +546,104 @@ class Remote:
         who = f"{endpoint.name}\0{endpoint.user}\0{endpoint.address}\0{endpoint.port}"
         digest = hashlib.sha256(who.encode()).hexdigest()[:16]
         self.control_path = transport.dir / f"{digest}.sock"
+        self.master_log = transport.dir / f"{digest}.log"  # the master's stderr
         self._master = threading.Lock()  # held while this host's master is set up
+        self._proc: subprocess.Popen[bytes] | None = None  # the master, ours
 
     @contextmanager
-    def session(self, *, fresh: bool = False) -> Iterator[None]:
+    def session(self, *, fresh: bool = False, timeout: float | None = None) -> Iterator[None]:
         """Hold what one ssh (ours or Nix's) over this host's connection needs: a place in
-        the transport's budget, and a paced handshake if the connection is new. The first
-        command to a host sets its master up; others for the host wait for it, so that a
-        host never gets two masters."""
+        the transport's budget, and the master connection, set up now (a paced handshake)
+        if there is none; others for the host wait for it, so that a host never gets two
+        masters. ``timeout`` bounds setting it up."""
         with self.transport.connection(self, fresh=fresh):
             if fresh:  # a confirmation: its host's switch is running, it goes first
                 with self.transport.handshake(self, urgent=True):
                     yield
                 return
-            if self.control_path.exists():
-                yield
-                return
-            with self._master:
-                if self.control_path.exists():
-                    yield
-                    return
-                with self.transport.handshake(self):
-                    yield
+            if not self._connected():
+                with self._master:
+                    if not self._connected():
+                        with self.transport.handshake(self):
+                            self._start_master(timeout)
+            yield
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Set the master connection up, if there is none: a host that cannot be reached
+        fails here, before anything is asked of it."""
+        with self.session(timeout=timeout):
+            pass
+
+    @property
+    def has_master(self) -> bool:
+        """A master to stop: ours (alive or not yet reaped), or a socket on our path."""
+        return self._proc is not None or self.control_path.exists()
+
+    def _connected(self) -> bool:
+        """A master to ride: ours alive (one that died, with the link, is replaced by the
+        next command), with its socket."""
+        proc = self._proc
+        return (proc is None or proc.poll() is None) and self.control_path.exists()
+
+    def _start_master(self, timeout: float | None) -> None:
+        """Start the master (``MASTER_COMMAND``) and wait for its word, or its failure."""
+        self._reap()  # one that died
+        argv = ["ssh", *self.options(master=True), "--", self.endpoint.address,
+                shlex.join(MASTER_COMMAND)]  # fmt: skip
+        with self.master_log.open("wb") as log:
+            # A session of its own: the terminal's Ctrl-C is the tool's (fleet/interrupt.py),
+            # and every step of the host rides this connection.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        self._proc = proc
+        assert proc.stdout is not None
+        end = None if timeout is None else time.monotonic() + timeout
+        seen = b""
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(proc.stdout, selectors.EVENT_READ)
+            while MASTER_READY.encode() not in seen.split(b"\n"):
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    self._reap()
+                    raise SshError(f"{self.name}: ssh: no answer within {timeout:g} s")
+                if not waiting.select(left):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:  # it exited: why is on its stderr
+                    code = proc.wait()
+                    stderr = self.master_log.read_text(errors="replace")
+                    self._reap()
+                    raise self.connection_error(Result(tuple(argv), code, "", stderr))
+                seen = (seen + chunk)[-4096:]
+
+    def _reap(self) -> None:
+        """Stop our master, if it runs, and forget it; ssh removes its socket."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
     @property
     def name(self) -> str:
         return self.endpoint.name
 
-    def options(self, *, fresh: bool = False) -> list[str]:
-        """ssh options, without the program name and destination (Nix takes them too)."""
+    def options(self, *, fresh: bool = False, master: bool = False) -> list[str]:
+        """ssh options, without the program name and destination (Nix takes them too);
+        ``master``: the host's master connection's."""
         e, c = self.endpoint, self.transport.config
         opts = [arg for name, value in c.options for arg in ("-o", f"{name}={value}")]
         opts += [
@@ -595,10 +672,12 @@ class Remote:
         if fresh:
             opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         else:
+            # Every command rides the master; only the master itself listens (and stays in
+            # the foreground, ours, for as long as its session lasts).
             opts += [
-                "-o", "ControlMaster=auto",
+                "-o", f"ControlMaster={'yes' if master else 'no'}",
                 "-o", f"ControlPath={self.control_path}",
-                "-o", "ControlPersist=60",
+                "-o", "ControlPersist=no",
             ]  # fmt: skip
         jump_config = self.transport.jump_config
         if jump_config is not None:
@@ -694,8 +773,11 @@ class Remote:
         must prove that the host is reachable now, not that an old session survives.
         ``hold_stdin``: the remote command's stdin stays open until ours ends (process.run).
         """
+        start = time.monotonic()
         try:
-            with self.session(fresh=fresh):
+            with self.session(fresh=fresh, timeout=timeout):
+                if timeout is not None:  # what setting the master up left of it
+                    timeout = max(0.1, timeout - (time.monotonic() - start))
                 result = process.run(
                     self.ssh_argv(argv, fresh=fresh),
                     check=False,
@@ -780,8 +862,10 @@ class Remote:
 
     def disconnect(self) -> None:
         """Stop the master; return once it is gone (its socket removed), so that whoever
-        takes its place in the budget never overlaps it."""
-        if self.control_path.exists():
+        takes its place in the budget never overlaps it. Ours, it is stopped by its pid."""
+        if self._proc is not None:
+            self._reap()
+        elif self.control_path.exists():  # a master someone else set up on our socket
             subprocess.run(
                 ["ssh", *self.options(), "-O", "exit", "--", self.endpoint.address],
                 capture_output=True,
@@ -789,6 +873,6 @@ class Remote:
                 timeout=10,
                 start_new_session=True,
             )
-            end = time.monotonic() + 2
-            while self.control_path.exists() and time.monotonic() < end:
-                time.sleep(0.01)
+        end = time.monotonic() + 2
+        while self.control_path.exists() and time.monotonic() < end:
+            time.sleep(0.01)

@@ -17,7 +17,6 @@ import base64
 import calendar
 import contextlib
 import fcntl
-import http.client
 import json
 import math
 import os
@@ -30,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -1193,6 +1191,9 @@ PROM_MAX = 4 << 20
 def prom_get(port: int, path: str, params: dict[str, str], timeout: float) -> dict[str, Any]:
     """Prometheus's JSON answer to GET 127.0.0.1:PORT/PATH, bounded in time and size; an
     error answer fails with Prometheus's own words."""
+    import http.client  # here: every other step starts without it
+    import urllib.parse
+
     where = f"127.0.0.1:{port}{path}"
     end = time.monotonic() + timeout
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -1371,6 +1372,145 @@ def missing_secrets(system: str | None) -> list[dict[str, str]]:
     return missing
 
 
+# -- health checks the host makes itself ------------------------------------------------
+# HTTP and TCP checks reach the host's own loopback: made here, in the step that needs
+# them, they cost the tool no ssh channel and no round trip of their own. A command check
+# runs as the ssh user, not as root, so the tool makes those (and then every check of that
+# system, concurrently, as it always did).
+
+HTTP_MAX = 4 << 20  # read at most this much of an answer
+
+
+def host_checks(raw: Any) -> list[dict[str, Any]] | None:
+    """The declared checks when this host can make every one itself, else None (the tool
+    makes them). No manifest: no check, the units alone prove the system."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        return None
+    for check in raw:
+        if not isinstance(check, dict) or check.get("type") not in ("http", "tcp"):
+            return None
+        numbers = (check.get("timeout"), check.get("interval"))
+        port, retries = check.get("port"), check.get("retries")
+        if not (
+            isinstance(check.get("name"), str)
+            and all(isinstance(n, (int, float)) and n >= 0 for n in numbers)
+            and isinstance(port, int) and 0 < port < 65536
+            and isinstance(retries, int) and retries >= 1
+        ):  # fmt: skip
+            return None
+        if check["type"] == "http" and not (
+            isinstance(check.get("path"), str)
+            and isinstance(check.get("expectStatus"), int)
+            and isinstance(check.get("expectBody"), (str, type(None)))
+        ):
+            return None
+    return raw
+
+
+def probe_http(check: dict[str, Any]) -> tuple[bool, str]:
+    """GET 127.0.0.1:PORT/PATH as the tool's own probe asks it; its verdict, in its words."""
+    port, timeout = check["port"], float(check["timeout"])
+    request = (
+        f"GET {check['path']} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
+        "User-Agent: fleet\r\nConnection: close\r\n\r\n"
+    )
+    end = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.sendall(request.encode())
+            while size < HTTP_MAX:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                conn.settimeout(left)
+                data = conn.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+                size += len(data)
+    except TimeoutError:
+        return False, f"no answer within {timeout:g} s"
+    except OSError as exc:
+        return False, f"127.0.0.1:{port}: {exc.strerror or exc}"
+    out = b"".join(chunks)
+    if not out:
+        return False, "connection closed without an answer"
+    head, _, body = out.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return False, f"not an HTTP answer: {status_line[:80]!r}"
+    status = int(parts[1])
+    if status != check["expectStatus"]:
+        return False, f"HTTP {status}, expected {check['expectStatus']}"
+    expect = check.get("expectBody")
+    if expect and expect not in body.decode(errors="replace"):
+        return False, f"HTTP {status} but the body lacks {expect!r}"
+    return True, f"HTTP {status}"
+
+
+def probe_tcp(check: dict[str, Any]) -> tuple[bool, str]:
+    try:
+        with socket.create_connection(("127.0.0.1", check["port"]), timeout=check["timeout"]):
+            return True, "connected"
+    except OSError as exc:
+        return False, f"127.0.0.1:{check['port']}: {exc.strerror or exc}"
+
+
+def run_check(check: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Retry until it passes, runs out of retries, or the next try would start after the
+    deadline (a monotonic time): the tool's own rule."""
+    probe = probe_http if check["type"] == "http" else probe_tcp
+    message = "not attempted"
+    for attempt in range(1, check["retries"] + 1):
+        ok, message = probe(check)
+        if ok or attempt == check["retries"] or time.monotonic() + check["interval"] > deadline:
+            return {"name": check["name"], "ok": ok, "attempts": attempt, "message": message}
+        time.sleep(check["interval"])
+    return {"name": check["name"], "ok": False, "attempts": check["retries"], "message": message}
+
+
+def run_checks(checks: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
+    """Every check at once; the verdict and each check's result, in declaration order."""
+    import threading  # here: only the steps that check health need it
+
+    started = time.monotonic()
+    results: list[dict[str, Any]] = [{}] * len(checks)
+
+    def one(index: int) -> None:
+        results[index] = run_check(checks[index], deadline)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(checks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        "ok": all(r.get("ok") for r in results),
+        "checks": results,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def prove_running(paths: Paths, seconds: float) -> dict[str, Any]:
+    """What the tool asks of a system that runs already: systemd settled within
+    ``seconds`` with no failed unit, then the system's own checks, within the same time.
+    ``health`` is None when the tool must make the checks itself."""
+    deadline = time.monotonic() + seconds
+    running = readlink(paths.current_system)
+    declared = declared_checks(running)
+    settled, failed = settle(seconds)
+    out: dict[str, Any] = {"settled": settled, "failedUnits": failed, "checks": declared}
+    checks = host_checks(declared)
+    if checks is not None and settled and not failed:
+        out["health"] = run_checks(checks, deadline)
+    return out
+
+
 # -- who may ask for what --------------------------------------------------------------
 
 # Nix's own variable; sudo's reset environment never carries a deploy user's value.
@@ -1437,6 +1577,36 @@ def cmd_state(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    """begin; with ``--activate``, the activation right after it, in the same call (nothing
+    happens between them unless the tool drains first); with ``--checks``, the checks of
+    the system activated, or of the running one when there is nothing to change."""
+    if (args.activate or args.checks) and args.health is None:
+        raise Failure(Exit.USAGE, "--activate and --checks need --health")
+    if args.activate and args.confirm_timeout is None:
+        raise Failure(Exit.USAGE, "--activate needs --confirm-timeout")
+    started = time.monotonic()
+    out = begin(paths, args)
+    if out.get("noop"):
+        if args.checks:
+            out |= prove_running(paths, args.health)
+        return out
+    out["seconds"] = round(time.monotonic() - started, 3)
+    if args.activate:
+        begun = {"begun": True, "recorded": out.get("recorded")}
+        try:
+            out["activation"] = activate(
+                paths, args.token, args.health, args.confirm_timeout, args.checks
+            )
+        except Failure as exc:
+            exc.extra.update(begun)
+            raise
+        except OSError as exc:
+            why = f"{exc.filename or ''}: {exc.strerror or exc}"
+            raise Failure(Exit.FAILED, f"activation: {why}", **begun) from exc
+    return out
+
+
+def begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     holder = json.loads(args.holder)
     base = json.loads(args.base) if args.base else {}
     secrets = parse_secrets(sys.stdin.read()) if args.secrets else []
@@ -1477,7 +1647,8 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             if args.secrets:
                 prune_secrets(paths, undeclared_secrets(paths, secrets))
             checks = declared_checks(running)
-            return out | {"noop": True, "restarted": restarted, "checks": checks}
+            here = {"path": running, "number": number_of(paths, running)}
+            return out | {"noop": True, "restarted": restarted, "checks": checks, "running": here}
         changed = deliver_secrets(paths, secrets)
         # Removed once the new system is committed, when no running system loads them (a
         # `boot` leaves them for the system that runs until the reboot).
@@ -1537,19 +1708,23 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         return out | {"begun": True, "recorded": recorded}
 
 
-def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+def activate(paths: Paths, token: str, health: float, confirm: float,
+             checks: bool = False) -> dict[str, Any]:  # fmt: skip
+    """``switch-to-configuration test`` of the transaction's target, settle; with
+    ``checks``, then the new system's own checks (when the host can make them all), within
+    the health timeout from the start of activation."""
     with host_lock(paths):
-        txn = ours(paths, args.token)
+        txn = ours(paths, token)
         if txn.state not in (State.BEGUN, State.ACTIVATED) or txn.target is None:
             raise Failure(Exit.FAILED, f"cannot activate in state {txn.state}")
         txn.state = State.ACTIVATING
-        txn.deadline = now() + args.health + args.confirm
+        txn.deadline = now() + health + confirm
         txn.switch_unit = f"fleet-switch-{os.urandom(4).hex()}"
         write_txn(paths, txn)
     started, since = now(), time.monotonic()
     code, output = switch(txn.target["path"], "test", txn.switch_unit)
     restarted = restart_stale(txn.restart, since) if code == 0 else []
-    settled, failed = settle(max(1.0, args.health - (now() - started)))
+    settled, failed = settle(max(1.0, health - (now() - started)))
     with host_lock(paths):
         current = read_txn(paths)
         if current is None or current.token != txn.token:
@@ -1562,7 +1737,8 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         current.state = State.ACTIVATED
         current.switch_unit = None
         write_txn(paths, current)
-    return {
+    declared = declared_checks(txn.target["path"])
+    out = {
         "switchExit": code,
         "output": output,
         "settled": settled,
@@ -1570,8 +1746,17 @@ def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         "deadline": current.deadline,
         "started": started,
         "restarted": restarted,
-        "checks": declared_checks(txn.target["path"]),
+        "checks": declared,
+        "seconds": round(time.monotonic() - since, 3),
     }
+    runnable = host_checks(declared) if checks else None
+    if runnable is not None and code == 0 and settled and not failed:
+        out["health"] = run_checks(runnable, since + health)
+    return out
+
+
+def cmd_activate(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    return activate(paths, args.token, args.health, args.confirm, args.checks)
 
 
 def cmd_weight(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
@@ -1846,6 +2031,10 @@ def cmd_record(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
     return {"recordError": append_record(paths, record)}
 
 
+def cmd_health(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
+    return prove_running(paths, args.seconds)
+
+
 def cmd_settle(_paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     settled, failed = settle(args.seconds)
     return {"settled": settled, "failedUnits": failed}
@@ -2006,10 +2195,17 @@ def parser() -> argparse.ArgumentParser:
         "--drain", action="append", default=[], type=service_arg,
         help="a service to take out of rotation until the transaction ends",
     )  # fmt: skip
-    activate = command("activate", "switch-to-configuration test, settle, report")
-    activate.add_argument("--token", required=True, type=token_arg)
-    activate.add_argument("--health", type=float, required=True)
-    activate.add_argument("--confirm", type=float, required=True)
+    begin.add_argument("--activate", action="store_true", help="then activate, at once")
+    begin.add_argument("--health", type=float, help="the health timeout (--activate, --checks)")
+    begin.add_argument("--confirm-timeout", type=float, help="activation's confirm timeout")
+    begin.add_argument("--checks", action="store_true", help="then make the system's checks")
+    activate_ = command("activate", "switch-to-configuration test, settle, report")
+    activate_.add_argument("--token", required=True, type=token_arg)
+    activate_.add_argument("--health", type=float, required=True)
+    activate_.add_argument("--confirm", type=float, required=True)
+    activate_.add_argument("--checks", action="store_true", help="then make its checks")
+    health = command("health", "settle, failed units, the running system's checks")
+    health.add_argument("--seconds", type=float, default=30.0)
     commit = command("commit", "profile, boot entry, commit, record, unlock")
     commit.add_argument("--token", required=True, type=token_arg)
     undo_ = command("undo", "back to the recorded generation, record, unlock")
@@ -2064,6 +2260,7 @@ COMMANDS = {
     "state": cmd_state,
     "version": cmd_version,
     "settle": cmd_settle,
+    "health": cmd_health,
     "probe-tcp": cmd_probe_tcp,
     "records": cmd_records,
     "record": cmd_record,

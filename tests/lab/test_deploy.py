@@ -201,7 +201,13 @@ def test_sigkill_after_activation_reverts_every_host(lab):
         stderr=subprocess.PIPE,
         text=True,
     )
-    read_stderr_until(proc, "lab1: health", "lab2: health", "lab3: health")
+    # The host proves the new system in the activation's own call (its checks retry for
+    # seconds): killed once every host runs it, while it is being proven.
+    read_stderr_until(proc, "lab1: activate", "lab2: activate", "lab3: activate")
+    deadline = time.monotonic() + 30
+    while any(running_paths(lab)[n] == before[n] for n in before):
+        assert time.monotonic() < deadline and proc.poll() is None, "never all activated"
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert running_paths(lab) != before  # the broken release is running, unconfirmed

@@ -377,10 +377,12 @@ NEW = "/nix/store/" + "b" * 32 + "-nixos-system-2"
 
 @dataclass
 class FakeHost:
-    """fleet-host's answers to each step, and what the tool sent with each."""
+    """fleet-host's answers to each step, and what the tool sent with each; ``old``: a
+    helper from before `begin --activate` and `--checks`, which refuses them."""
 
     name: str
     switch_exit: int = 0
+    old: bool = False
     sent: list[tuple[str, Any]] = field(default_factory=list)
     argvs: list[list[str]] = field(default_factory=list)
 
@@ -391,19 +393,31 @@ class FakeHost:
     def command_line(self, argv: list[str]) -> str:
         return shlex.join(["ssh", "--", "192.0.2.1", shlex.join(argv)])
 
+    def connect(self) -> None:
+        pass
+
     def run(self, argv: list[str], *, input: str | None = None, **_: Any) -> Result:
         command = argv[1]
+        if self.old and {"--activate", "--checks"} & set(argv):
+            usage = "usage: fleet-host ...\nfleet-host: error: unrecognized arguments: --checks"
+            return Result(tuple(argv), 2, "", usage)
         self.sent.append((command, json.loads(input) if input else None))
         self.argvs.append(argv)
         recorded = {"number": 1, "path": OLD}
+        activation: dict[str, Any] = {
+            "switchExit": self.switch_exit, "output": "", "settled": True, "failedUnits": [],
+            "deadline": time.time() + 60, "checks": [], "seconds": 0.0}  # fmt: skip
+        if "--checks" in argv and not self.switch_exit:
+            activation["health"] = {"ok": True, "checks": [], "seconds": 0.0}
         answer: dict[str, Any] = {
             "state": {"current": 1, "running": OLD, "generations": [[1, 0, OLD]], "checks": []},
             "begin": {"begun": True, "recorded": recorded},
-            "activate": {"switchExit": self.switch_exit, "output": "", "settled": True,
-                         "failedUnits": [], "deadline": time.time() + 60, "checks": []},
+            "activate": activation,
             "commit": {"committed": True, "new": {"number": 2, "path": NEW}},
             "undo": {"undone": True, "recorded": recorded, "checks": [], "switch_exit": 0},
         }[command]  # fmt: skip
+        if command == "begin" and "--activate" in argv:
+            answer = answer | {"activation": activation}
         return Result(tuple(argv), 0, json.dumps(answer | {"ok": True}), "")
 
 
@@ -423,7 +437,8 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """web1, the canary, deploys; web2 fails its switch and is undone; the release stops
-    and web1 is reverted with it."""
+    and web1 is reverted with it. Each switch locks, activates and proves in one call of the
+    host's: one `activate` phase, its time split into the steps in the records."""
     monkeypatch.setattr("fleet.nix.copy_closure", lambda remote, *paths, **_how: None)
     fakes = {"web1": FakeHost("web1"), "web2": FakeHost("web2", switch_exit=4)}
     hosts = [Host(n, "192.0.2.1", 22, "root", (), "x86_64-linux", None, (), ()) for n in fakes]
@@ -442,16 +457,16 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
     assert [(e["event"], e.get("host"), e.get("phase"), e.get("result")) for e in found] == [
         ("release-start", None, None, None),
         *[(kind, "web1", phase, result)
-          for phase in ("connect", "copy", "lock", "activate", "health", "confirm")
+          for phase in ("connect", "copy", "activate", "confirm")
           for kind, result in (("phase-start", None), ("phase-end", "ok"))],
         ("host-end", "web1", None, "deployed"),
         *[(kind, "web2", phase, result)
-          for phase, outcome in (("connect", "ok"), ("copy", "ok"), ("lock", "ok"),
-                                 ("activate", "failed"), ("rollback", "ok"))
+          for phase, outcome in (("connect", "ok"), ("copy", "ok"), ("activate", "failed"),
+                                 ("rollback", "ok"))
           for kind, result in (("phase-start", None), ("phase-end", outcome))],
         ("host-end", "web2", "activate", "rolled-back"),
         *[(kind, "web1", f"revert-{phase}", result)
-          for phase in ("lock", "activate", "health", "confirm")
+          for phase in ("activate", "confirm")
           for kind, result in (("phase-start", None), ("phase-end", "ok"))],
         ("host-end", "web1", None, "rolled-back"),
         ("release-end", None, None, "rolled-back"),
@@ -473,8 +488,28 @@ def test_a_rollout_tells_every_phase_and_sends_its_timings_to_the_hosts(
     # The failed host: what it attempted beside what it was restored to, and the step.
     web2 = report.as_json()["hosts"]["web2"]
     assert web2["attempted"]["path"] == NEW and web2["new"]["path"] == OLD
-    [activate] = [argv for argv in fakes["web2"].argvs if argv[1] == "activate"]
-    assert activate[0] == f"{NEW}/sw/bin/fleet-host"
-    assert web2["command"] == shlex.join(["ssh", "--", "192.0.2.1", shlex.join(activate)])
+    # Its switch was begin's own call (`begin --activate`): that is the line to run again.
+    [begin] = [argv for argv in fakes["web2"].argvs if argv[1] == "begin"]
+    assert "--activate" in begin
+    assert web2["command"] == shlex.join(["ssh", "--", "192.0.2.1", shlex.join(begin)])
     assert report.as_json()["hosts"]["web1"]["command"] is None
     assert progress.getvalue().splitlines()[0] == "wave 1 of 2: web1"
+
+
+def test_a_helper_from_before_one_call_is_driven_step_by_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It refuses `begin --activate` and `--checks` before doing anything: the tool begins,
+    activates and makes the checks itself, as it did before them."""
+    monkeypatch.setattr("fleet.nix.copy_closure", lambda remote, *paths, **_how: None)
+    fake = FakeHost("web1", old=True)
+    hosts = [Host("web1", "192.0.2.1", 22, "root", (), "x86_64-linux", None, (), ())]
+    options = DeployOptions(parallel=1, canary=1, batch_size=10, max_failures=0,
+                            health_timeout=10, confirm_timeout=5)  # fmt: skip
+    rollout = Rollout(hosts, options, RELEASE, FakeTransport({"web1": fake}),
+                      Reporter(io.StringIO()))  # type: ignore[arg-type]  # fmt: skip
+    report = rollout.run({"web1": NEW}, ["web1"])
+    [host] = report.reports
+    assert host.result.value == "deployed", host.message
+    assert [c for c, _ in fake.sent] == ["begin", "activate", "commit"]
+    assert set(host.timings) == {"connect", "copy", "lock", "activate", "health", "confirm"}

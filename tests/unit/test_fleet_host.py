@@ -1257,3 +1257,137 @@ def test_fetch_fails_when_the_cache_cannot_serve_and_counts_what_it_fetched(
     env = cache_host | {"REALISE": "this path will be fetched (0.50 MiB download, 1 MiB unpacked):"}
     code, out = helper(host, "fetch", "--cache", "http://192.0.2.1:5080", path, env=env)
     assert code == 0 and out["fetched"] == 1 and out["downloadBytes"] == 524288, out
+
+
+# -- one call: begin, activate, and the checks the host makes itself ----------------------
+
+
+def declare_checks(host: Path, system: str, checks: list[dict[str, object]]) -> None:
+    manifest = host / "store" / system / "etc/fleet/manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"checks": checks}))
+
+
+def http_check(port: int, **changes: object) -> dict[str, object]:
+    return {"name": "web", "service": None, "type": "http", "port": port, "path": "/health",
+            "expectStatus": 200, "expectBody": "ok", "timeout": 2, "interval": 0.1,
+            "retries": 2} | changes  # fmt: skip
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # closed again when this returns
+
+
+ACTIVATE = ("--activate", "--checks", "--health", "10", "--confirm-timeout", "5")
+
+
+def test_begin_activates_and_proves_in_one_call(host: Path, prometheus: FakePrometheus) -> None:
+    prometheus.body = b"ok"
+    tcp = {"name": "port", "service": None, "type": "tcp", "port": prometheus.port,
+           "timeout": 1, "interval": 0.1, "retries": 1}  # fmt: skip
+    declare_checks(host, "sys-b", [http_check(prometheus.port), tcp])
+    code, out = begin(host, tk("one"), "sys-b", *ACTIVATE)
+    assert code == 0 and out["begun"] and out["recorded"]["number"] == 1
+    activation = out["activation"]
+    assert activation["switchExit"] == 0 and activation["settled"] is True
+    assert os.path.realpath(host / "run/current-system").endswith("sys-b")
+    health = activation["health"]
+    assert health["ok"] is True
+    assert [(c["name"], c["message"]) for c in health["checks"]] == [
+        ("web", "HTTP 200"),
+        ("port", "connected"),
+    ]
+    assert prometheus.paths == ["/health"]
+    txn = json.loads((host / "var/lib/fleet/txn.json").read_text())
+    assert txn["state"] == "activated"
+    code, out = helper(host, "commit", "--token", tk("one"), stdin="{}")
+    assert code == 0 and out["committed"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "words"),
+    [(503, b"ok", "HTTP 503, expected 200"), (200, b"nope", "the body lacks 'ok'")],
+)
+def test_a_failing_check_is_reported_in_its_own_words(
+    host: Path, prometheus: FakePrometheus, status: int, body: bytes, words: str
+) -> None:
+    prometheus.status, prometheus.body = status, body
+    declare_checks(host, "sys-b", [http_check(prometheus.port)])
+    code, out = begin(host, tk("bad"), "sys-b", *ACTIVATE)
+    assert code == 0
+    [check] = out["activation"]["health"]["checks"]
+    assert not check["ok"] and check["attempts"] == 2 and words in check["message"]
+    assert not out["activation"]["health"]["ok"]
+    # The transaction is the tool's to undo: it was begun and activated.
+    code, out = helper(host, "undo", "--token", tk("bad"), stdin="{}")
+    assert code == 0 and os.path.realpath(host / "run/current-system").endswith("sys-a")
+
+
+def test_a_closed_port_fails_its_check(host: Path) -> None:
+    port = closed_port()
+    tcp = {"name": "port", "service": None, "type": "tcp", "port": port, "timeout": 1,
+           "interval": 0.1, "retries": 1}  # fmt: skip
+    declare_checks(host, "sys-b", [http_check(port, name="web"), tcp])
+    code, out = begin(host, tk("closed"), "sys-b", *ACTIVATE)
+    assert code == 0
+    messages = {c["name"]: c["message"] for c in out["activation"]["health"]["checks"]}
+    assert "refused" in messages["web"].lower() and "refused" in messages["port"].lower()
+
+
+def test_a_command_check_is_left_to_the_tool(host: Path) -> None:
+    """A command runs as the ssh user, not as root: the host makes no check of that system."""
+    command = {"name": "cmd", "service": None, "type": "command", "command": ["true"],
+               "timeout": 1, "interval": 0.1, "retries": 1}  # fmt: skip
+    declare_checks(host, "sys-b", [http_check(closed_port()), command])
+    code, out = begin(host, tk("cmd"), "sys-b", *ACTIVATE)
+    assert code == 0 and "health" not in out["activation"]
+    assert [c["name"] for c in out["activation"]["checks"]] == ["web", "cmd"]
+
+
+def test_a_failed_switch_is_begun_and_proves_nothing(host: Path) -> None:
+    declare_checks(host, "sys-b", [http_check(closed_port())])
+    code, out = helper(host, *begin_args(host, tk("fail"), "sys-b", *ACTIVATE),
+                       env={"FAIL_SWITCH": "4"})  # fmt: skip
+    assert code == 0 and out["begun"] and out["activation"]["switchExit"] == 4
+    assert "health" not in out["activation"]
+    assert (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_an_unchanged_host_proves_its_running_system_in_begin(
+    host: Path, prometheus: FakePrometheus
+) -> None:
+    prometheus.body = b"ok"
+    declare_checks(host, "sys-a", [http_check(prometheus.port)])
+    code, out = begin(host, tk("same"), "sys-a", *ACTIVATE)
+    assert code == 0 and out["noop"] and "activation" not in out
+    assert out["running"]["number"] == 1 and out["running"]["path"].endswith("sys-a")
+    assert out["settled"] is True and out["health"]["ok"] is True
+    assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_health_proves_the_running_system(host: Path, prometheus: FakePrometheus) -> None:
+    prometheus.body = b"ok"
+    declare_checks(host, "sys-a", [http_check(prometheus.port)])
+    code, out = helper(host, "health", "--seconds", "5")
+    assert code == 0 and out["health"]["ok"] and out["failedUnits"] == []
+    assert out["checks"][0]["name"] == "web"
+
+
+def test_activating_in_begin_needs_the_timeouts(host: Path) -> None:
+    code, out = begin(host, tk("usage"), "sys-b", "--activate")
+    assert code == fh.Exit.USAGE and "--health" in out["error"]
+    assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+def test_an_option_a_helper_does_not_know_is_refused_before_anything(host: Path) -> None:
+    """What the tool takes for a helper from before that option: asked again the old way."""
+    environ = dict(os.environ, FLEET_HOST_ROOT=str(host))
+    proc = subprocess.run([sys.executable, str(HELPER), *begin_args(host, tk("old"), "sys-b"),
+                           "--no-such-option"], capture_output=True, text=True, env=environ,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2 and "usage:" in proc.stderr and not proc.stdout
+    assert not (host / "var/lib/fleet/txn.json").exists()

@@ -106,3 +106,58 @@ def test_a_prometheus_query_goes_through_the_hosts_program() -> None:
         HelperError, match=r"web1: 127\.0\.0\.1:9090/api/v1/query: Connection refused"
     ):
         host.prom_query(9090, "up")
+
+
+USAGE = (2, "", "usage: fleet-host begin ...\nfleet-host: error: unrecognized arguments: --x")
+
+
+def test_begin_asks_an_older_helper_the_older_way() -> None:
+    """A helper that refuses an option refused it before doing anything: the newest form
+    first, then without activating in the same call, then (nothing to deliver) without
+    secrets."""
+    ok = json.dumps({"ok": True, "begun": True, "recorded": {"path": TARGET, "number": 4}})
+    host, remote = ops(USAGE, USAGE, (0, ok, ""))
+    answer = host.begin("ab" * 16, {"release": "r"}, {}, "switch", Generation(None, TARGET),
+                        30, 20, secrets=[], health=10, activate=5)  # fmt: skip
+    assert answer["begun"]
+    newest, older, oldest = remote.calls
+    assert newest[-7:] == ["--checks", "--health", "10", "--activate", "--confirm-timeout",
+                           "5", "--secrets"]  # fmt: skip
+    assert older == [*newest[:-7], "--secrets"] and oldest == newest[:-7]
+
+
+def test_secrets_to_deliver_are_never_dropped_for_an_older_helper() -> None:
+    host, remote = ops(USAGE, USAGE)
+    with pytest.raises(HelperError, match="unrecognized arguments"):
+        host.begin("ab" * 16, {"release": "r"}, {}, "switch", Generation(None, TARGET), 30, 20,
+                   secrets=[{"service": "s", "name": "n", "data": "eA=="}], health=10,
+                   activate=5)  # fmt: skip
+    assert all("--secrets" in call for call in remote.calls) and len(remote.calls) == 2
+
+
+def test_activate_asks_for_the_checks_then_without() -> None:
+    answer = {"ok": True, "switchExit": 0, "settled": True, "failedUnits": [], "deadline": 9.0,
+              "checks": None, "seconds": 0.25}  # fmt: skip
+    host, remote = ops(USAGE, (0, json.dumps(answer), ""))
+    activation = host.activate(helper_of(TARGET), "ab" * 16, 10, 5)
+    assert activation.health is None and activation.seconds == 0.25
+    assert remote.calls[0][-1] == "--checks" and "--checks" not in remote.calls[1]
+
+
+def test_the_hosts_run_of_checks_counts_only_for_exactly_those_checks() -> None:
+    from fleet import health
+    from fleet.hostops import declared
+
+    raw = [{"name": n, "service": None, "type": "tcp", "port": 80, "timeout": 1,
+            "interval": 1, "retries": 1} for n in ("a", "b")]  # fmt: skip
+    checks = declared(raw, "test")
+    ran = {"ok": False, "checks": [
+        {"name": "a", "ok": True, "attempts": 1, "message": "connected"},
+        {"name": "b", "ok": False, "attempts": 3, "message": "refused\x1b[2J"},
+    ]}  # fmt: skip
+    made = health.from_host(ran, checks)
+    assert made is not None and not made.ok
+    assert made.message == "check b: refused?[2J"
+    assert health.from_host({"checks": ran["checks"][:1]}, checks) is None  # one is missing
+    assert health.from_host(None, checks) is None
+    assert health.from_host(ran, declared([{"name": "a"}], "test")) is None  # unreadable

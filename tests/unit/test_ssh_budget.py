@@ -1,7 +1,7 @@
 """The transport's bounds: hosts connected at once, and connections set up at once.
 
-Driven through ``Remote.session`` with a stand-in for ssh that creates the control socket
-as a master would, so the budget sees what it sees in a run.
+Driven through ``Remote.session`` with a stand-in for the master's start that creates the
+control socket as a master would, so the budget sees what it sees in a run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Watch:
         self.peak_shaking = 0
 
     def connect(self, remote: Remote) -> None:
-        """What the first ssh to a host does: a handshake, then its master's socket."""
+        """What starting a host's master does: a handshake, then its socket."""
         with self.lock:
             self.shaking += 1
             self.peak_shaking = max(self.peak_shaking, self.shaking)
@@ -48,14 +48,16 @@ class Watch:
 def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
     seen = Watch()
     monkeypatch.setattr(Remote, "disconnect", lambda remote: seen.disconnect(remote))
+    monkeypatch.setattr(Remote, "_start_master", lambda remote, _timeout: seen.connect(remote))
     return seen
 
 
 def command(watch: Watch, remote: Remote) -> None:
-    """One command on a host, as ``Remote.run`` holds it."""
+    """One command on a host, as ``Remote.run`` holds it: over the master, always."""
     with remote.session():
-        if not Path(remote.control_path).exists():
-            watch.connect(remote)
+        assert Path(remote.control_path).exists()
+        with watch.lock:
+            assert remote.name in watch.masters
         time.sleep(0.002)
 
 
