@@ -68,14 +68,12 @@ def test_a_first_ctrl_c_lets_the_canary_finish_and_starts_no_other_host(lab):
 
 def test_a_second_ctrl_c_restores_the_hosts_in_flight_at_once(lab):
     before = running_paths(lab)
-    # Its check fails for seconds (retries) before the host would be undone anyway.
+    # Its check fails for seconds (retries) before the host would be undone anyway: the
+    # presses land while the host activates and makes its checks, in begin's one call.
     set_release(lab, "ctrl-c-2", broken="health")
-    proc = start(lab, "deploy", "lab1", "lab2", "--canary", "0", "--batch-size", "2",
-                 pause="activate@lab1")  # fmt: skip
-    _read_until(proc, "fleet-test-paused")
-    _wait_stopped(proc)
+    proc = start(lab, "deploy", "lab1", "lab2", "--canary", "0", "--batch-size", "2")
+    _read_until(proc, "lab1: activate")
     os.kill(proc.pid, signal.SIGINT)
-    os.kill(proc.pid, signal.SIGCONT)
     _read_until(proc, FIRST_NOTICE)
     os.kill(proc.pid, signal.SIGINT)
     code, report, err = finish(proc)
@@ -83,8 +81,8 @@ def test_a_second_ctrl_c_restores_the_hosts_in_flight_at_once(lab):
     assert code == 130
     assert report["result"] == "interrupted"
     lab1 = report["hosts"]["lab1"]
-    assert (lab1["result"], lab1["phase"]) == ("rolled-back", "health"), lab1
-    assert lab1["message"] == "interrupted (Ctrl-C twice) in health", lab1
+    assert lab1["result"] == "rolled-back", lab1
+    assert lab1["message"] == f"interrupted (Ctrl-C twice) in {lab1['phase']}", lab1
     # lab2 was wherever its own steps had come: stopped there, restored or untouched.
     lab2 = report["hosts"]["lab2"]
     assert lab2["result"] in ("rolled-back", "skipped"), lab2
