@@ -550,16 +550,12 @@ class HostOps:
 
     def _begin(self, args: list[str], target: Generation, given: str | None) -> dict[str, Any]:
         given = given if "--secrets" in args else None
-        helper = helper_of(target.path)
         try:
-            answer = self.call("begin", *args, helper=helper, input=given)
+            return self.call("begin", *args, helper=helper_of(target.path), input=given)
         except HelperMissing:
             # A target from before fleet-host (a rollback to an old generation): the
             # running system's helper drives the transaction instead.
-            helper = RUNNING_HELPER
-            answer = self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
-        # The call as a line to run again, should its activation fail (begin --activate).
-        return answer | {"command": self.command_line("begin", *args, helper=helper)}
+            return self.call("begin", *args, input=given) | {"helper": RUNNING_HELPER}
 
     def weight(
         self, helper: str, token: str, weights: Mapping[str, int | str], hold: float

@@ -468,6 +468,7 @@ class Rollout:
                 return
             # Begun, then its activation failed on the host.
             self._begun(report, txn, exc.data)
+            report.command = self._activation_line(ops, txn)
             if isinstance(exc, Expired):
                 self._expired(ops, report, txn, exc)
             elif isinstance(exc, Fenced):
@@ -491,7 +492,7 @@ class Rollout:
         txn.deadline = time.time() + deadline
         activation = None
         if isinstance(answer.get("activation"), dict):
-            activation = Activation.parse(answer["activation"], answer.get("command"))
+            activation = Activation.parse(answer["activation"], self._activation_line(ops, txn))
             txn.deadline = activation.deadline
         try:
             if activation is not None:
@@ -521,6 +522,14 @@ class Rollout:
             phase = Phase(list(report.timings)[-1]) if report.timings else Phase.LOCK
             why = str(exc) if isinstance(exc, FleetError) else f"unexpected error: {exc!r}"
             self._undo(ops, report, txn, phase, why)
+
+    def _activation_line(self, ops: HostOps, txn: _Txn) -> str:
+        """The activation that begin made in its own call, as the step to run again: never
+        begin itself, which would start a transaction outside the tool. Once the
+        transaction is over, the host refuses it (no longer this transaction's)."""
+        health, confirm = self.options.health_timeout, self.options.confirm_timeout
+        args = ["--token", txn.token, "--health", f"{health:g}", "--confirm", f"{confirm:g}"]
+        return ops.command_line("activate", *args, helper=txn.helper)
 
     def _begun(self, report: HostReport, txn: _Txn, answer: Mapping[str, Any]) -> None:
         """What the host recorded as the generation to go back to."""
