@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fleet import interrupt
 from fleet.errors import SshError
 from fleet.hostops import RUNNING_HELPER, Declared, HelperUsage, HostOps, declared, printable
+from fleet.hostside.fleet_host import http_request, http_verdict
 from fleet.inventory import Check, CheckType
 from fleet.ssh import Remote
 
@@ -50,30 +51,18 @@ class Health:
 
 
 def _http(remote: Remote, check: Check) -> tuple[bool, str]:
-    request = (
-        f"GET {check.path} HTTP/1.0\r\nHost: 127.0.0.1:{check.port}\r\n"
-        "User-Agent: fleet\r\nConnection: close\r\n\r\n"
-    )
-    assert check.port is not None
+    if check.port is None or check.path is None or check.expect_status is None:
+        return False, "an HTTP check without its port, path or expected status"
+    request = http_request(check.path, check.port)
     with remote.tunnel(check.port) as proc:
         try:
-            out, err = proc.communicate(request.encode(), timeout=check.timeout)
+            out, err = proc.communicate(request, timeout=check.timeout)
         except subprocess.TimeoutExpired:
             return False, f"no answer within {check.timeout:g} s"
     if not out:
         lines = err.decode(errors="replace").strip().splitlines()
         return False, lines[-1] if lines else "connection closed without an answer"
-    head, _, body = out.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
-    parts = status_line.split()
-    if len(parts) < 2 or not parts[1].isdigit():
-        return False, f"not an HTTP answer: {status_line[:80]!r}"
-    status = int(parts[1])
-    if status != check.expect_status:
-        return False, f"HTTP {status}, expected {check.expect_status}"
-    if check.expect_body and check.expect_body not in body.decode(errors="replace"):
-        return False, f"HTTP {status} but the body lacks {check.expect_body!r}"
-    return True, f"HTTP {status}"
+    return http_verdict(out, check.expect_status, check.expect_body)
 
 
 def _tcp(remote: Remote, check: Check) -> tuple[bool, str]:

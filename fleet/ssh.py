@@ -641,22 +641,29 @@ class Remote:
     def name(self) -> str:
         return self.endpoint.name
 
-    def options(self, *, fresh: bool = False, master: bool = False) -> list[str]:
-        """ssh options, without the program name and destination (Nix takes them too);
-        ``master``: the host's master connection's."""
+    def _login(self, *extra: str) -> list[str]:
+        """What every ssh to this host says, the tool's and a pasted line's alike: the
+        operator's options first (ssh keeps the first value), no prompts, strict host
+        keys, the time-out, ``extra``, then port, user and identity."""
         e, c = self.endpoint, self.transport.config
         opts = [arg for name, value in c.options for arg in ("-o", f"{name}={value}")]
         opts += [
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes",
             "-o", f"ConnectTimeout={max(1, round(c.connect_timeout))}",
-            "-o", "ServerAliveInterval=2",
-            "-o", "ServerAliveCountMax=3",
+            *extra,
             "-p", str(e.port),
             "-l", e.user,
         ]  # fmt: skip
         if c.identity_file is not None:
             opts += ["-o", f"IdentityFile={_literal(c.identity_file)}", "-o", "IdentitiesOnly=yes"]
+        return opts
+
+    def options(self, *, fresh: bool = False, master: bool = False) -> list[str]:
+        """ssh options, without the program name and destination (Nix takes them too);
+        ``master``: the host's master connection's."""
+        e, c = self.endpoint, self.transport.config
+        opts = self._login("-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3")
         if e.host_key is not None:
             # A pinned key is final: nothing in the operator's ssh_config may add another.
             opts += [
@@ -718,18 +725,7 @@ class Remote:
         own ssh would). Quoted twice, as ssh needs it: the remote command for the host's
         shell, the whole line for the operator's."""
         e, c = self.endpoint, self.transport.config
-        opts = [arg for name, value in c.options for arg in ("-o", f"{name}={value}")]
-        opts += [
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"ConnectTimeout={max(1, round(c.connect_timeout))}",
-            "-o", "ControlMaster=no",
-            "-o", "ControlPath=none",
-            "-p", str(e.port),
-            "-l", e.user,
-        ]  # fmt: skip
-        if c.identity_file is not None:
-            opts += ["-o", f"IdentityFile={_literal(c.identity_file)}", "-o", "IdentitiesOnly=yes"]
+        opts = self._login("-o", "ControlMaster=no", "-o", "ControlPath=none")
         if e.host_key is not None:
             # ssh runs the command (no shell; an absolute path) and splits it on spaces;
             # echo prints the known_hosts line, its words joined by one space again.

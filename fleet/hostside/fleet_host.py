@@ -1412,16 +1412,13 @@ def host_checks(raw: Any) -> list[dict[str, Any]] | None:
 def probe_http(check: dict[str, Any]) -> tuple[bool, str]:
     """GET 127.0.0.1:PORT/PATH as the tool's own probe asks it; its verdict, in its words."""
     port, timeout = check["port"], float(check["timeout"])
-    request = (
-        f"GET {check['path']} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
-        "User-Agent: fleet\r\nConnection: close\r\n\r\n"
-    )
+    request = http_request(check["path"], port)
     end = time.monotonic() + timeout
     chunks: list[bytes] = []
     size = 0
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-            conn.sendall(request.encode())
+            conn.sendall(request)
             while size < HTTP_MAX:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -1439,18 +1436,31 @@ def probe_http(check: dict[str, Any]) -> tuple[bool, str]:
     out = b"".join(chunks)
     if not out:
         return False, "connection closed without an answer"
-    head, _, body = out.partition(b"\r\n\r\n")
+    return http_verdict(out, check["expectStatus"], check.get("expectBody"))
+
+
+def http_request(path: str, port: int) -> bytes:
+    """An HTTP check's request: the same whether the host or the tool sends it."""
+    return (
+        f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
+        "User-Agent: fleet\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+def http_verdict(out: bytes, status: int, body: str | None) -> tuple[bool, str]:
+    """An HTTP check's verdict on the whole answer ``out``: the status, and the body
+    holding ``body`` when one is expected."""
+    head, _, content = out.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
     parts = status_line.split()
     if len(parts) < 2 or not parts[1].isdigit():
         return False, f"not an HTTP answer: {status_line[:80]!r}"
-    status = int(parts[1])
-    if status != check["expectStatus"]:
-        return False, f"HTTP {status}, expected {check['expectStatus']}"
-    expect = check.get("expectBody")
-    if expect and expect not in body.decode(errors="replace"):
-        return False, f"HTTP {status} but the body lacks {expect!r}"
-    return True, f"HTTP {status}"
+    got = int(parts[1])
+    if got != status:
+        return False, f"HTTP {got}, expected {status}"
+    if body and body not in content.decode(errors="replace"):
+        return False, f"HTTP {got} but the body lacks {body!r}"
+    return True, f"HTTP {got}"
 
 
 def probe_tcp(check: dict[str, Any]) -> tuple[bool, str]:
