@@ -426,11 +426,13 @@ class Rollout:
         txn.deadline = time.time() + (max(deadline, after) if merged else deadline)
         txn.activated = time.monotonic()
         try:
-            # A begin alone is never cut (a Ctrl-C then finds a transaction to undo); one
-            # that also activates and proves may be, and is undone with our token.
-            guard = contextlib.nullcontext() if merged else interrupt.protected()
+            # Never cut, even when it also activates and proves: a begin cut on its way
+            # may still start on the host after an undo found nothing to end, and leave a
+            # transaction for its switch alone. Whole, a Ctrl-C finds one to undo, by
+            # token, once it answers (within the health timeout); any later step is
+            # fenced by the token instead, so those may be cut.
             phase = Phase.ACTIVATE if merged else Phase.LOCK
-            with self._phase(report, phase, pause=not merged), guard:
+            with self._phase(report, phase, pause=not merged), interrupt.protected():
                 answer = ops.begin(
                     txn.token,
                     self.release.holder(),
@@ -447,9 +449,6 @@ class Rollout:
                 )
         except LockHeld as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, str(exc))
-            return
-        except Interrupted:
-            self._undo(ops, report, txn, phase, f"interrupted (Ctrl-C twice) in {phase.value}")
             return
         except SshError as exc:
             if merged:  # it may have begun and activated: ours to undo, or the host's

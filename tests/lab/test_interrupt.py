@@ -68,9 +68,9 @@ def test_a_first_ctrl_c_lets_the_canary_finish_and_starts_no_other_host(lab):
 
 def test_a_second_ctrl_c_restores_the_hosts_in_flight_at_once(lab):
     before = running_paths(lab)
-    # Its check fails for seconds (retries) before the host would be undone anyway: the
-    # presses land while the host activates and makes its checks, in begin's one call.
-    set_release(lab, "ctrl-c-2", broken="health")
+    # Its service takes 10 s to be ready, which the activation waits for: the presses
+    # land while the host activates, in begin's one call.
+    set_release(lab, "ctrl-c-2", start_delay=10)
     proc = start(lab, "deploy", "lab1", "lab2", "--canary", "0", "--batch-size", "2")
     _read_until(proc, "lab1: activate")
     os.kill(proc.pid, signal.SIGINT)
