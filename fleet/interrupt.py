@@ -10,8 +10,9 @@ reaches the tool alone, and the tool decides what stops:
   finish or restore, as they would have. The second stops them at once: each step that
   can be stopped is (a copy, an activation, a health check's wait), and the host undoes
   its transaction; what puts a host back (undo, commit, a revert's verification), and
-  begin, which no token fences yet, run to their end (``protected``). The third leaves at once: every host still in flight undoes
-  itself by its own deadline, as when the tool is killed.
+  begin, which no token fences yet, run to their end (``protected``). The third leaves at
+  once: every host still in flight undoes itself by its own deadline, as when the tool is
+  killed.
 
 A signal handler may run between any two bytecodes of the main thread, even one holding a
 lock; so the handler only counts and hands the rest to a thread of its own.
