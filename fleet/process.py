@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -98,7 +99,7 @@ def run(
     try:
         with interrupt.child(proc):
             try:
-                stdout, stderr = proc.communicate(input, timeout=timeout)
+                stdout, stderr = _communicate(proc, input, timeout)
             except subprocess.TimeoutExpired as exc:
                 _kill(proc)
                 raise error(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
@@ -116,8 +117,49 @@ def run(
     return result
 
 
+# How often a wait looks whether the program ended while its pipes stay open.
+POLL = 0.2
+
+
+def _communicate(
+    proc: subprocess.Popen[str], input: str | None, timeout: float | None
+) -> tuple[str, str]:
+    """Its output once it ends, or TimeoutExpired. An ssh that rides a master connection
+    hands its descriptors to the master, which holds them while the remote command runs:
+    when the ssh itself is ended (a Ctrl-C), its pipes may never close, so the wait ends
+    with the program, and what it had printed by then is its output."""
+    end = None if timeout is None else time.monotonic() + timeout
+    given = input
+    while True:
+        left = POLL if end is None else min(POLL, end - time.monotonic())
+        try:
+            out, err = proc.communicate(given, timeout=max(left, 0.001))
+            return out, err
+        except subprocess.TimeoutExpired as exc:
+            given = None  # sent with the first call
+            if proc.poll() is not None:  # ended: what is left in its pipes, then no more
+                try:
+                    out, err = proc.communicate(timeout=POLL)
+                    return out, err
+                except subprocess.TimeoutExpired as held:
+                    return _text(held.output), _text(held.stderr)
+            if end is not None and time.monotonic() >= end:
+                raise exc
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
 def _kill(proc: subprocess.Popen[str]) -> None:
-    """The program and whatever it started (its session's process group)."""
+    """The program and whatever it started (its session's process group); its pipes are
+    not waited for (a master may hold them, see _communicate)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()

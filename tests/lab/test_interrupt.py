@@ -40,7 +40,12 @@ def start(lab: Any, *args: str, pause: str | None = None) -> subprocess.Popen[st
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, Any, str]:
-    out, err = proc.communicate(timeout=180)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a hung tool must not hold the lab's hosts for the tests after it
+        proc.communicate()
+        raise
     print(f"exit {proc.returncode}\n{out}\n{err}")
     return proc.returncode, json.loads(out) if out.strip() else None, err
 
