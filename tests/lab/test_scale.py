@@ -21,18 +21,24 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("safety_check")]
 @contextmanager
 def connected_hosts(lab: Lab) -> Iterator[list[set[str]]]:
     """Samples, every few milliseconds, the lab hosts this machine holds an established
-    ssh connection to (as the kernel sees them)."""
+    ssh connection to (as the kernel sees them), but for the connections already there
+    when it starts (the test session's own, to read the hosts)."""
     addresses = {e.address: e.name for e in ops.endpoints(lab)}
     samples: list[set[str]] = []
     stop = threading.Event()
 
+    def connections() -> set[tuple[str, str]]:
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", "( dport = :22 )"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        return {(line.split()[-2], line.split()[-1]) for line in out.splitlines() if line}
+
+    before = connections()
+
     def sample() -> None:
         while not stop.is_set():
-            out = subprocess.run(
-                ["ss", "-Htn", "state", "established", "( dport = :22 )"],
-                capture_output=True, text=True, check=False,
-            ).stdout  # fmt: skip
-            peers = {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line}
+            peers = {peer.rsplit(":", 1)[0] for _local, peer in connections() - before}
             samples.append({addresses[a] for a in peers if a in addresses})
             time.sleep(0.005)
 
