@@ -6,10 +6,13 @@ The floor is what an operator's script does for one host, without any safety ste
 `nix build` of the systems, then per host, over ONE ssh connection (a ControlMaster the
 script opens and closes): `nix-copy-closure`, `nix-env -p /nix/var/nix/profiles/system
 --set`, `switch-to-configuration switch`, and the web service's health check; N hosts are
-N such scripts at once. Each run deploys a release no host runs yet, built beforehand, so
-both sides start warm.
+N such scripts at once. The safe floor is the same by hand, in the order a deploy that
+can be undone needs and with nothing else: `switch-to-configuration test`, the check, then
+over a new connection (new logins still work) `nix-env --set` and `switch-to-configuration
+boot`. Each run deploys a release no host runs yet, built beforehand, so all start warm;
+the tool's modules are byte-compiled first, as an installed tool's are.
 
-Prints, per host count: fleet's wall time and the floor's (medians), their ratio, and
+Prints, per host count: fleet's wall time and both floors' (medians), the ratios, and
 fleet's phases for one host; the ssh processes a one-host `fleet deploy` and the floor
 start (a wrapper `ssh` first on PATH logs each exec), split by what started them; the
 evaluations of Nix a deploy starts; the tool's CPU time per host; the time from a failed
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import itertools
 import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,6 +49,7 @@ from typing import Any
 os.environ.setdefault("FLEET_LAB_INSTANCE", "8")
 os.environ.setdefault("NIX_CONFIG", "substituters =")
 
+import fleet as fleet_package
 from fleet import nix
 from fleet.lab import flake, ops
 from fleet.lab.layout import WEB_PORT, Lab
@@ -103,14 +109,18 @@ def floor_build(lab: Lab, names: Sequence[str]) -> dict[str, str]:
     return {n: b["outputs"]["out"] for n, b in zip(names, built, strict=True)}
 
 
-def floor_host(lab: Lab, address: str, path: str, env: dict[str, str]) -> None:
-    """One host by hand: one master connection, copy, set the profile, switch, check."""
+def floor_host(lab: Lab, address: str, path: str, env: dict[str, str], safe: bool) -> None:
+    """One host by hand: one master connection, copy, set the profile, switch, check.
+    ``safe``: the order a safe deploy needs, still by hand and with nothing else: activate
+    (``test``), check, then over a NEW connection (new logins still work) set the profile
+    and make it the boot default (``boot``)."""
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
         base = _ssh_base(lab, Path(tmp) / "master")
         dest = f"root@{address}"
 
-        def ssh(*argv: str) -> None:
-            subprocess.run(["ssh", *base, dest, *argv], check=True, capture_output=True, env=env)
+        def ssh(*argv: str, new: bool = False) -> None:
+            opts = [*base, "-o", "ControlPath=none"] if new else base
+            subprocess.run(["ssh", *opts, dest, *argv], check=True, capture_output=True, env=env)
 
         subprocess.run(["ssh", *base, "-o", "ControlMaster=yes", "-o", "ControlPersist=yes",
                         "-f", "-N", dest], check=True, capture_output=True, env=env)  # fmt: skip
@@ -118,9 +128,17 @@ def floor_host(lab: Lab, address: str, path: str, env: dict[str, str]) -> None:
             copy_env = env | {"NIX_SSHOPTS": " ".join(base)}
             subprocess.run(["nix-copy-closure", "--to", dest, path],
                            check=True, capture_output=True, env=copy_env)  # fmt: skip
-            ssh("nix-env", "-p", "/nix/var/nix/profiles/system", "--set", path)
-            ssh(f"{path}/bin/switch-to-configuration", "switch")
-            web_check(address)
+            switch = f"{path}/bin/switch-to-configuration"
+            if safe:
+                ssh(switch, "test")
+                web_check(address)
+                profile = shlex.join(["nix-env", "-p", "/nix/var/nix/profiles/system", "--set",
+                                      path])  # fmt: skip
+                ssh(f"{profile} && {shlex.join([switch, 'boot'])}", new=True)
+            else:
+                ssh("nix-env", "-p", "/nix/var/nix/profiles/system", "--set", path)
+                ssh(switch, "switch")
+                web_check(address)
         finally:
             subprocess.run(["ssh", *base, "-O", "exit", dest], capture_output=True, env=env)
 
@@ -140,14 +158,16 @@ def web_check(address: str, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def floor(lab: Lab, names: Sequence[str], env: dict[str, str] | None = None) -> float:
+def floor(
+    lab: Lab, names: Sequence[str], env: dict[str, str] | None = None, safe: bool = False
+) -> float:
     """The floor for ``names``, all at once; its wall time."""
     spec = flake.spec(lab) or {}
     start = time.monotonic()
     paths = floor_build(lab, names)
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(lambda n: floor_host(lab, spec["hosts"][n]["address"], paths[n],
-                                           env or dict(os.environ)), names))  # fmt: skip
+                                           env or dict(os.environ), safe), names))  # fmt: skip
     return time.monotonic() - start
 
 
@@ -263,6 +283,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each, median")
     parser.add_argument("--deploy-user", action="store_true")
     args = parser.parse_args()
+    # As installed: the tool's modules byte-compiled (a checkout run with
+    # PYTHONDONTWRITEBYTECODE would otherwise compile them on every start).
+    compileall.compile_dir(str(Path(fleet_package.__file__).parent), quiet=1)
     lab = Lab.from_env()
     ops.down(lab)
     ops.up(lab, args.hosts, lambda _m: None)
@@ -279,7 +302,7 @@ def main() -> None:
         cpu_per_host = 0.0
         for n in counts:
             selected = names[:n]
-            fleet_walls, floor_walls = [], []
+            fleet_walls, floor_walls, safe_walls = [], [], []
             for _ in range(args.runs):
                 new_release(lab, selected)
                 report, wall, cpu = fleet(lab, *selected, "--parallel", str(n), "--canary", "0")
@@ -291,8 +314,11 @@ def main() -> None:
                     cpu_per_host = cpu / n
                 new_release(lab, selected)
                 floor_walls.append(floor(lab, selected))
+                new_release(lab, selected)
+                safe_walls.append(floor(lab, selected, safe=True))
             rows.append((n, statistics.median(fleet_walls), statistics.median(floor_walls),
-                         min(fleet_walls), max(fleet_walls)))  # fmt: skip
+                         statistics.median(safe_walls), min(fleet_walls),
+                         max(fleet_walls)))  # fmt: skip
 
         # One more of each with every ssh and nix exec logged.
         with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
@@ -320,10 +346,11 @@ def main() -> None:
 
         print(f"hosts in the lab: {args.hosts}, as {DEPLOY_USER if args.deploy_user else 'root'}"
               f"; median of {args.runs} runs")  # fmt: skip
-        print(f"{'hosts':>5}  {'fleet deploy':>12}  {'floor':>7}  {'ratio':>5}  fleet's range")
-        for n, wall, low, fastest, slowest in rows:
-            print(f"{n:5d}  {wall:10.2f} s  {low:5.2f} s  {wall / low:5.2f}  "
-                  f"{fastest:.2f}-{slowest:.2f} s")  # fmt: skip
+        print(f"{'hosts':>5}  {'fleet deploy':>12}  {'floor':>7}  {'ratio':>5}  "
+              f"{'safe floor':>10}  {'ratio':>5}  fleet's range")  # fmt: skip
+        for n, wall, low, safe, fastest, slowest in rows:
+            print(f"{n:5d}  {wall:10.2f} s  {low:5.2f} s  {wall / low:5.2f}  {safe:8.2f} s  "
+                  f"{wall / safe:5.2f}  {fastest:.2f}-{slowest:.2f} s")  # fmt: skip
         if one_phases:
             wall, where = sorted(one_phases)[len(one_phases) // 2]
             print(f"one host, the median run ({wall:.2f} s): {where}")

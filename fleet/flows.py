@@ -39,7 +39,7 @@ from fleet.rollout import (
     endpoint,
     waves_for,
 )
-from fleet.ssh import Endpoint, SshConfig, Transport, jump_chain
+from fleet.ssh import Endpoint, Remote, SshConfig, Transport, jump_chain
 from fleet.status import STATE_TIMEOUT, FleetStatus, HostStatus, probe
 from fleet.waves import Order
 
@@ -284,23 +284,27 @@ def deploy(
     hosts = session.inventory.select(selectors)
     check_timeouts(options, hosts)
     delivered = secrets.payloads(hosts, session.config.get("secretsDir"))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # The release's revision, asked of Nix while the systems evaluate and build.
-        revised = None if options.dry_run else pool.submit(revision, session.flake)
-        paths = build(session, [h.name for h in hosts], options.build_host, reporter)
-        rev = revised.result() if revised is not None else None
     user = session.config.get("sshUser")
-    if not options.dry_run:
-        sign(session, paths.values())
+    waves = waves_for(hosts, options, session.inventory.depends_on, session.inventory.traffic)
     with session.transport(parallel=options.parallel) as transport:
+
+        def remote(name: str) -> Remote:
+            return transport.remote(endpoint(session.inventory.hosts[name], user))
+
+        # The cache's and the first hosts' connections are set up while the systems
+        # evaluate and build.
+        first = [remote(n) for n in (waves[0].hosts[: options.parallel] if waves else [])]
+        if options.use_cache and session.inventory.cache is not None and not options.dry_run:
+            first.insert(0, cache_remote(session, transport))
+        transport.warm(first)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # The release's revision, asked of Nix while the systems evaluate and build.
+            revised = None if options.dry_run else pool.submit(revision, session.flake)
+            paths = build(session, [h.name for h in hosts], options.build_host, reporter)
+            rev = revised.result() if revised is not None else None
         if options.dry_run:
-            return dry_run(
-                hosts,
-                paths,
-                lambda n: transport.remote(endpoint(session.inventory.hosts[n], user)),
-                options.parallel,
-                waves_for(hosts, options, session.inventory.depends_on, session.inventory.traffic),
-            )
+            return dry_run(hosts, paths, remote, options.parallel, waves)
+        sign(session, paths.values())
         release = Release.new("deploy", session.flake, rev)
         reporter.note(f"release {release.id}")
         names = [h.name for h in hosts]
@@ -407,8 +411,7 @@ def publish(
     declared = session.inventory.cache
     if declared is None:
         return None
-    server = session.inventory.hosts[declared.host]
-    remote = transport.remote(endpoint(server, session.config.get("sshUser")), pinned=True)
+    remote = cache_remote(session, transport)
     reporter.note(f"publishing to the binary cache {declared.url} on {declared.host}")
     published = cache.publish(declared, remote, list(paths), substitute=substitute)
     if published.error is not None:
@@ -417,6 +420,13 @@ def publish(
             "closure from this machine"
         )
     return published
+
+
+def cache_remote(session: Session, transport: Transport) -> Remote:
+    """The declared cache host's connection, kept for the whole run."""
+    assert session.inventory.cache is not None
+    server = session.inventory.hosts[session.inventory.cache.host]
+    return transport.remote(endpoint(server, session.config.get("sshUser")), pinned=True)
 
 
 def sign(session: Session, paths: Iterable[str]) -> None:

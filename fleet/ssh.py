@@ -181,7 +181,8 @@ class Pacing:
     whose host's dead-man switch is running) goes before every waiting routine one."""
 
     def __init__(self, slots: int) -> None:
-        self._free = max(1, slots)
+        self.slots = max(1, slots)
+        self._free = self.slots
         self._urgent = 0
         self._cond = threading.Condition()
 
@@ -256,6 +257,8 @@ class Transport:
             _write_private(self.jump_config, text)
         self._remotes: dict[Endpoint, Remote] = {}
         self._lock = threading.Lock()
+        self._closed = False  # under _lock: no master starts once the run closes
+        self._warming: ThreadPoolExecutor | None = None
 
     def remote(self, endpoint: Endpoint, *, pinned: bool = False) -> Remote:
         """The host's Remote; ``pinned``: its connection is kept for the whole run, outside
@@ -349,8 +352,35 @@ class Transport:
                 self.handshakes[remote.name] += 1
             yield
 
+    def warm(self, remotes: Sequence[Remote]) -> None:
+        """Set these hosts' master connections up now, in the background, paced as any
+        other, so that their handshakes overlap what the run does first (evaluating and
+        building the systems). A host that cannot be reached fails its first command with
+        the error its warm-up met, not after a second time-out (``Remote.session``)."""
+        if not remotes:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if self._warming is None:
+                self._warming = ThreadPoolExecutor(
+                    min(len(remotes), self._pacing.slots), thread_name_prefix="fleet-warm"
+                )
+            for remote in remotes:
+                self._warming.submit(remote.warm)
+
     def close(self) -> None:
         """Stop every master connection this run opened and remove its sockets."""
+        with self._lock:
+            self._closed = True
+            warming, self._warming = self._warming, None
+        if warming is not None:
+            # A master still being set up is stopped now (its warm-up then ends at once),
+            # and no other starts: then every master is stopped and reaped below.
+            warming.shutdown(wait=False, cancel_futures=True)
+            for remote in list(self._remotes.values()):
+                remote.signal_master()
+            warming.shutdown(wait=True)
         remotes = [r for r in self._remotes.values() if r.has_master]
         if remotes:
             with ThreadPoolExecutor(min(16, len(remotes))) as pool:
@@ -549,6 +579,8 @@ class Remote:
         self.master_log = transport.dir / f"{digest}.log"  # the master's stderr
         self._master = threading.Lock()  # held while this host's master is set up
         self._proc: subprocess.Popen[bytes] | None = None  # the master, ours
+        # Why Transport.warm could not connect, and when.
+        self._warm_error: tuple[FleetError, float] | None = None
 
     @contextmanager
     def session(self, *, fresh: bool = False, timeout: float | None = None) -> Iterator[None]:
@@ -562,11 +594,35 @@ class Remote:
                     yield
                 return
             if not self._connected():
+                asked = time.monotonic()
                 with self._master:
                     if not self._connected():
+                        failed, self._warm_error = self._warm_error, None
+                        # A warm-up that failed while this command waited for it was this
+                        # command's attempt; one that failed before (the host may be back
+                        # since) is tried again.
+                        if failed is not None and failed[1] >= asked:
+                            raise failed[0]
                         with self.transport.handshake(self):
                             self._start_master(timeout)
             yield
+
+    def warm(self) -> None:
+        """``connect`` for ``Transport.warm``: what fails is kept for a command that waited
+        for it (``session``)."""
+        try:
+            self.connect()
+        except FleetError as exc:
+            self._warm_error = (exc, time.monotonic())
+        except (OSError, ValueError):  # the run closed while it was connecting
+            pass
+
+    def signal_master(self) -> None:
+        """Ask our master to stop, without waiting or touching its pipes (a warm-up may be
+        reading them): it then ends, and is reaped by whoever waits for it."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
 
     def connect(self, timeout: float | None = None) -> None:
         """Set the master connection up, if there is none: a host that cannot be reached
@@ -590,7 +646,9 @@ class Remote:
         self._reap()  # one that died
         argv = ["ssh", *self.options(master=True), "--", self.endpoint.address,
                 shlex.join(MASTER_COMMAND)]  # fmt: skip
-        with self.master_log.open("wb") as log:
+        with self.master_log.open("wb") as log, self.transport._lock:
+            if self.transport._closed:
+                raise SshError(f"{self.name}: ssh: the run is over")
             # A session of its own: the terminal's Ctrl-C is the tool's (fleet/interrupt.py),
             # and every step of the host rides this connection.
             proc = subprocess.Popen(
@@ -600,7 +658,7 @@ class Remote:
                 stderr=log,
                 start_new_session=True,
             )
-        self._proc = proc
+            self._proc = proc
         assert proc.stdout is not None
         end = None if timeout is None else time.monotonic() + timeout
         seen = b""

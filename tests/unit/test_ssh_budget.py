@@ -6,6 +6,7 @@ control socket as a master would, so the budget sees what it sees in a run.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.errors import SshError
 from fleet.ssh import Endpoint, Pacing, Remote, SshConfig, Transport
 
 
@@ -147,3 +149,87 @@ def test_a_host_a_worker_holds_is_never_closed_between_its_commands(watch: Watch
             command(watch, held)
         assert transport.handshakes["held"] == 1
         assert transport.peak_open <= 2
+
+
+class Refusing(Watch):
+    """A host whose handshakes fail while ``down`` is set, after ``gate`` opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def connect(self, remote: Remote) -> None:
+        self.gate.wait()
+        if self.down:
+            raise SshError(f"{remote.name}: ssh: connect to host: No route to host")
+        super().connect(remote)
+
+
+@pytest.fixture
+def refusing(monkeypatch: pytest.MonkeyPatch) -> Refusing:
+    seen = Refusing()
+    monkeypatch.setattr(Remote, "disconnect", lambda remote: seen.disconnect(remote))
+    monkeypatch.setattr(Remote, "_start_master", lambda remote, _timeout: seen.connect(remote))
+    return seen
+
+
+def test_a_warmed_host_is_not_connected_again(watch: Watch) -> None:
+    with Transport(SshConfig(), max_open=4) as transport:
+        remotes = [transport.remote(Endpoint(f"h{i}", f"192.0.2.{i}")) for i in range(3)]
+        transport.warm(remotes)
+        for remote in remotes:
+            command(watch, remote)  # waits for its warm-up, if still connecting
+        assert all(transport.handshakes[r.name] == 1 for r in remotes)
+    assert not watch.masters  # every master stopped with the run
+
+
+def test_a_warm_up_a_command_waited_for_fails_that_command_once(refusing: Refusing) -> None:
+    refusing.gate.clear()  # the warm-up connects only once the command waits for it
+    with Transport(SshConfig()) as transport:
+        remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+        transport.warm([remote])
+        while not remote._master.locked():  # the warm-up holds the host's set-up
+            time.sleep(0.001)
+        threading.Timer(0.05, refusing.gate.set).start()
+        with pytest.raises(SshError, match="No route to host"):
+            command(refusing, remote)
+        assert transport.handshakes["h1"] == 1  # the warm-up's failure, not a second try
+        refusing.down = False
+        command(refusing, remote)  # the next command connects anew
+        assert transport.handshakes["h1"] == 2
+
+
+def test_a_warm_up_that_failed_before_anyone_asked_is_tried_again(refusing: Refusing) -> None:
+    with Transport(SshConfig()) as transport:
+        remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+        transport.warm([remote])
+        while transport.handshakes["h1"] == 0 or remote._master.locked():
+            time.sleep(0.001)
+        refusing.down = False  # the host came back while the systems built
+        command(refusing, remote)
+        assert transport.handshakes["h1"] == 2
+
+
+def test_closing_the_run_stops_a_master_still_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ssh that never answers (a host that drops packets): the run's end stops it and
+    its warm-up at once, instead of waiting for the connect time-out."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\nexec sleep 60\n")
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    transport = Transport(SshConfig())
+    remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+    transport.warm([remote])
+    while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        time.sleep(0.01)
+    pid = int((tmp_path / "pid").read_text())
+    transport.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone and reaped
+    assert not remote.has_master
+    assert not [t for t in threading.enumerate() if t.name.startswith("fleet-warm")]
