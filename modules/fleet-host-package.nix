@@ -2,6 +2,12 @@
 # module): fleet/hostside/fleet_host.py, a single-file, stdlib-only Python 3
 # program, with its interpreter and the programs it runs fixed to store paths.
 #
+# It is installed as a module, lib/fleet-host/fleet_host.py, compiled at build
+# time, and bin/fleet-host is a launcher that imports it: Python never caches
+# the bytecode of the script it runs, so the program as a script would be
+# compiled again on every call (some 20 ms, twice per host and deploy, and on
+# every metrics timer and agent run).
+#
 # The source's placeholders ("@systemctl@" ...) mean "look the program up on
 # PATH" where they stay unsubstituted (the lab); here each is replaced by the
 # given package's program. The host module builds it with the host's own
@@ -65,26 +71,46 @@ runCommand "fleet-host"
     };
   }
   ''
-    target="$out/bin/fleet-host"
-    mkdir -p "$out/bin"
+    libdir="$out/lib/fleet-host"
+    module="$libdir/fleet_host.py"
+    mkdir -p "$out/bin" "$libdir"
 
+    # The source stays runnable on its own (the lab, the tests).
     if [ "$(head -n 1 "$src")" != ${lib.escapeShellArg shebang} ]; then
       echo "fleet-host: the first line of fleet/hostside/fleet_host.py must be '${shebang}'" >&2
       exit 1
     fi
-    {
-      echo '#!${python3}/bin/python3'
-      tail -n +2 "$src"
-    } > "$target"
-
-    substituteInPlace "$target" ${replacements}
+    # Line for line the source, so that a traceback's line numbers are the source's.
+    substitute "$src" "$module" ${replacements}
 
     # A placeholder this file does not know would make fleet-host look its
     # program up on PATH, which differs between ssh sessions and units.
-    if grep -nE '^[A-Z_]+ = "@[A-Za-z_]+@"' "$target" >&2; then
+    if grep -nE '^[A-Z_]+ = "@[A-Za-z_]+@"' "$module" >&2; then
       echo "fleet-host: the placeholder(s) above have no value on NixOS: add them to modules/fleet-host-package.nix" >&2
       exit 1
     fi
 
-    chmod 0555 "$target"
+    # By the interpreter that runs it (the bytecode is that version's). Hash-based,
+    # unchecked: a timestamp pyc records the module's mtime now, but the store
+    # resets every mtime to 1, so Python would find it stale and compile the module
+    # on every call anyway; and a store path never changes, so there is nothing to
+    # check the pyc against. A syntax error fails the build.
+    ${python3}/bin/python3 -m compileall -q --invalidation-mode unchecked-hash "$module"
+
+    # The launcher, a script whose own path is the program: helper_path() records
+    # it in each transaction, for the dead-man switch to run. It runs as root, so
+    # nothing of the caller's may stand in for the module or its bytecode: -I
+    # ignores every PYTHON* variable (PYTHONPATH, PYTHONPYCACHEPREFIX ...) and the
+    # user's site-packages; -S imports no site (no site-packages, .pth files or
+    # sitecustomize, which reads NIX_PYTHONPATH); -B never writes bytecode.
+    cat > "$out/bin/fleet-host" <<EOF
+    #!${python3}/bin/python3 -BIS
+    import sys
+    sys.path.insert(0, "$libdir")
+    import fleet_host
+    sys.exit(fleet_host.main())
+    EOF
+
+    chmod 0444 "$module"
+    chmod 0555 "$out/bin/fleet-host"
   ''

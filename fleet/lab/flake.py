@@ -17,6 +17,7 @@ TEMPLATE = (
     "flake.nix",
     "system.nix",
     "build-system.sh",
+    "build-fleet-host.sh",
     "switch-to-configuration.py",
     "lab-web.py",
 )
@@ -41,7 +42,8 @@ CACHE_SECRET_KEY = "/etc/fleet-lab/cache-key"
 # a test (or an operator's `nc -l`) listens for the alerts.
 WEBHOOK_PORT = 9799
 # The host's half of fleet's transactions, from the package, installed by every lab system
-# at sw/bin/fleet-host (see build-system.sh).
+# at sw/lib/fleet-host/fleet_host.py with its launcher sw/bin/fleet-host (see
+# build-fleet-host.sh).
 HOST_HELPER = "fleet-host.py"
 BROKEN_KINDS = ("health", "start", "build", "boot", "errors:N")
 _ERRORS = re.compile(r"^errors:([1-9][0-9]?|100)$")

@@ -321,7 +321,9 @@ def test_the_helper_runs_the_hosts_own_programs(helper: dict[str, Any]) -> None:
     ]:
         replacement = f"""'{constant} = "{placeholder}"' '{constant} = "{program}"'"""
         assert f"--replace-fail {replacement}" in script
-    assert f"#!{helper['python3']}/bin/python3" in script
+    python = f"{helper['python3']}/bin/python3"
+    assert f"\n{python} -m compileall -q --invalidation-mode unchecked-hash " in script
+    assert f"\n#!{python} -BIS\n" in script  # the launcher, by the same Python
 
 
 def test_the_helper_follows_the_configured_packages(nix: Nix) -> None:
@@ -389,13 +391,14 @@ def test_a_service_cannot_take_a_reserved_unit_name(nix: Nix, unit: str) -> None
     ]
 
 
-# The build script, run with a stand-in for stdenv's substituteInPlace.
+# The build script, run with a stand-in for stdenv's substitute, and this Python for the
+# package's.
 
 SUBSTITUTE = """
-substituteInPlace() {
+substitute() {
   "$PYTHON" - "$@" <<'END'
 import sys
-path, args = sys.argv[1], sys.argv[2:]
+path, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 with open(path) as f:
     text = f.read()
 while args:
@@ -404,7 +407,7 @@ while args:
     if old not in text:
         sys.exit(f"substituteStream(): ERROR: pattern {old} doesn't match anything in file")
     text = text.replace(old, new)
-with open(path, "w") as f:
+with open(out, "w") as f:
     f.write(text)
 END
 }
@@ -430,6 +433,7 @@ def program(value: str, name: str) -> str:
 def build(script: str, source: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     src = tmp_path / "fleet_host.py"
     src.write_text(source)
+    script = script.replace(f"{STORE}-python3/bin/python3", sys.executable)
     return subprocess.run(
         ["bash", "-c", "set -euo pipefail\n" + SUBSTITUTE + script],
         env={
@@ -447,10 +451,9 @@ def build(script: str, source: str, tmp_path: Path) -> subprocess.CompletedProce
 def test_the_build_script_substitutes(helper: dict[str, Any], tmp_path: Path) -> None:
     result = build(helper["buildCommand"], SOURCE, tmp_path)
     assert result.returncode == 0, result.stderr
-    built = tmp_path / "out" / "bin" / "fleet-host"
-    assert os.access(built, os.X_OK)
-    lines = built.read_text().splitlines()
-    assert lines[0] == f"#!{STORE}-python3/bin/python3"
+    assert os.access(tmp_path / "out" / "bin" / "fleet-host", os.X_OK)
+    lines = (tmp_path / "out" / "lib" / "fleet-host" / "fleet_host.py").read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env python3"  # line for line the source
     assert lines[3:9] == [
         f'SYSTEMCTL = "{STORE}-systemd/bin/systemctl"',
         f'SYSTEMD_RUN = "{STORE}-systemd/bin/systemd-run"',
@@ -489,3 +492,12 @@ def test_the_real_source_builds(helper: dict[str, Any], tmp_path: Path) -> None:
         pytest.skip("fleet/hostside/fleet_host.py has no placeholders yet")
     result = build(helper["buildCommand"], source, tmp_path)
     assert result.returncode == 0, result.stderr
+    # The launcher runs the module from the bytecode the build made: not even the source
+    # is read.
+    module = tmp_path / "out" / "lib" / "fleet-host" / "fleet_host.py"
+    module.chmod(0o644)
+    module.write_text('raise SystemExit("compiled from the source")\n')
+    run = subprocess.run([tmp_path / "out" / "bin" / "fleet-host", "version"],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["ok"] is True

@@ -102,11 +102,19 @@ def host(tmp_path: Path) -> Path:
     return root
 
 
-def helper(host: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None):
+def helper(
+    host: Path,
+    *args: str,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
+    program: Path | None = None,
+):
+    """fleet-host on ``host``: the source run as a script, or ``program`` (a launcher)."""
     environ = dict(os.environ, FLEET_HOST_ROOT=str(host), **(env or {}))
     environ["PATH"] = f"{host.parent / 'bin'}:{environ['PATH']}"
+    command = [str(program)] if program else [sys.executable, str(HELPER)]
     proc = subprocess.run(
-        [sys.executable, str(HELPER), *args],
+        [*command, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -1391,3 +1399,122 @@ def test_an_option_a_helper_does_not_know_is_refused_before_anything(host: Path)
                           check=False)  # fmt: skip
     assert proc.returncode == 2 and "usage:" in proc.stderr and not proc.stdout
     assert not (host / "var/lib/fleet/txn.json").exists()
+
+
+# -- the launcher, as the lab builds it ---------------------------------------------------
+
+LAB_BUILDER = Path(__file__).parents[2] / "fleet" / "lab" / "flake" / "build-fleet-host.sh"
+LAB_PYTHON = "/usr/bin/python3"  # the lab hosts' Python, which the builder compiles with
+needs_lab_python = pytest.mark.skipif(
+    not os.access(LAB_PYTHON, os.X_OK), reason=f"no {LAB_PYTHON} to build a lab system with"
+)
+
+
+@pytest.fixture()
+def launcher(tmp_path: Path) -> Path:
+    """sw/bin/fleet-host of a lab system, made by the lab's own builder."""
+    out = tmp_path / "system"
+    subprocess.run(
+        ["/bin/sh", "-e", str(LAB_BUILDER)],
+        env={"PATH": "/usr/bin:/bin", "hostHelper": str(HELPER), "out": str(out)},
+        check=True,
+        timeout=60,
+    )
+    return out / "sw" / "bin" / "fleet-host"
+
+
+def lab_python(code: str, env: dict[str, str] | None = None, *args: str) -> str:
+    """What a line of Python prints, run by the lab's Python."""
+    result = subprocess.run(
+        [LAB_PYTHON, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+def run_launcher(
+    launcher: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(launcher), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, **(env or {})),
+        timeout=60,
+        check=False,
+    )
+
+
+@needs_lab_python
+def test_the_launcher_runs_the_module_from_its_bytecode(launcher: Path) -> None:
+    module = launcher.parents[1] / "lib" / "fleet-host" / "fleet_host.py"
+    assert module.read_text() == HELPER.read_text()
+    tag = lab_python("import sys; print(sys.implementation.cache_tag)")
+    pyc = (module.parent / "__pycache__" / f"fleet_host.{tag}.pyc").read_bytes()
+    assert int.from_bytes(pyc[4:8], "little") == 0b01  # hash-based, never checked
+    # The source is not even read: the store's files never change.
+    module.chmod(0o644)
+    module.write_text('raise SystemExit("compiled from the source")\n')
+    result = run_launcher(launcher, "version")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"ok": True, "protocol": fh.PROTOCOL}
+
+
+@needs_lab_python
+def test_nothing_in_the_callers_environment_stands_in_for_the_module(
+    launcher: Path, tmp_path: Path
+) -> None:
+    """fleet-host runs as root: nothing a caller has, in a PYTHONPATH, a user site, a
+    pycache prefix, a Python home or the working folder, may run in it."""
+    hostile = tmp_path / "hostile"
+    env = {"PYTHONPATH": str(hostile), "PYTHONUSERBASE": str(hostile),
+           "PYTHONPYCACHEPREFIX": str(hostile), "PYTHONHOME": str(hostile),
+           "PYTHONSTARTUP": str(hostile / "fleet_host.py")}  # fmt: skip
+    prefixed = {"PYTHONPYCACHEPREFIX": str(hostile)}
+    user_site = Path(lab_python("import site; print(site.getusersitepackages())",
+                                {"PYTHONUSERBASE": str(hostile)}))  # fmt: skip
+    assert user_site.is_relative_to(hostile)
+    for folder in (hostile, user_site):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("fleet_host.py", "sitecustomize.py", "usercustomize.py"):
+            (folder / name).write_text('raise SystemExit("imported the caller\'s " + __file__)\n')
+        (folder / "hostile.pth").write_text('import sys; sys.exit("ran the caller\'s .pth")\n')
+    # Bytecode where that prefix would have Python look for the module's.
+    module = launcher.parents[1] / "lib" / "fleet-host" / "fleet_host.py"
+    lab_python(
+        "import importlib.util, py_compile, sys; py_compile.compile(sys.argv[1], "
+        "importlib.util.cache_from_source(sys.argv[2]), "
+        "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)",
+        prefixed,
+        str(hostile / "fleet_host.py"),
+        str(module),
+    )
+    result = run_launcher(launcher, "version", cwd=hostile, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+
+
+@needs_lab_python
+def test_the_launcher_is_the_program_a_transaction_records(
+    host: Path, launcher: Path, tmp_path: Path
+) -> None:
+    """The dead-man switch runs the helper its transaction names: the launcher, by its own
+    path, not the link it was called by (/run/current-system/sw/bin/fleet-host)."""
+    link = tmp_path / "current-system" / "sw" / "bin" / "fleet-host"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(launcher)
+    code, out = helper(host, *begin_args(host, tk("l1")), program=link)
+    assert code == 0 and out["begun"], out
+    assert json.loads((host / "var/lib/fleet/txn.json").read_text())["helper"] == str(launcher)
+    assert f"{launcher} watch --token {tk('l1')}" in (host / "calls").read_text()
+    # Its exit codes are the program's own: a token that holds nothing is fenced.
+    fenced = ("activate", "--token", tk("l2"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, *fenced, program=link)
+    assert code == fh.Exit.FENCED and not out["ok"]
+    result = run_launcher(launcher, "no-such-command")
+    assert result.returncode == fh.Exit.USAGE and "usage: fleet-host" in result.stderr

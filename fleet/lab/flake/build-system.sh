@@ -10,10 +10,10 @@ ln -s /bin/rm "$out/sw/bin/rm"
 ln -s /usr/bin/touch "$out/sw/bin/touch"
 cp "$switchScript" "$out/bin/switch-to-configuration"
 cp "$webScript" "$out/bin/lab-web"
+chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web"
 # fleet's host-side helper, run by the host's own Python 3 (as on NixOS, where the host
 # module installs it at the same place).
-{ echo '#!/usr/bin/python3'; sed '1{/^#!/d}' "$hostHelper"; } > "$out/sw/bin/fleet-host"
-chmod 0555 "$out/bin/switch-to-configuration" "$out/bin/lab-web" "$out/sw/bin/fleet-host"
+. "$helperBuilder"
 printf '%s\n' "$releaseVersion" > "$out/nixos-version"
 if [ -n "$payload" ]; then
   ln -s "$payload" "$out/payload"

@@ -72,5 +72,6 @@ derivation {
   switchScript = ./switch-to-configuration.py;
   webScript = ./lab-web.py;
   hostHelper = ./fleet-host.py;
+  helperBuilder = ./build-fleet-host.sh;
   PATH = "/usr/bin:/bin";
 }
