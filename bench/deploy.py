@@ -95,9 +95,10 @@ def new_release(lab: Lab, names: Sequence[str]) -> None:
 # -- the floor --------------------------------------------------------------------------
 
 
-def _ssh_base(lab: Lab, control: Path) -> list[str]:
+def _ssh_base(lab: Lab, control: Path | None) -> list[str]:
+    """The floor's ssh options: over the master at ``control``, else a connection of its own."""
     return ["-i", str(lab.identity), "-o", f"UserKnownHostsFile={lab.known_hosts}",
-            "-o", "BatchMode=yes", "-o", f"ControlPath={control}"]  # fmt: skip
+            "-o", "BatchMode=yes", "-o", f"ControlPath={control or 'none'}"]  # fmt: skip
 
 
 def floor_build(lab: Lab, names: Sequence[str]) -> dict[str, str]:
@@ -119,7 +120,7 @@ def floor_host(lab: Lab, address: str, path: str, env: dict[str, str], safe: boo
         dest = f"root@{address}"
 
         def ssh(*argv: str, new: bool = False) -> None:
-            opts = [*base, "-o", "ControlPath=none"] if new else base
+            opts = _ssh_base(lab, None) if new else base
             subprocess.run(["ssh", *opts, dest, *argv], check=True, capture_output=True, env=env)
 
         subprocess.run(["ssh", *base, "-o", "ControlMaster=yes", "-o", "ControlPersist=yes",
@@ -243,7 +244,8 @@ def nix_kind(args: str) -> str:
     if verb == "flake":
         return "nix flake " + words[words.index("flake") + 1]
     if verb == "eval":
-        return "nix eval " + ("(systems)" if "--apply" in words else words[-1].split("#")[-1])
+        installable = next((w for w in words if "#" in w), "?#?")
+        return "nix eval " + ("(systems)" if "--apply" in words else installable.split("#")[-1])
     return f"nix {verb}"
 
 

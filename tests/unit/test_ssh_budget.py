@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -46,12 +47,19 @@ class Watch:
         remote.control_path.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
-    seen = Watch()
+W = TypeVar("W", bound=Watch)
+
+
+def watching(monkeypatch: pytest.MonkeyPatch, seen: W) -> W:
+    """Masters started and stopped by ``seen`` instead of ssh."""
     monkeypatch.setattr(Remote, "disconnect", lambda remote: seen.disconnect(remote))
     monkeypatch.setattr(Remote, "_start_master", lambda remote, _timeout: seen.connect(remote))
     return seen
+
+
+@pytest.fixture
+def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
+    return watching(monkeypatch, Watch())
 
 
 def command(watch: Watch, remote: Remote) -> None:
@@ -169,10 +177,7 @@ class Refusing(Watch):
 
 @pytest.fixture
 def refusing(monkeypatch: pytest.MonkeyPatch) -> Refusing:
-    seen = Refusing()
-    monkeypatch.setattr(Remote, "disconnect", lambda remote: seen.disconnect(remote))
-    monkeypatch.setattr(Remote, "_start_master", lambda remote, _timeout: seen.connect(remote))
-    return seen
+    return watching(monkeypatch, Refusing())
 
 
 def test_a_warmed_host_is_not_connected_again(watch: Watch) -> None:
