@@ -1410,6 +1410,31 @@ needs_lab_python = pytest.mark.skipif(
 )
 
 
+NIX_PACKAGE = Path(__file__).parents[2] / "modules" / "fleet-host-package.nix"
+
+
+def _launcher_and_compile(text: str, python: str) -> list[str]:
+    """The lines of a builder that compile the module and write the launcher, the
+    interpreter's path and the heredoc's delimiter made alike."""
+    lines = [line.strip().replace(python, "PYTHON") for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if "-m compileall" in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("sys.exit("))
+    return [line.replace('"$module"', '"$libdir/fleet_host.py"') for line in lines[start : end + 1]
+            if line and (line.startswith("#!") or not line.startswith("#"))
+            and line != "EOF"]  # fmt: skip
+
+
+def test_the_lab_builds_the_launcher_as_nixos_does() -> None:
+    """The lab's hosts must run fleet-host as NixOS hosts do: the same compilation and
+    the same launcher (its isolating flags above all), only the interpreter's path
+    differs."""
+    nix = _launcher_and_compile(NIX_PACKAGE.read_text(), "${python3}/bin/python3")
+    lab = _launcher_and_compile(LAB_BUILDER.read_text(), LAB_PYTHON)
+    # A lab system has NixOS's sw/ at its top: $out/sw/bin is the package's $out/bin.
+    assert nix == [line.replace("<<END", "<<EOF").replace("$out/sw/", "$out/") for line in lab]
+    assert "#!PYTHON -BIS" in nix
+
+
 @pytest.fixture()
 def launcher(tmp_path: Path) -> Path:
     """sw/bin/fleet-host of a lab system, made by the lab's own builder."""
