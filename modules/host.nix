@@ -663,6 +663,11 @@ in
       ++ optional runsAgent {
         "${agentUnit}@" = {
           description = "fleet agent answering a balancer";
+          # One instance per connection: one that fails (a balancer that hung
+          # up, an answer past RuntimeMaxSec on a loaded host) is unloaded, not
+          # left failed, which would fail every deploy's health check; the
+          # balancer keeps its own check's verdict meanwhile.
+          unitConfig.CollectMode = "inactive-or-failed";
           # Root, to read the root-only deploy state, but with no capability,
           # no network of its own (the connection is passed in) and nothing
           # writable.

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.lab import flake, ops
+from fleet.lab import containers, flake, ops
 from fleet.lab.layout import Lab
 from fleet.lab.load import Clients, ask
 from tests.lab.faultmatrix import Case, run_case, traffic_cases
@@ -238,3 +238,33 @@ def test_the_agent_answers_within_the_host_modules_hardening(lab: Lab, safe: Non
     with socket.create_connection((lab.hosts(5)[0].address, flake.AGENT_PORT), 5) as conn:
         conn.sendall(b"lab-web\n")
         assert conn.recv(64) == b"ready 100%\n"
+
+
+def test_an_agent_check_past_its_time_limit_leaves_no_failed_unit(lab: Lab, safe: None) -> None:
+    """An agent instance that outlives RuntimeMaxSec (a host too loaded to answer in
+    time, here one stopped) is stopped by systemd and unloaded: a failed instance would
+    fail every deploy's health check on the host."""
+    import socket
+
+    host = lab.hosts(5)[0]
+
+    def inside(*argv: str) -> str:
+        return containers.run_inside(lab, host, list(argv), timeout=30).stdout
+
+    with socket.create_connection((host.address, flake.AGENT_PORT), 5):
+        pid = ""
+        deadline = time.monotonic() + 10
+        while not pid.strip().isdigit() or pid.strip() == "0":
+            assert time.monotonic() < deadline, "no agent instance for the connection"
+            units = inside("systemctl", "list-units", "--plain", "--no-legend", "fleet-agent@*")
+            names = [line.split()[0] for line in units.splitlines() if line.strip()]
+            if names:
+                pid = inside("systemctl", "show", "-P", "MainPID", names[0])
+            time.sleep(0.05)
+        inside("kill", "-STOP", pid.strip())
+        running = ("systemctl", "list-units", "--plain", "--no-legend",
+                   "--state=active,activating,deactivating", "fleet-agent@*")  # fmt: skip
+        while inside(*running):
+            assert time.monotonic() < deadline + 15, "the stopped agent was never stopped"
+            time.sleep(0.2)
+    assert inside("systemctl", "list-units", "--failed", "--plain", "--no-legend") == ""

@@ -118,6 +118,7 @@ def test_the_agent_renders_as_nixos_writes_it(example: dict[str, Any]) -> None:
         "PrivateNetwork=true",
         "ProtectSystem=strict",
         "CapabilityBoundingSet=",
+        "CollectMode=inactive-or-failed",
     ]:
         assert f"{line}\n" in agent, line
     assert example["db1"]["sockets"] == {} and "fleet-agent@" not in example["db1"]["units"]

@@ -31,6 +31,7 @@ let c = h.hostConfig f {host}; in {{
   nftables = c.networking.firewall.extraInputRules;
   sockets = c.systemd.sockets;
   agent = c.systemd.services."fleet-agent@" or null;
+  agentUnit = c.systemd.services."fleet-agent@".unitConfig or null;
   env = builtins.mapAttrs (_: u: u.environment) c.systemd.services;
   manifest = builtins.fromJSON c.environment.etc."fleet/manifest.json".text;
   inherit (c) warnings failedAssertions;
@@ -625,6 +626,8 @@ def test_an_instances_host_runs_the_agent(fixture: dict[str, Any]) -> None:
     assert {k: config.get(k) for k in expected} == expected
     # Root, for the root-only deploy state: no User, no DynamicUser.
     assert "User" not in config and "DynamicUser" not in config
+    # A failed instance never stays failed: it would fail every deploy's health check.
+    assert app1["agentUnit"] == {"CollectMode": "inactive-or-failed"}
     assert app1["failedAssertions"] == [] and app1["warnings"] == []
     for host in ("db1", "v6"):
         assert "fleet-agent" in fixture["hosts"][host]["sockets"], host

@@ -177,6 +177,8 @@ UNIT
   cat > "$out/etc/systemd/system/fleet-agent@.service" <<UNIT
 [Unit]
 Description=fleet agent check
+# As the host module says: a failed instance is unloaded, never left failed.
+CollectMode=inactive-or-failed
 
 [Service]
 ExecStart=/run/current-system/sw/bin/fleet-host agent
