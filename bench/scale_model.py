@@ -15,18 +15,22 @@ model relies on the command line and that boundary alone, and survives refactors
 - `ssh ... -- ADDRESS 'fleet-host ...'` is answered by that host's small state machine
   (profile generations, running system, store, release records, the transaction and its
   lock) with the JSON fleet-host itself answers; `ssh -W` (an HTTP check) with a 200;
-  `ssh -O exit` stops the host's master.
-- Connections: a session whose ControlPath socket exists rides the master; one without
-  (or with ControlPath=none) is a handshake, and with ControlMaster=auto leaves a master
-  and its socket file behind (the tool checks that the file exists), which exits after
-  ControlPersist (60 s) without a session.
+  `ssh -O exit` stops the host's master. A program the tool runs to its end does its
+  work when the tool waits for it (`communicate`), in the tool's thread.
+- Connections: a master (`ControlMaster=yes`) is a process the tool starts and does not
+  wait for: its handshake runs on the simulator's clock (one thread, not the tool's),
+  then its ControlPath socket file appears (the tool checks that it exists) and it echoes
+  its remote command's word into its stdout, a real pipe the tool waits on; it ends when
+  the tool stops it by its pid. A session whose master listens rides it; one without (or
+  with ControlPath=none) is a handshake of its own.
 - `nix-copy-closure` puts the path in the host's store; `nix eval` answers a generated
   inventory of N hosts (`inventory_document`) and the paths of their systems.
 - Each command sleeps for its cost (`COSTS`, from the lab's measurements, each with its
   source; --cost overrides), divided by --speed, so the tool's threads really wait and
   its concurrency, bounded or not, is exercised. Contention: only the operator's CPU is
   shared; every child process (ssh, nix-copy-closure) holds one of --operator-cores for
-  its `cpu_*` cost. Hosts have their own CPU, and the network does not saturate.
+  its `cpu_*` cost, first come, first served. Hosts have their own CPU, and the network
+  does not saturate.
 - A child needs file descriptors for its pipes: past the open-file limit (--nofile, by
   default this process's) it fails with EMFILE, as subprocess would.
 
@@ -57,7 +61,9 @@ import cProfile
 import errno
 import gc
 import hashlib
+import heapq
 import io
+import itertools
 import json
 import os
 import pstats
@@ -450,14 +456,14 @@ def unquote(line: str) -> list[str]:
     return ["".join(map(_part, _PART.finditer(w))) for w in _WORD.findall(line)]
 
 
-@dataclass
-class Master:
-    """A master connection: its sessions now, and since when it has had none; ``owned``:
-    the tool's own process (ControlPersist=no), alive until it is stopped."""
+# A pid no process has (above Linux's PID_MAX_LIMIT): what the tool may signal by pid
+# (its Ctrl-C path) finds nothing.
+NO_PID = 2**22 + 1
 
-    sessions: int
-    idle_since: float
-    owned: bool = False
+
+def pipes_of(kwargs: Mapping[str, Any]) -> int:
+    """The pipes between the tool and a child it starts with these Popen arguments."""
+    return sum(kwargs.get(s) == subprocess.PIPE for s in ("stdin", "stdout", "stderr"))
 
 
 @dataclass
@@ -478,6 +484,53 @@ class Counts:
     unknown: Counter[str] = field(default_factory=Counter)
 
 
+class Clock:
+    """Timed events, on one thread of the simulator's: what a child the tool starts and does
+    not wait for (a master's handshake) does meanwhile, without a thread of its own (the
+    tool's threads are what is counted). Its CPU is the simulator's."""
+
+    def __init__(self, account: Callable[[float], None]) -> None:
+        self.account = account
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.order = itertools.count()
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="sim-clock", daemon=True)
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Run ``action`` at ``when`` (time.monotonic)."""
+        with self.cond:
+            heapq.heappush(self.events, (when, next(self.order), action))
+            self.cond.notify()
+
+    def _run(self) -> None:
+        mark = time.thread_time()
+        while True:
+            with self.cond:
+                while not self.stopped:
+                    left = self.events[0][0] - time.monotonic() if self.events else None
+                    if left is not None and left <= 0:
+                        break
+                    self.cond.wait(left)
+                if self.stopped:
+                    return
+                _, _, action = heapq.heappop(self.events)
+            action()
+            now = time.thread_time()
+            self.account(now - mark)
+            mark = now
+
+    def __enter__(self) -> Clock:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join()
+
+
 class Simulator:
     """Answers every command the tool runs, as the fleet and the local Nix would, after
     sleeping for what it costs (``COSTS`` / ``speed``)."""
@@ -490,15 +543,12 @@ class Simulator:
         operator_cores: int,
         spawn: bool = False,
         nofile: int | None = None,  # the open-file limit; None: this process's
-        persist: float = 60.0,  # ControlPersist, as the tool sets it
     ) -> None:
         self.nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fds_base = self.fds = 0
         self.costs = dict(costs)
         self.speed = speed
-        self.operator_cores = operator_cores
         self.spawn = spawn
-        self.persist = persist
         self.inventory = json.dumps(document)
         self.names = list(document["hosts"])
         self.hosts = {
@@ -506,13 +556,12 @@ class Simulator:
             for name, h in document["hosts"].items()
         }
         self.version = "v0"  # what the flake builds now
-        self.cores = threading.BoundedSemaphore(operator_cores)
+        self.operator_cores = operator_cores
+        self.cores = [0.0] * operator_cores  # when each core is free (time.monotonic)
         self.lock = threading.Lock()
-        self.masters: dict[str, Master] = {}
-        self.connecting: set[str] = set()
+        self.masters: dict[str, MasterProcess] = {}  # ControlPath -> the master listening
         self.counts = Counts()
-        self.stop = threading.Event()
-        self.reaper = threading.Thread(target=self._reap, name="sim-reaper", daemon=True)
+        self.clock = Clock(self._sim_cpu)
 
     # -- accounting
 
@@ -559,15 +608,23 @@ class Simulator:
         if seconds > 0:
             time.sleep(seconds)
 
-    def _client(self, cost: str) -> None:
-        """CPU of a child process on the operator's machine: wait for a core, hold it."""
+    def _core(self, cost: str, start: float) -> float:
+        """CPU of a child process on the operator's machine, from ``start`` on: the first
+        core free serves it (first come, first served). When it is done."""
         seconds = self.costs[cost]
         if seconds <= 0:
-            return
-        with self.cores:
-            time.sleep(seconds / self.speed)
+            return start
         with self.lock:
             self.counts.children_cpu += seconds
+            core = min(range(len(self.cores)), key=self.cores.__getitem__)
+            self.cores[core] = max(start, self.cores[core]) + seconds / self.speed
+            return self.cores[core]
+
+    def _client(self, cost: str) -> None:
+        """CPU of a child process, waited for in the calling thread."""
+        left = self._core(cost, time.monotonic()) - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     def _real_spawn(self) -> float:
         """With --spawn, start /bin/true as the tool would start its child: the tool's own
@@ -584,125 +641,90 @@ class Simulator:
 
     @contextlib.contextmanager
     def session(self, config: Mapping[str, str]) -> Iterator[None]:
-        """One ssh client's connection: over the master when its socket exists, else a
-        handshake (which leaves a master behind with ControlMaster=auto, as ssh does; with
-        ControlMaster=no it is a connection of its own)."""
+        """One ssh client's connection: over the master listening on its ControlPath, else
+        (none there, or ControlPath=none) a connection of its own, a handshake."""
         path = config.get("ControlPath", "none")
-        rides = path != "none"
-        becomes = rides and config.get("ControlMaster", "no") in ("auto", "yes")
         self._client("cpu_ssh")
-        kind = "fresh"
         with self.lock:
-            master = self.masters.get(path) if rides else None
-            if master is not None and not os.path.exists(path):  # its directory is gone
-                del self.masters[path]
-                self.counts.connections -= 1
-                master = None
-            if master is not None:
-                master.sessions += 1
-                kind = "mux"
-            elif becomes and path not in self.connecting:
-                self.connecting.add(path)
-                kind = "master"
-            self.counts.handshakes += kind != "mux"
-        if kind == "mux":
+            rides = path != "none" and path in self.masters
+            self.counts.handshakes += not rides
+        if rides:
             self._sleep("mux")
-        else:
-            self._connections(1)
+            yield
+            return
+        self._connections(1)
+        try:
             self._client("cpu_handshake")
             self._sleep("handshake")
-            if kind == "master":
-                Path(path).touch()  # the socket appears once the connection is up
-                with self.lock:
-                    self.connecting.discard(path)
-                    self.masters[path] = Master(1, 0.0)
-        try:
             yield
         finally:
-            if kind == "fresh":
-                self._connections(-1)
-            else:
-                with self.lock:
-                    ended = self.masters.get(path)
-                    if ended is not None:
-                        ended.sessions -= 1
-                        ended.idle_since = time.monotonic()
-
-    def _reap(self) -> None:
-        """ControlPersist: a master with no session for ``persist`` seconds exits."""
-        interval = max(0.01, min(1.0, self.persist / self.speed / 20))
-        while not self.stop.wait(interval):
-            mark = time.thread_time()
-            limit = time.monotonic() - self.persist / self.speed
-            with self.lock:
-                idle = [p for p, m in self.masters.items() if not m.sessions
-                        and not m.owned and m.idle_since < limit]  # fmt: skip
-                for path in idle:
-                    del self.masters[path]
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                self.counts.connections -= len(idle)
-            self._sim_cpu(time.thread_time() - mark)
+            self._connections(-1)
 
     def _exit_master(self, config: Mapping[str, str]) -> tuple[int, str, str]:
+        """``ssh -O exit``: the master listening on the ControlPath stops."""
         path = config.get("ControlPath", "none")
         self._client("cpu_ssh")
         self._sleep("exit")
         with self.lock:
-            gone = self.masters.pop(path, None)
-            if gone is not None:
-                self.counts.connections -= 1
-        if gone is None:
+            master = self.masters.get(path)
+        if master is None:
             return 255, "", f"Control socket connect({path}): No such file or directory\n"
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        master.end(0)
         return 0, "", "Exit request sent.\n"
 
     # -- the process boundary
 
-    def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        """subprocess.run, for every command the tool runs."""
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        capture_output: bool = False,
+        check: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run: Popen, then communicate."""
+        if capture_output:
+            kwargs |= {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        if input is not None:
+            kwargs["stdin"] = subprocess.PIPE
+        proc = self.popen(argv, **kwargs)
+        assert isinstance(proc, Child), "a master is started, never run"
+        out, err = proc.communicate(input, timeout)
+        code = proc.wait()
+        if check and code:
+            raise subprocess.CalledProcessError(code, list(argv), out, err)
+        return subprocess.CompletedProcess(list(argv), code, out, err)
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> Child | Tunnel | MasterProcess:
+        """subprocess.Popen, for every program the tool starts: a master connection
+        (ControlMaster=yes), an HTTP check of the tool's own (``ssh -W``), or a program it
+        runs to its end (process.run)."""
         mark = time.thread_time()
         spawned = self._real_spawn()
         words = [str(a) for a in argv]
-        captured = bool(kwargs.get("capture_output"))
-        pipes = sum((kwargs.get("input") is not None, captured or "stdout" in kwargs,
-                     captured or "stderr" in kwargs))  # fmt: skip
+        pipes = pipes_of(kwargs)
         try:
             self._process(1, pipes)
         finally:
             self._sim_cpu(time.thread_time() - mark - spawned)
-        mark = time.thread_time()
-        try:
-            code, out, err = self._answer(words, kwargs)
-        finally:
-            self._process(-1, pipes)
-            self._sim_cpu(time.thread_time() - mark)
-        if not kwargs.get("text") and not kwargs.get("universal_newlines"):
-            return subprocess.CompletedProcess(argv, code, out.encode(), err.encode())
-        return subprocess.CompletedProcess(argv, code, out, err)
+        if os.path.basename(words[0]) == "ssh":
+            config, other, _ = ssh_options(words[1:])
+            if config.get("ControlMaster") == "yes":
+                return MasterProcess(self, words, pipes, kwargs.get("stderr"))
+            if "-W" in other:
+                return Tunnel(self, words, pipes)
+        return Child(self, words, pipes, kwargs)
 
-    def popen(self, argv: Sequence[str], **kwargs: Any) -> Tunnel | MasterProcess:
-        """subprocess.Popen: the tool opens one for each host's master connection, and one
-        for each HTTP check it makes itself (``ssh -W``)."""
-        mark = time.thread_time()
-        spawned = self._real_spawn()
-        try:
-            self._process(1, 3)
-        finally:
-            self._sim_cpu(time.thread_time() - mark - spawned)
-        words = [str(a) for a in argv]
-        if ssh_options(words[1:])[0].get("ControlMaster") == "yes":
-            return MasterProcess(self, words, kwargs.get("stderr"))
-        return Tunnel(self, words)
-
-    def _answer(self, words: list[str], kwargs: Mapping[str, Any]) -> tuple[int, str, str]:
+    def _answer(
+        self, words: list[str], stdin: str | None, env: Mapping[str, str] | None
+    ) -> tuple[int, str, str]:
         program = os.path.basename(words[0])
         if program == "ssh":
-            return self._ssh(words, kwargs.get("input"))
+            return self._ssh(words, stdin)
         if program == "nix-copy-closure":
-            env = kwargs.get("env") or {}
-            return self._copy(words, str(env.get("NIX_SSHOPTS", "")))
+            return self._copy(words, str((env or {}).get("NIX_SSHOPTS", "")))
         if program in ("nix", "nix-store"):
             return self._nix(words)
         self._count(program)
@@ -749,22 +771,15 @@ class Simulator:
         system = helper.removesuffix(HELPER_SUFFIX)
         if helper != RUNNING_SYSTEM + HELPER_SUFFIX and system not in host.store:
             return 127, "", f"bash: {helper}: No such file or directory\n"
+        if command == "run":  # `fleet exec`'s command, ended with its session
+            wrapped = argv[2:]
+            return self._remote(host, wrapped[1:] if wrapped[:1] == ["--"] else wrapped, None)
         args = options(argv[2:])
         try:
             if command == "activate":  # the switch runs outside the host's lock
                 text = answer(self._activate(host, args))
-            elif command == "begin" and ("--activate" in args or "--checks" in args):
-                self._sleep("begin")
-                with host.lock:
-                    data = host.begin(args)
-                if data.get("noop"):
-                    self._sleep("check")
-                    data |= host.proof()
-                elif "--activate" in args:
-                    data["activation"] = self._activate(host, {
-                        "--token": args["--token"], "--health": args["--health"],
-                        "--confirm": args["--confirm-timeout"], "--checks": True})  # fmt: skip
-                text = answer(data)
+            elif command == "begin":  # with --activate, the activation in the same call
+                text = answer(self._begin(host, args))
             elif command == "health":
                 self._sleep("helper")
                 self._sleep("check")
@@ -779,13 +794,37 @@ class Simulator:
             return exc.code, json.dumps(failure, sort_keys=True) + "\n", f"fleet-host: {exc}\n"
         return 0, text, ""
 
+    def _begin(self, host: SimHost, args: Mapping[str, Any]) -> dict[str, Any]:
+        """fleet-host begin (cmd_begin): the lock; with --activate, the activation at once;
+        with --checks, the checks of the system activated, or of the one running when
+        there is nothing to change."""
+        started = time.monotonic()
+        self._sleep("begin")
+        with host.lock:
+            data = host.begin(args)
+        if data.get("noop"):
+            if "--checks" in args:
+                self._sleep("check")
+                data |= host.proof()
+            return data
+        data["seconds"] = round(time.monotonic() - started, 3)
+        if "--activate" in args:
+            asked = {"--token": args["--token"], "--health": args["--health"],
+                     "--confirm": args["--confirm-timeout"]}  # fmt: skip
+            if "--checks" in args:
+                asked["--checks"] = True
+            data["activation"] = self._activate(host, asked)
+        return data
+
     def _activate(self, host: SimHost, args: Mapping[str, Any]) -> dict[str, Any]:
         """The switch (outside the host's lock), then, with --checks, the host's checks."""
         with host.lock:
             host.activate(args, before=True)
+        started = time.monotonic()
         self._sleep("activate")
         with host.lock:
             done = host.activate(args, before=False)
+        done["seconds"] = round(time.monotonic() - started, 3)
         if "--checks" in args:
             self._sleep("check")
             done["health"] = host.health()
@@ -796,8 +835,6 @@ class Simulator:
     ) -> dict[str, Any]:
         if command == "state":
             return host.state()
-        if command == "begin":
-            return host.begin(args)
         if command == "commit":
             return host.commit(args, json.loads(stdin or "{}"))
         if command == "undo":
@@ -871,120 +908,179 @@ class Simulator:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """subprocess.run and subprocess.Popen answered by this simulator, and its reaper
-        of idle masters running."""
+        """subprocess.run and subprocess.Popen answered by this simulator, its clock
+        running."""
         real_run, real_popen = subprocess.run, subprocess.Popen
         subprocess.run = self.run  # type: ignore[assignment]
         subprocess.Popen = self.popen  # type: ignore[assignment,misc]
-        self.reaper.start()
         try:
-            yield
+            with self.clock:
+                yield
         finally:
             subprocess.run, subprocess.Popen = real_run, real_popen  # type: ignore[misc]
-            self.stop.set()
-            self.reaper.join()
 
 
-class Tunnel:
-    """An ``ssh -W 127.0.0.1:PORT`` process: one HTTP exchange with the host's service."""
+class Child:
+    """A program the tool runs to its end (process.run, subprocess.run): its work is done
+    when the tool waits for it (``communicate``), in the tool's thread, for as long as it
+    would take."""
 
-    def __init__(self, sim: Simulator, argv: list[str]) -> None:
+    def __init__(
+        self, sim: Simulator, argv: list[str], pipes: int, kwargs: Mapping[str, Any]
+    ) -> None:
         self.sim = sim
-        self.argv = argv
+        self.args = argv
+        self.pipes = pipes
+        self.pid = NO_PID
+        self.text = bool(kwargs.get("text") or kwargs.get("universal_newlines"))
+        self.env: Mapping[str, str] | None = kwargs.get("env")
+        self.stdin = self.stdout = self.stderr = None
         self.returncode: int | None = None
-        self.ended = False
 
     def communicate(
-        self, input: bytes | None = None, timeout: float | None = None
-    ) -> tuple[bytes, bytes]:
-        sim = self.sim
-        mark = time.thread_time()
-        try:
-            if self.ended:
-                return b"", b""
-            config, _, end = ssh_options(self.argv[1:])
-            rest = self.argv[1 + end + 1 :]
-            host = sim.hosts.get(rest[0]) if rest else None
-            sim._count("ssh -W")
-            if host is None:
-                self.returncode = 255
-                return b"", b"ssh: Could not resolve hostname\n"
-            with sim.session(config):
-                sim._sleep("check")
-            self.returncode = 0
-            return b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nok\n", b""
-        finally:
-            self._end()
-            sim._sim_cpu(time.thread_time() - mark)
+        self, input: str | bytes | None = None, timeout: float | None = None
+    ) -> tuple[str | bytes, str | bytes]:
+        out = err = ""
+        if self.returncode is None:
+            mark = time.thread_time()
+            given = input.decode() if isinstance(input, bytes) else input
+            try:
+                code, out, err = self.sim._answer(self.args, given, self.env)
+            finally:
+                self.sim._sim_cpu(time.thread_time() - mark)
+            self._end(code)
+        return (out, err) if self.text else (out.encode(), err.encode())
 
-    def _end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.sim._process(-1, 3)
-
-    def kill(self) -> None:
-        self._end()
-        self.returncode = -9
-
-    def wait(self, timeout: float | None = None) -> int:
-        self._end()
-        return self.returncode or 0
+    def _end(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self.sim._process(-1, self.pipes)
 
     def poll(self) -> int | None:
         return self.returncode
 
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:  # waited for without its output: it runs all the same
+            self.communicate()
+        assert self.returncode is not None
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._end(-15)
+
+    def kill(self) -> None:
+        self._end(-9)
+
+
+class Tunnel(Child):
+    """An ``ssh -W 127.0.0.1:PORT`` process: one HTTP exchange with the host's service."""
+
+    def __init__(self, sim: Simulator, argv: list[str], pipes: int) -> None:
+        super().__init__(sim, argv, pipes, {})
+
+    def communicate(
+        self, input: str | bytes | None = None, timeout: float | None = None
+    ) -> tuple[str | bytes, str | bytes]:
+        if self.returncode is not None:
+            return b"", b""
+        sim = self.sim
+        mark = time.thread_time()
+        try:
+            config, _, end = ssh_options(self.args[1:])
+            rest = self.args[1 + end + 1 :]
+            host = sim.hosts.get(rest[0]) if rest else None
+            sim._count("ssh -W")
+            if host is None:
+                self._end(255)
+                return b"", b"ssh: Could not resolve hostname\n"
+            with sim.session(config):
+                sim._sleep("check")
+            self._end(0)
+            return b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nok\n", b""
+        finally:
+            sim._sim_cpu(time.thread_time() - mark)
+
+
+_ECHO = re.compile(r"echo ([\w-]+)")
+
 
 class MasterProcess:
-    """The tool's master connection to a host (``ControlMaster=yes``, ControlPersist=no):
-    a handshake, its word on stdout, then nothing until it is stopped, which removes its
-    socket. Its stdout is a real pipe: the tool waits on it."""
+    """The tool's master connection to a host (``ControlMaster=yes``, ControlPersist=no),
+    which it starts and does not wait for: its handshake takes its time on the simulator's
+    clock (the operator's cores for its client's CPU, then the host's latency); then its
+    socket listens (sessions on its ControlPath ride it) and it says the word its remote
+    command echoes on its stdout, a real pipe the tool waits on; then nothing until it is
+    stopped, by its pid."""
 
-    def __init__(self, sim: Simulator, argv: list[str], stderr: Any) -> None:
+    def __init__(self, sim: Simulator, argv: list[str], pipes: int, stderr: Any) -> None:
         self.sim = sim
+        self.args = argv
+        self.pipes = pipes
+        self.pid = NO_PID
         self.returncode: int | None = None
+        self.ended = threading.Event()
         config, _, end = ssh_options(argv[1:])
         self.path = config.get("ControlPath", "none")
         rest = argv[1 + end + 1 :]
         host = sim.hosts.get(rest[0]) if rest else None
-        readable, writable = os.pipe()
-        self.stdout = os.fdopen(readable, "rb")
-        self.stdin = io.BytesIO()
+        # What it runs on the host says a word once the session is up (`echo WORD; ...`).
+        said = _ECHO.search(rest[1]) if len(rest) > 1 else None
+        self.word = (said[1] if said else "") + "\n"
+        readable, self.writable = os.pipe()
+        self.stdout = os.fdopen(readable, "rb", buffering=0)
+        self.stdin = io.BytesIO()  # the remote `cat` reads it; nothing is ever written
         sim._count("ssh master")
+        with sim.lock:
+            sim.counts.handshakes += 1
+        sim._connections(1)
+        now = time.monotonic()
+        cpu = sim._core("cpu_handshake", sim._core("cpu_ssh", now))
+        ready = cpu + sim.costs["handshake"] / sim.speed
         if host is None:
-            if stderr is not None:
-                stderr.write(b"ssh: Could not resolve hostname\n")
-            os.close(writable)
-            self._end(255)
-            return
-        with sim.session(config), sim.lock:  # its handshake; then the socket, its own
-            sim.masters[self.path].owned = True
-        os.write(writable, b"fleet-master-ready\n")
-        os.close(writable)
+            if stderr is not None:  # a file: its descriptor is the child's from now on
+                os.write(stderr.fileno(), b"ssh: Could not resolve hostname\n")
+            sim.clock.at(ready, lambda: self.end(255))
+        else:
+            sim.clock.at(ready, self._ready)
 
-    def _end(self, code: int) -> None:
-        if self.returncode is not None:
-            return
-        self.returncode = code
+    def _ready(self) -> None:
+        with self.sim.lock:
+            if self.returncode is not None:  # stopped during its handshake
+                return
+            Path(self.path).touch()  # the socket, once the connection is up
+            self.sim.masters[self.path] = self
+            os.write(self.writable, self.word.encode())
+
+    def end(self, code: int) -> None:
+        """It exits: its socket is removed, its end of the pipe closed."""
         sim = self.sim
         with sim.lock:
-            gone = sim.masters.pop(self.path, None)
-            if gone is not None:
-                sim.counts.connections -= 1
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        sim._process(-1, 3)
+            if self.returncode is not None:
+                return
+            self.returncode = code
+            if sim.masters.get(self.path) is self:
+                del sim.masters[self.path]
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            os.close(self.writable)
+        sim._connections(-1)
+        sim._process(-1, self.pipes)
+        self.ended.set()
 
     def poll(self) -> int | None:
         return self.returncode
 
     def terminate(self) -> None:
-        self._end(255)
+        self.end(255)  # ssh's exit code on SIGTERM
 
-    kill = terminate
+    def kill(self) -> None:
+        self.end(-9)
 
     def wait(self, timeout: float | None = None) -> int:
-        self._end(255)
-        return self.returncode or 0
+        if not self.ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
 
 
 # -- measuring --------------------------------------------------------------------------
