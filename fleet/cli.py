@@ -32,13 +32,14 @@ class _Lazy:
 
 
 if TYPE_CHECKING:
-    from fleet import day2, flows, nix, output
+    from fleet import day2, flows, nix, opening, output
     from fleet import report as html_report
     from fleet.rollout import Report
 else:
     day2 = _Lazy("fleet.day2")
     flows = _Lazy("fleet.flows")
     nix = _Lazy("fleet.nix")
+    opening = _Lazy("fleet.opening")
     output = _Lazy("fleet.output")
     html_report = _Lazy("fleet.report")  # jinja2: only `report --html` renders a page
 
@@ -142,7 +143,9 @@ def _session(ctx: Context, **build: Any) -> flows.Session:
     """The flake opened with the command line's Nix options (checked here, exit 2): only
     the commands that evaluate it load nix. ``build``: deploy's --max-jobs, --builders."""
     nix.configure(nix.NixArgs(ctx.nix_options, ctx.override_inputs, ctx.show_trace, **build))
-    return flows.open_session(ctx.flake, ctx.parallel)
+    # Nix evaluates the inventory while the core the command runs loads (importing flows).
+    opened = opening.start(ctx.flake)
+    return flows.open_session(opened, ctx.parallel)
 
 
 def parallel_option(command: F) -> F:

@@ -15,14 +15,14 @@ from fleet import (
     cache,
     config,
     events,
-    flakeref,
     interrupt,
     inventory,
     nix,
+    opening,
     secrets,
     traffic,
 )
-from fleet.errors import DeclarationError, FleetError, NixError, UsageError
+from fleet.errors import FleetError, NixError, UsageError
 from fleet.history import ReleaseEntry, merge, rollback_target
 from fleet.hostops import HostOps, HostState
 from fleet.inventory import Host, Inventory
@@ -118,33 +118,18 @@ class Session:
             return dict(zip([h.name for h in hosts], answers, strict=True))
 
 
-def open_session(flake: str | None, parallel: int | None = None) -> Session:
-    """Every command that reads the fleet starts here: a flake reference that cannot be
-    the fleet's is refused in one line (exit 2) before Nix is asked, when it can be."""
-    user_config = config.load_user()
-    ref = flake or user_config.get("flake") or "."
-    named = _named(ref, typed=bool(flake), user_config=user_config)
-    flakeref.check(ref, named)
-    cfg = config.load(ref, user_config)
-    try:
-        data = nix.eval_inventory(ref)
-    except DeclarationError as exc:
-        if flakeref.missing_output(str(exc)):
-            raise DeclarationError(f"{named}: {flakeref.MISSING_OUTPUT}") from exc
-        hint = flakeref.registry_hint(ref)
-        if hint:
-            raise DeclarationError(f"{exc}{hint}") from exc
-        raise
-    return Session(ref, cfg, inventory.parse(data, f"{ref}#fleet"), parallel or READ_PARALLEL)
-
-
-def _named(ref: str, typed: bool, user_config: config.Config) -> str:
-    """How an error names the flake: as typed, else where it came from."""
-    if typed:
-        return f"--flake {ref}"
-    if user_config.get("flake"):
-        return f"flake {ref} (from {user_config.sources[0]})"
-    return f"--flake {ref} (the default)"
+def open_session(flake: str | opening.Opening | None, parallel: int | None = None) -> Session:
+    """Every command that reads the fleet starts here (``opening``: the flake checked, the
+    inventory asked of Nix); the command line starts the opening itself, before it loads
+    this module, so that both happen at once."""
+    opened = flake if isinstance(flake, opening.Opening) else opening.start(flake)
+    data = opened.inventory()
+    return Session(
+        opened.ref,
+        opened.config,
+        inventory.parse(data, f"{opened.ref}#fleet"),
+        parallel or READ_PARALLEL,
+    )
 
 
 def revision(flake: str) -> str | None:

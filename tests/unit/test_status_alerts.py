@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from fleet import alerts, config, flows, report
+from fleet import alerts, config, flows, opening, report
 from fleet.cli import cli
 from fleet.errors import SshError
 from fleet.hostops import parse_state
@@ -122,6 +122,7 @@ def monitor(monkeypatch: pytest.MonkeyPatch) -> Iterator[Monitor]:
 
 
 def run(monkeypatch: pytest.MonkeyPatch, watched: Monitoring | None, *args: str) -> Any:
+    monkeypatch.setattr(opening, "start", lambda flake: flake)  # no flake, no Nix
     monkeypatch.setattr(flows, "open_session", lambda _flake, _parallel=None: session(watched))
     return CliRunner().invoke(cli, list(args))
 
