@@ -141,7 +141,9 @@ def _report(ctx: Context, report: Report) -> NoReturn:
 
 def _session(ctx: Context, **build: Any) -> flows.Session:
     """The flake opened with the command line's Nix options (checked here, exit 2): only
-    the commands that evaluate it load nix. ``build``: deploy's --max-jobs, --builders."""
+    the commands that evaluate it load nix. ``build``: deploy's --max-jobs, --builders.
+    Called in a statement of its own: in ``flows.f(_session(ctx))`` Python would import
+    the flows (the callee) before Nix is asked anything."""
     nix.configure(nix.NixArgs(ctx.nix_options, ctx.override_inputs, ctx.show_trace, **build))
     # Nix evaluates the inventory while the core the command runs loads (importing flows).
     opened = opening.start(ctx.flake)
@@ -338,7 +340,8 @@ def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
     last release, lock. Read from the hosts, in parallel. With monitoring, also each
     host's alerts in Prometheus (firing, and pending marked), asked of the first
     monitoring host that answers; they do not change the exit code."""
-    found = flows.status(_session(ctx), selectors, desired)
+    session = _session(ctx)
+    found = flows.status(session, selectors, desired)
     _emit(ctx, found.as_json(), found.table())
     if not ctx.json:
         for r in found.hosts:
@@ -356,7 +359,8 @@ def status(ctx: Context, selectors: tuple[str, ...], desired: bool) -> None:
 def traffic(ctx: Context, selectors: tuple[str, ...]) -> None:
     """Per balancer, service and instance: state, weight, sessions, health as the balancer
     sees it. Exit 4 when an instance is out of rotation or a balancer cannot be read."""
-    servers, errors = flows.traffic_view(_session(ctx), selectors)
+    session = _session(ctx)
+    servers, errors = flows.traffic_view(session, selectors)
     rows = [
         {
             "service": s.service,
@@ -390,7 +394,8 @@ def traffic(ctx: Context, selectors: tuple[str, ...]) -> None:
 def recover(ctx: Context, selectors: tuple[str, ...], force: bool) -> None:
     """Finish or undo what an interrupted deploy, rollback or gc left on each host, as
     the host's transaction record says; then check the invariant."""
-    good, bad = _split(flows.recover(_session(ctx), selectors, force))
+    session = _session(ctx)
+    good, bad = _split(flows.recover(session, selectors, force))
     rows = []
     data: dict[str, Any] = {}
     attention = bool(bad)
@@ -476,7 +481,8 @@ def rollback(
 @click.pass_obj
 def history(ctx: Context, host: str | None, limit: int | None) -> None:
     """Releases, newest first, merged from the records on the hosts."""
-    entries, missing = flows.history(_session(ctx), host, limit)
+    session = _session(ctx)
+    entries, missing = flows.history(session, host, limit)
     rows = [{"release": e.id, "action": e.action, "time": e.time, "operator": e.operator,
              "hosts": len(e.hosts), "result": e.result} for e in entries]  # fmt: skip
     _emit(ctx, {"releases": [e.as_json() for e in entries], "unreachable": missing}, rows)
@@ -504,7 +510,8 @@ def _unreachable_rows(bad: dict[str, str]) -> list[dict[str, Any]]:
 @click.pass_obj
 def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
     """Each host's generations: number, date, store path; running, booted, current."""
-    good, bad = _split(day2.list_generations(_session(ctx), selectors))
+    session = _session(ctx)
+    good, bad = _split(day2.list_generations(session, selectors))
     rows = [{"host": host, "generation": g.number, "created": g.created,
              "path": output.short_path(g.path),
              "": " ".join(m for m, on in (("running", g.running), ("booted", g.booted),
@@ -523,7 +530,8 @@ def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
 @click.pass_obj
 def health(ctx: Context, selectors: tuple[str, ...], health_timeout: float | None) -> None:
     """Run the health checks only (failed units, then every declared check)."""
-    good, bad = _split(day2.check_health(_session(ctx), selectors, health_timeout))
+    session = _session(ctx)
+    good, bad = _split(day2.check_health(session, selectors, health_timeout))
     rows = [{"host": h, "healthy": "yes" if v.ok else "no", "detail": v.message}
             for h, v in good.items()]  # fmt: skip
     data = {
@@ -545,7 +553,8 @@ def health(ctx: Context, selectors: tuple[str, ...], health_timeout: float | Non
 @click.pass_obj
 def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
     """What a deploy would change on each host: packages added, removed, other versions."""
-    good, bad = _split(day2.diff(_session(ctx), selectors))
+    session = _session(ctx)
+    good, bad = _split(day2.diff(session, selectors))
     if ctx.json:
         data = {
             h: [
@@ -583,7 +592,8 @@ def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
 @click.pass_obj
 def gc(ctx: Context, selectors: tuple[str, ...], keep: int, break_lock: bool) -> None:
     """Delete old generations and collect garbage on each host."""
-    good, bad = _split(day2.gc(_session(ctx), selectors, keep, break_lock))
+    session = _session(ctx)
+    good, bad = _split(day2.gc(session, selectors, keep, break_lock))
     rows = [{"host": h, "deleted": " ".join(f"#{n}" for n in v.deleted) or "-",
              "nix": v.summary} for h, v in good.items()]  # fmt: skip
     data = {h: {"deleted": v.deleted, "summary": v.summary} for h, v in good.items()}
@@ -598,7 +608,8 @@ def _drain(ctx: Context, selectors: tuple[str, ...], on: bool, reason: str | Non
     # It goes into every host's records and onto terminals: one short printable line.
     if reason is not None and (len(reason) > 200 or not reason.isprintable()):
         raise FleetUsageError("--reason: at most 200 printable characters, on one line")
-    good, bad = _split(day2.drain(_session(ctx), selectors, on, reason))
+    session = _session(ctx)
+    good, bad = _split(day2.drain(session, selectors, on, reason))
     rows = [{"host": h, "was": "drained" if v.before else "serving",
              "balancers": v.balancers} for h, v in good.items()]  # fmt: skip
     data = {h: {"wasDrained": v.before, "balancers": v.balancers} for h, v in good.items()}
