@@ -103,7 +103,7 @@ def test_the_lab_loads_the_lab_only_under_fleet_lab(tmp_path: Path) -> None:
         (["status"], ()),
         (["--json", "deploy", "--dry-run"], ()),
         (["report", "--html", "page.html"], ()),
-        (["health"], ("fleet.day2",)),
+        (["health"], ()),  # the day-2 module loads after Nix answered
         (["exec", "--", "true"], ()),
     ],
 )
