@@ -355,8 +355,9 @@ class Transport:
     def warm(self, remotes: Sequence[Remote]) -> None:
         """Set these hosts' master connections up now, in the background, paced as any
         other, so that their handshakes overlap what the run does first (evaluating and
-        building the systems). A host that cannot be reached fails its first command with
-        the error its warm-up met, not after a second time-out (``Remote.session``)."""
+        building the systems). A host that cannot be reached fails the command that waited
+        for its warm-up with the error the warm-up met, not after a second time-out; one
+        whose warm-up failed before anyone asked is tried again (``Remote.session``)."""
         if not remotes:
             return
         with self._lock:
