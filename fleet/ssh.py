@@ -584,15 +584,18 @@ class Remote:
         self._warm_error: tuple[FleetError, float] | None = None
 
     @contextmanager
-    def session(self, *, fresh: bool = False, timeout: float | None = None) -> Iterator[None]:
+    def session(self, *, fresh: bool = False, timeout: float | None = None) -> Iterator[float]:
         """Hold what one ssh (ours or Nix's) over this host's connection needs: a place in
         the transport's budget, and the master connection, set up now (a paced handshake)
         if there is none; others for the host wait for it, so that a host never gets two
-        masters. ``timeout`` bounds setting it up."""
+        masters. ``timeout`` bounds setting it up. Gives the seconds this call spent in a
+        handshake of its own: waiting for a place, in the budget or among the handshakes,
+        is the run's pace, not the host's slowness, and no time-out of the host's counts it."""
+        spent = 0.0
         with self.transport.connection(self, fresh=fresh):
             if fresh:  # a confirmation: its host's switch is running, it goes first
                 with self.transport.handshake(self, urgent=True):
-                    yield
+                    yield spent
                 return
             if not self._connected():
                 asked = time.monotonic()
@@ -605,8 +608,10 @@ class Remote:
                         if failed is not None and failed[1] >= asked:
                             raise failed[0]
                         with self.transport.handshake(self):
+                            began = time.monotonic()
                             self._start_master(timeout)
-            yield
+                            spent = time.monotonic() - began
+            yield spent
 
     def warm(self) -> None:
         """``connect`` for ``Transport.warm``: what fails is kept for a command that waited
@@ -828,11 +833,10 @@ class Remote:
         must prove that the host is reachable now, not that an old session survives.
         ``hold_stdin``: the remote command's stdin stays open until ours ends (process.run).
         """
-        start = time.monotonic()
         try:
-            with self.session(fresh=fresh, timeout=timeout):
-                if timeout is not None:  # what setting the master up left of it
-                    timeout = max(0.1, timeout - (time.monotonic() - start))
+            with self.session(fresh=fresh, timeout=timeout) as shaking:
+                if timeout is not None:  # what this command's own handshake left of it
+                    timeout = max(0.1, timeout - shaking)
                 result = process.run(
                     self.ssh_argv(argv, fresh=fresh),
                     check=False,

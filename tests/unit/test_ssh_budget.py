@@ -238,3 +238,25 @@ def test_closing_the_run_stops_a_master_still_connecting(
         os.kill(pid, 0)  # gone and reaped
     assert not remote.has_master
     assert not [t for t in threading.enumerate() if t.name.startswith("fleet-warm")]
+
+
+def test_a_command_that_waited_for_a_handshake_slot_keeps_its_whole_time(watch: Watch) -> None:
+    """The time a command waits for its turn among the handshakes is the run's pace, not
+    the host's slowness: only its own handshake comes off the command's time-out (a
+    status of 200 hosts reported hosts unreachable "within 0.1 s" when it did)."""
+    with Transport(SshConfig(), max_handshakes=1) as transport:
+        remote = transport.remote(Endpoint("h1", "192.0.2.1"))
+        spent: list[float] = []
+
+        def command() -> None:
+            with remote.session(timeout=15) as shaking:
+                spent.append(shaking)
+
+        with transport._pacing.slot():  # another host's handshake holds the only place
+            waiting = threading.Thread(target=command)
+            waiting.start()
+            time.sleep(0.5)
+        waiting.join()
+        assert 0 < spent[0] < 0.4  # its own handshake (about 0.01 s), not the wait
+        with remote.session(timeout=15) as again:
+            assert again == 0.0  # over the master: no handshake at all
