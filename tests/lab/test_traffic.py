@@ -251,19 +251,23 @@ def test_an_agent_check_past_its_time_limit_leaves_no_failed_unit(lab: Lab, safe
     def inside(*argv: str) -> str:
         return containers.run_inside(lab, host, list(argv), timeout=30).stdout
 
-    with socket.create_connection((host.address, flake.AGENT_PORT), 5):
+    with socket.create_connection((host.address, flake.AGENT_PORT), 5) as conn:
+        # The balancer's own agent checks come and go on the same socket: the instance to
+        # stop is the one whose name ends with this connection's address and port.
+        ours = "-{}:{}.service".format(*conn.getsockname()[:2])
+        pattern = f"fleet-agent@*{ours}"
         pid = ""
         deadline = time.monotonic() + 10
         while not pid.strip().isdigit() or pid.strip() == "0":
             assert time.monotonic() < deadline, "no agent instance for the connection"
-            units = inside("systemctl", "list-units", "--plain", "--no-legend", "fleet-agent@*")
+            units = inside("systemctl", "list-units", "--plain", "--no-legend", pattern)
             names = [line.split()[0] for line in units.splitlines() if line.strip()]
             if names:
                 pid = inside("systemctl", "show", "-P", "MainPID", names[0])
             time.sleep(0.05)
         inside("kill", "-STOP", pid.strip())
         running = ("systemctl", "list-units", "--plain", "--no-legend",
-                   "--state=active,activating,deactivating", "fleet-agent@*")  # fmt: skip
+                   "--state=active,activating,deactivating", pattern)  # fmt: skip
         while inside(*running):
             assert time.monotonic() < deadline + 15, "the stopped agent was never stopped"
             time.sleep(0.2)
