@@ -129,6 +129,9 @@ def _section(path: Path, key: str, value: dict[Any, Any]) -> dict[str, str]:
 
 
 SHAPES: dict[str, Callable[[Any], bool]] = {
+    # As the inventory's sshUser: it replaces that one on every ssh command line, and a
+    # checkout's fleet.yaml may set it.
+    "sshUser": lambda v: re.fullmatch(r"[a-z_][a-z0-9_-]*", v) is not None,
     "jumpHost": lambda v: all(_JUMP.fullmatch(part) for part in v.split(",")),
     "jumpHostKeys": _jump_host_keys,
     "sshOptions": lambda v: all(
@@ -172,7 +175,8 @@ def _read(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
         if not isinstance(value, spec.type) or isinstance(value, bool):
             raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
-        if isinstance(value, float) and not (0 < value < 86400):
+        # A number of seconds, whole or not: finite, positive and under a day.
+        if isinstance(value, (int, float)) and spec.type == (int, float) and not 0 < value < 86400:
             raise UsageError(f"{path}: key {key!r}: expected {spec.expected}, got {value!r}")
         shape = SHAPES.get(str(key))
         if shape is not None and not shape(value):

@@ -249,6 +249,12 @@ def validate(data: Any, source: str) -> None:
 _CHECK_TYPES = {t.value: t for t in CheckType}
 
 
+def _whole(value: Any) -> Any:
+    """An integer field as an int: JSON Schema takes 8080.0 for an integer (as Nix may
+    write a float), which ssh's ``-p``, a slice or a range would not."""
+    return None if value is None else int(value)
+
+
 def _check(raw: Mapping[str, Any]) -> Check:
     return Check(
         name=raw["name"],
@@ -257,9 +263,9 @@ def _check(raw: Mapping[str, Any]) -> Check:
         timeout=float(raw["timeout"]),
         interval=float(raw["interval"]),
         retries=int(raw["retries"]),
-        port=raw.get("port"),
+        port=_whole(raw.get("port")),
         path=raw.get("path"),
-        expect_status=raw.get("expectStatus"),
+        expect_status=_whole(raw.get("expectStatus")),
         expect_body=raw.get("expectBody"),
         command=tuple(raw.get("command", ())),
     )
@@ -318,21 +324,21 @@ def _traffic(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) -> 
         services[name] = Balanced(
             name=name,
             mode=service["mode"],
-            port=service["port"],
-            max_unavailable=service["maxUnavailable"],
+            port=int(service["port"]),
+            max_unavailable=int(service["maxUnavailable"]),
             instances=tuple(
-                Instance(host=host, address=i["address"], port=i["port"])
+                Instance(host=host, address=i["address"], port=int(i["port"]))
                 for host, i in sorted(service["instances"].items())
             ),
             check=None if check is None else _check(check),
         )
     return Traffic(
-        agent_port=raw["agentPort"],
+        agent_port=int(raw["agentPort"]),
         drain_timeout=float(raw["drainTimeout"]),
         socket=raw["socket"],
         balancers=tuple(sorted(raw["balancers"])),
         services=services,
-        metrics_port=raw.get("metricsPort"),
+        metrics_port=_whole(raw.get("metricsPort")),
     )
 
 
@@ -357,7 +363,7 @@ def _watched(name: str, raw: Mapping[str, Any], hosts: Mapping[str, Host], where
     return Watched(
         name=name,
         metrics=tuple(
-            MetricsEndpoint(host=host, address=e["address"], port=e["port"], path=e["path"])
+            MetricsEndpoint(host=host, address=e["address"], port=int(e["port"]), path=e["path"])
             for host, e in sorted(raw["metrics"].items())
         ),
         probes=tuple(probes),
@@ -371,11 +377,11 @@ def _monitoring(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) 
     _known(raw["balancers"], hosts, f"{where}.balancers")
     return Monitoring(
         servers=tuple(sorted(raw["servers"])),
-        prometheus_port=raw["prometheusPort"],
-        alertmanager_port=raw["alertmanagerPort"],
-        blackbox_port=raw["blackboxPort"],
-        node_exporter_port=raw["nodeExporterPort"],
-        haproxy_port=raw["haproxyPort"],
+        prometheus_port=int(raw["prometheusPort"]),
+        alertmanager_port=int(raw["alertmanagerPort"]),
+        blackbox_port=int(raw["blackboxPort"]),
+        node_exporter_port=int(raw["nodeExporterPort"]),
+        haproxy_port=int(raw["haproxyPort"]),
         scrape_interval=raw["scrapeInterval"],
         webhook=raw["webhook"],
         textfile_directory=raw["textfileDirectory"],
@@ -389,6 +395,39 @@ def _monitoring(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) 
         },
         balancers=tuple(sorted(raw["balancers"])),
     )
+
+
+def _cache(raw: Mapping[str, Any], hosts: Mapping[str, Host], source: str) -> Cache:
+    """The cache as its host serves it: the tool publishes to that host, and every host
+    fetches from the URL (which is shown on the terminal and handed to each host's
+    fleet-host), so the URL is the host's own address and the cache's port, nothing else."""
+    where = f"inventory from {source}: cache"
+    host = hosts.get(raw["host"])
+    if host is None:
+        raise InventoryError(f"{where}.host {raw['host']!r} is no host")
+    if raw["address"] != host.address:
+        raise InventoryError(
+            f"{where}.address {raw['address']!r} is not the address of host {host.name} "
+            f"({host.address!r})"
+        )
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    url = f"http://{address}:{int(raw['port'])}"
+    if raw["url"] != url:
+        raise InventoryError(f"{where}.url {raw['url']!r} is not {url!r} (address and port)")
+    return Cache(host.name, url, raw["publicKey"], raw["directory"])
+
+
+def _distinct_ignoring_case(names: Iterable[str], source: str) -> None:
+    """ssh matches a host key's name regardless of case: hosts ``web1`` and ``WEB1`` would
+    share one name in the run's known_hosts, and the key pinned for one would pass for
+    the other (DNS and host names ignore case too)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise InventoryError(
+                f"inventory from {source}: hosts: {other!r} and {name!r} differ only in case"
+            )
 
 
 def _analysis(raw: Mapping[str, Any], source: str) -> Analysis:
@@ -407,9 +446,9 @@ def _analysis(raw: Mapping[str, Any], source: str) -> Analysis:
         query=raw["query"],
         condition=condition,
         interval=float(raw["interval"]),
-        count=raw["count"],
-        failure_limit=raw["failureLimit"],
-        inconclusive_limit=raw["inconclusiveLimit"],
+        count=int(raw["count"]),
+        failure_limit=int(raw["failureLimit"]),
+        inconclusive_limit=int(raw["inconclusiveLimit"]),
         service=raw["service"],
     )
 
@@ -443,7 +482,7 @@ def _records(data: Any, source: str) -> Inventory:
         name: Host(
             name=name,
             address=h["address"],
-            ssh_port=h["sshPort"],
+            ssh_port=int(h["sshPort"]),
             ssh_user=h["sshUser"],
             tags=tuple(h["tags"]),
             system=h["system"],
@@ -454,6 +493,7 @@ def _records(data: Any, source: str) -> Inventory:
         )
         for name, h in data["hosts"].items()
     }
+    _distinct_ignoring_case(hosts, source)
     for host in hosts.values():
         seen: set[str] = set()
         for check in host.checks:
@@ -465,11 +505,12 @@ def _records(data: Any, source: str) -> Inventory:
             seen.add(check.name)
         _check_secrets(host, source)
     d = data["deploy"]
+    batch = d["batchSize"]
     policy = DeployPolicy(
-        parallel=d["parallel"],
-        canary=d["canary"],
-        batch_size=d["batchSize"],
-        max_failures=d["maxFailures"],
+        parallel=int(d["parallel"]),
+        canary=int(d["canary"]),
+        batch_size=batch if isinstance(batch, str) else int(batch),
+        max_failures=int(d["maxFailures"]),
         health_timeout=float(d["healthTimeout"]),
         confirm_timeout=float(d["confirmTimeout"]),
         canary_tag=d.get("canaryTag"),
@@ -492,14 +533,7 @@ def _records(data: Any, source: str) -> Inventory:
             f"inventory from {source}: deploy.analysis: no monitoring host to ask Prometheus"
         )
     raw_cache = data.get("cache")
-    cache = None
-    if raw_cache is not None:
-        if raw_cache["host"] not in hosts:
-            raise InventoryError(
-                f"inventory from {source}: cache.host {raw_cache['host']!r} is no host"
-            )
-        cache = Cache(raw_cache["host"], raw_cache["url"], raw_cache["publicKey"],
-                      raw_cache["directory"])  # fmt: skip
+    cache = None if raw_cache is None else _cache(raw_cache, hosts, source)
     return Inventory(
         hosts=hosts,
         deploy=policy,

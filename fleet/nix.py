@@ -139,7 +139,13 @@ def eval_json(flake: str, attribute: str) -> Any:
     """``nix eval --json FLAKE#ATTR``, decoded."""
     what = f"nix eval {flake}#{attribute}"
     result = evaluate([*NIX, "eval", "--json", f"{flake}#{attribute}"], what, flake)
-    return json.loads(result.stdout)
+    try:
+        return json.loads(result.stdout)
+    except ValueError as exc:
+        # Nix writes a float out of range, or not a number, as a bare inf or nan.
+        raise DeclarationError(
+            f"{what}: not JSON ({exc}): is a number infinite or not a number?"
+        ) from None
 
 
 def eval_inventory(flake: str) -> Any:

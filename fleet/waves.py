@@ -46,20 +46,34 @@ def batch_count(total: int, batch_size: int | str) -> int:
 
 
 def service_tiers(depends_on: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    """Each service's tier; dependencies on services not in the map are not counted."""
+    """Each service's tier; dependencies on services not in the map are not counted.
+
+    Depth first with a stack of its own, not recursion: a chain of a few hundred services
+    (the inventory's to choose) must not exhaust Python's recursion limit."""
     tiers: dict[str, int] = {}
 
-    def tier(name: str, path: tuple[str, ...]) -> int:
-        if name in path:
-            cycle = " -> ".join((*path[path.index(name) :], name))
-            raise UsageError(f"services depend on each other in a cycle: {cycle}")
-        if name not in tiers:
-            deps = [d for d in depends_on.get(name, ()) if d in depends_on]
-            tiers[name] = 1 + max((tier(d, (*path, name)) for d in deps), default=-1)
-        return tiers[name]
+    def deps(name: str) -> list[str]:
+        return [d for d in depends_on.get(name, ()) if d in depends_on]
 
-    for name in depends_on:
-        tier(name, ())
+    for root in depends_on:
+        if root in tiers:
+            continue
+        path, on_path = [root], {root}
+        pending = [iter(deps(root))]
+        while pending:
+            following = next(pending[-1], None)
+            if following is None:
+                name = path.pop()
+                on_path.discard(name)
+                pending.pop()
+                tiers[name] = 1 + max((tiers[d] for d in deps(name)), default=-1)
+            elif following in on_path:
+                cycle = " -> ".join((*path[path.index(following) :], following))
+                raise UsageError(f"services depend on each other in a cycle: {cycle}")
+            elif following not in tiers:
+                path.append(following)
+                on_path.add(following)
+                pending.append(iter(deps(following)))
     return tiers
 
 

@@ -514,3 +514,145 @@ def test_the_documented_example_is_a_valid_inventory():
     assert [i.host for i in inventory.traffic.services["api"].instances] == ["web1"]
     assert inventory.monitoring is not None
     assert inventory.monitoring.servers == inventory.monitoring.balancers == ("lb1",)
+
+
+@pytest.mark.parametrize(("first", "second"), [("web1", "WEB1"), ("web1", "Web1"), ("a.b", "A.b")])
+def test_host_names_differing_only_in_case_are_refused(first, second):
+    """ssh matches a known_hosts name regardless of case: the key pinned for one host
+    would pass for the other."""
+
+    def twin(data):
+        data["hosts"] = {first: data["hosts"]["web1"], second: data["hosts"]["db1"]}
+
+    assert_refused(twin, f"hosts: {first!r} and {second!r} differ only in case")
+
+
+def cached(at: str = "192.0.2.11", **changes) -> dict:
+    """The example with web1, at address ``at``, as its binary cache host."""
+    data = copy.deepcopy(EXAMPLE)
+    address = data["hosts"]["web1"]["address"] = at
+    bracketed = f"[{address}]" if ":" in address else address
+    data["cache"] = {
+        "host": "web1",
+        "address": address,
+        "port": 5080,
+        "url": f"http://{bracketed}:5080",
+        "publicKey": "fleet-cache-1:3qg8DBpGBBq5Dw6WXnP5mUGQA+ToSOLsVsX9HYEfNrs=",
+        "directory": "/var/lib/fleet-cache",
+    } | changes
+    return data
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("192.0.2.11", "http://192.0.2.11:5080"),
+        ("2001:db8::11", "http://[2001:db8::11]:5080"),
+        ("cache.example.org", "http://cache.example.org:5080"),
+    ],
+)
+def test_the_cache_url_is_its_hosts_address_and_port(address, url):
+    cache = parse(cached(address), "example").cache
+    assert cache is not None and (cache.host, cache.url) == ("web1", url)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # Shown on the terminal and handed to every host's fleet-host: no escape, no quote.
+        ({"url": "http://\x1b[2J:5080"}, "cache.url"),
+        ({"url": "http://a'b:5080"}, "cache.url"),
+        ({"url": "http://a%b:5080"}, "cache.url"),
+        ({"url": "http://a@b:5080"}, "cache.url"),
+        ({"url": "http://c\u0430che.example.org:5080"}, "cache.url"),  # a Cyrillic a
+        ({"url": "http://192.0.2.11:5080\n"}, "cache.url"),
+        # Well formed, but not the cache host's own address and port.
+        ({"url": "http://192.0.2.99:5080"}, "cache.url 'http://192.0.2.99:5080' is not"),
+        ({"url": "http://192.0.2.11:5081"}, "is not 'http://192.0.2.11:5080'"),
+        ({"url": "http://192.0.2.11:0"}, "is not 'http://192.0.2.11:5080'"),
+        ({"url": "http://web1:5080"}, "is not 'http://192.0.2.11:5080'"),
+        ({"address": "192.0.2.99"}, "cache.address '192.0.2.99' is not the address of host web1"),
+        ({"host": "web9"}, "cache.host 'web9' is no host"),
+    ],
+)
+def test_a_cache_url_other_than_its_hosts_is_refused(changes, message):
+    data = cached(**changes)
+    with pytest.raises(InventoryError) as error:
+        parse(data, "example")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
+
+
+def _every_duration(data: dict) -> list[tuple[str, dict, str]]:
+    """Each duration field of the watched example: (where, its object, its key)."""
+    web1 = data["hosts"]["web1"]
+    api = data["traffic"]["services"]["api"]
+    probe = data["monitoring"]["services"]["api"]["probes"]["web1"]
+    return [
+        ("hosts.web1.checks.0", web1["checks"][0], "timeout"),
+        ("hosts.web1.checks.0", web1["checks"][0], "interval"),
+        ("deploy", data["deploy"], "healthTimeout"),
+        ("deploy", data["deploy"], "confirmTimeout"),
+        ("traffic", data["traffic"], "drainTimeout"),
+        ("traffic.services.api.check", api["check"], "timeout"),
+        ("monitoring.services.api.probes.web1.check", probe["check"], "interval"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("seconds", [86400, 1e10, 1e300])
+def test_durations_are_under_a_day(index, seconds):
+    """Far longer would overflow the tool's timers in the middle of a deploy."""
+    data = watched()
+    where, holder, key = _every_duration(data)[index]
+    holder[key] = seconds
+    with pytest.raises(InventoryError, match=re.escape(f"{where}.{key}: ")):
+        parse(data, "example")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "read"),
+    [
+        (lambda d: d["hosts"]["web1"].update(sshPort=22.0), lambda i: i.hosts["web1"].ssh_port),
+        (
+            lambda d: d["hosts"]["web1"]["checks"][0].update(port=8080.0, expectStatus=200.0),
+            lambda i: (i.hosts["web1"].checks[0].port, i.hosts["web1"].checks[0].expect_status),
+        ),
+        (
+            lambda d: d["deploy"].update(parallel=4.0, canary=1.0, batchSize=2.0, maxFailures=0.0),
+            lambda i: (
+                i.deploy.parallel,
+                i.deploy.canary,
+                i.deploy.batch_size,
+                i.deploy.max_failures,
+            ),
+        ),
+        (
+            lambda d: d["traffic"].update(agentPort=9777.0, metricsPort=8405.0),
+            lambda i: (i.traffic.agent_port, i.traffic.metrics_port),
+        ),
+        (
+            lambda d: d["traffic"]["services"]["api"].update(port=80.0, maxUnavailable=1.0),
+            lambda i: (i.traffic.services["api"].port, i.traffic.services["api"].max_unavailable),
+        ),
+        (
+            lambda d: d["traffic"]["services"]["api"]["instances"]["web1"].update(port=8080.0),
+            lambda i: i.traffic.services["api"].instances[0].port,
+        ),
+        (
+            lambda d: d["monitoring"].update(prometheusPort=9090.0, haproxyPort=8405.0),
+            lambda i: (i.monitoring.prometheus_port, i.monitoring.haproxy_port),
+        ),
+        (
+            lambda d: d["monitoring"]["services"]["api"]["metrics"]["web1"].update(port=8080.0),
+            lambda i: i.monitoring.services["api"].metrics[0].port,
+        ),
+    ],
+)
+def test_a_whole_float_is_read_as_an_integer(mutate, read):
+    """JSON Schema takes 22.0 for an integer; ssh's -p 22.0, a slice or a range would not."""
+    data = watched()
+    mutate(data)
+    values = read(parse(data, "example"))
+    for value in values if isinstance(values, tuple) else (values,):
+        assert type(value) is int

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import cli, config, flows, nix
-from fleet.errors import UsageError
+from fleet import cli, config, flows, nix, process
+from fleet.errors import DeclarationError, UsageError
 from fleet.inventory import parse
 from fleet.ssh import Endpoint, SshConfig, Transport
 from tests.unit.test_inventory import EXAMPLE
@@ -239,3 +239,16 @@ def test_a_bad_build_host_is_refused_before_any_build(
     assert code == 2
     [line] = err.strip().splitlines()
     assert line.startswith("fleet: --build-host '-oX=y': expected"), line
+
+
+@pytest.mark.parametrize("number", ["inf", "-inf", "nan"])
+def test_a_number_json_cannot_hold_is_a_declaration_error(
+    number: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nix writes a float out of range as a bare inf: one line, exit 2, not a traceback."""
+    answer = process.Result(("nix",), 0, f'{{"healthTimeout":{number}}}\n', "")
+    monkeypatch.setattr(nix, "evaluate", lambda *_args: answer)
+    with pytest.raises(DeclarationError) as error:
+        nix.eval_json("/flake", "fleet")
+    assert str(error.value).startswith("nix eval /flake#fleet: not JSON")
+    assert "\n" not in str(error.value) and error.value.exit_code == 2

@@ -57,11 +57,29 @@ def test_the_operators_own_file_wins(home: Path) -> None:
     assert cfg.get("parallel") == 2 and cfg.get("healthTimeout") == 9
 
 
-@pytest.mark.parametrize("value", [".nan", ".inf", "-1.5"])
-def test_timeouts_are_finite_and_positive(home: Path, value: str) -> None:
-    (home / "xdg/fleet/config.yaml").write_text(f"healthTimeout: {value}\n")
-    with pytest.raises(UsageError, match="healthTimeout"):
-        config.load_user()
+@pytest.mark.parametrize("key", ["healthTimeout", "confirmTimeout", "connectTimeout"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-1.5", "0", "-1", "86400", "10000000000"])
+def test_timeouts_are_finite_positive_and_under_a_day(home: Path, key: str, value: str) -> None:
+    """Whole numbers too: one that overflows a timer would stop a deploy midway."""
+    (home / "flake/fleet.yaml").write_text(f"{key}: {value}\n")
+    with pytest.raises(UsageError, match=key):
+        config.load(str(home / "flake"))
+
+
+@pytest.mark.parametrize(
+    "value", ["-oProxyCommand=x", "a;id", "'a$(id)'", "'%d'", "Root", "'a b'", '"a\\x1b[2J"']
+)
+def test_a_checkouts_ssh_user_is_a_user_name(home: Path, value: str) -> None:
+    """It replaces the inventory's on every ssh command line, held to the same shape."""
+    (home / "flake/fleet.yaml").write_text(f"sshUser: {value}\n")
+    with pytest.raises(UsageError, match="sshUser"):
+        config.load(str(home / "flake"))
+
+
+def test_a_user_name_passes(home: Path) -> None:
+    (home / "flake/fleet.yaml").write_text("sshUser: deploy_1\nhealthTimeout: 90\n")
+    cfg = config.load(str(home / "flake"))
+    assert (cfg.get("sshUser"), cfg.get("healthTimeout")) == ("deploy_1", 90)
 
 
 def test_a_pinned_host_key_is_final() -> None:

@@ -67,6 +67,31 @@ def test_a_dependency_cycle_is_bad_input() -> None:
         service_tiers({"a": ("b",), "b": ("a",)})
 
 
+def chain(length: int) -> dict[str, tuple[str, ...]]:
+    """s0 depends on s1, which depends on s2, ... up to s{length - 1}."""
+    return {f"s{i}": (f"s{i + 1}",) if i < length - 1 else () for i in range(length)}
+
+
+@pytest.mark.parametrize("length", [1, 2, 5000])
+def test_a_chain_of_any_length_is_tiered(length: int) -> None:
+    """However long a chain of dependencies the inventory declares: no recursion limit."""
+    tiers = service_tiers(chain(length))
+    assert tiers == {f"s{i}": length - 1 - i for i in range(length)}
+
+
+@pytest.mark.parametrize(
+    ("depends_on", "cycle"),
+    [
+        ({"a": ("a",)}, "a -> a"),
+        ({"x": ("a",), "a": ("b",), "b": ("c",), "c": ("a",)}, "a -> b -> c -> a"),
+        (chain(5000) | {"s4999": ("s0",)}, " -> s4999 -> s0"),
+    ],
+)
+def test_a_cycle_of_any_length_is_named(depends_on: dict, cycle: str) -> None:
+    with pytest.raises(UsageError, match=f"cycle: .*{cycle}$"):
+        service_tiers(depends_on)
+
+
 APPS = [host(f"app{i}", ("api", "web") if i % 2 else ("api",)) for i in range(1, 7)]
 
 
