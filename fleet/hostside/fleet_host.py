@@ -53,6 +53,14 @@ SETTLE_POLL = 0.2
 # later deadline extends it; a record that names another token ends it).
 WATCH_POLL = 5.0
 OUTPUT_TAIL = 4000
+# What a caller hands in (an argument's or stdin's JSON) is kept in root's files and read
+# back by every later step, the dead-man switch and the agent: bounded in size and depth.
+INPUT_MAX = 1 << 20
+SECRETS_INPUT_MAX = 32 << 20  # all of a host's secrets, each at most SECRET_MAX
+JSON_DEPTH = 32
+# The longest time a caller may name: every deadline stays finite, so the dead-man switch
+# always fires, and no lock outlives its holder by more than that.
+SECONDS_MAX = 7 * 86400.0
 
 
 class Exit(IntEnum):
@@ -213,7 +221,9 @@ def write_whole(path: Path, text: str | bytes, mode: int = 0o600) -> None:
     """Replace a file whole: temporary file, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # one a crashed step of the same pid left
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
     try:
         os.write(fd, text.encode() if isinstance(text, str) else text)
         os.fsync(fd)
@@ -240,6 +250,59 @@ def relink(link: Path, target: str) -> None:
 
 def tail(text: str, limit: int = OUTPUT_TAIL) -> str:
     return text[-limit:]
+
+
+def seconds_arg(text: str) -> float:
+    """A duration: NaN, infinities, negatives and years would leave a deadline that never
+    comes (or already passed), a switch that never fires, a wait that never ends."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= SECONDS_MAX):
+        raise argparse.ArgumentTypeError(f"seconds: a number from 0 to {SECONDS_MAX:g}")
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How deeply JSON data nests (a scalar: 0), counted without recursion."""
+    deepest, level = 0, [value]
+    while any(isinstance(x, (dict, list)) for x in level):
+        deepest += 1
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]  # fmt: skip
+    return deepest
+
+
+def loads(text: str, what: str, limit: int = INPUT_MAX) -> Any:
+    """A caller's JSON; too large, too deep or not JSON is a usage error, before anything."""
+    if len(text) > limit:
+        raise Failure(Exit.USAGE, f"{what}: larger than {limit >> 20} MiB")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise Failure(Exit.USAGE, f"{what}: not JSON: {str(exc)[:200]}") from None
+    if nesting(data) > JSON_DEPTH:
+        raise Failure(Exit.USAGE, f"{what}: nested deeper than {JSON_DEPTH}")
+    return data
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    data = loads(text, what)
+    if not isinstance(data, dict):
+        raise Failure(Exit.USAGE, f"{what}: expected a JSON object")
+    return data
+
+
+def read_input(what: str, limit: int = INPUT_MAX) -> str:
+    """stdin, at most ``limit`` bytes: nobody makes root hold more in memory."""
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise Failure(Exit.USAGE, f"{what}: more than {limit >> 20} MiB on stdin")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise Failure(Exit.USAGE, f"{what}: not UTF-8") from None
 
 
 # -- the host's state -------------------------------------------------------------------
@@ -343,11 +406,13 @@ def read_lines(path: Path) -> list[str]:
 
 
 def parse_record(line: str) -> dict[str, Any] | None:
+    """One line of the records; None for one no reader could take (not an object, or
+    nested deeper than any record the tool writes: parsing it again would recurse too far)."""
     try:
         loaded = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return loaded if isinstance(loaded, dict) else None
+    return loaded if isinstance(loaded, dict) and nesting(loaded) <= JSON_DEPTH else None
 
 
 # -- the transaction record -------------------------------------------------------------
@@ -410,7 +475,7 @@ def read_txn(paths: Paths) -> Txn | None:
         data = json.loads(paths.txn.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise Failure(Exit.FAILED, f"{paths.txn} is unreadable ({exc}): repair by hand") from exc
     known = set(Txn.__dataclass_fields__)
     return Txn(**{k: v for k, v in data.items() if k in known})
@@ -446,7 +511,8 @@ def abandoned(txn: Txn, units: dict[str, str] | None = None) -> bool:
 def host_lock(paths: Paths, wait: float = FLOCK_WAIT) -> Iterator[None]:
     """Serialise changes to the record; the kernel drops it if its holder dies."""
     paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(paths.flock, "w") as handle:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(paths.flock, flags, 0o600), "w") as handle:
         end = now() + wait
         while True:
             try:
@@ -521,7 +587,10 @@ def settle(seconds: float) -> tuple[bool, list[str]]:
 
 def set_profile(paths: Paths, target: Generation) -> int | None:
     """Make ``target`` the profile's current generation; its number."""
-    if target.number is not None and any(n == target.number for n, _, _ in generations(paths)):
+    # By number only when that generation is the target: the caller names both.
+    if target.number is not None and (target.number, target.path) in (
+        (n, p) for n, _, p in generations(paths)
+    ):
         argv = ["--switch-generation", str(target.number)]
     else:
         argv = ["--set", target.path]
@@ -575,7 +644,8 @@ def append_record(paths: Paths, record: dict[str, Any]) -> str | None:
     line = json.dumps(record, sort_keys=True) + "\n"
     try:
         paths.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(paths.records, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(paths.records, flags, 0o600)
     except OSError as exc:
         return f"{paths.records}: {exc.strerror}"
     try:
@@ -710,6 +780,7 @@ def expire(paths: Paths, txn: Txn, why: str, settle_seconds: float = 60.0) -> di
 
 
 def start_watcher(paths: Paths, txn: Txn) -> None:
+    release = printable(txn.holder.get("release"))  # the caller's: one line, ASCII
     env = [f"--setenv=FLEET_HOST_WATCHER={txn.token}"]
     if "FLEET_HOST_ROOT" in os.environ:
         env.append(f"--setenv=FLEET_HOST_ROOT={os.environ['FLEET_HOST_ROOT']}")
@@ -718,7 +789,7 @@ def start_watcher(paths: Paths, txn: Txn) -> None:
             tool(SYSTEMD_RUN, "systemd-run"),
             "--quiet",
             f"--unit={txn.watch_unit}",
-            f"--description=fleet dead-man switch of release {txn.holder.get('release')}",
+            f"--description=fleet dead-man switch of release {release}",
             "-p",
             "CollectMode=inactive-or-failed",
             "-p",
@@ -734,6 +805,11 @@ def start_watcher(paths: Paths, txn: Txn) -> None:
     )
     if result.returncode != 0:
         raise Failure(Exit.FAILED, f"starting the dead-man switch: {last_line(result.stderr)}")
+
+
+def printable(value: Any, limit: int = 80) -> str:
+    """A caller's value as a unit's text: printable ASCII, short."""
+    return re.sub(r"[^\x20-\x7e]", "?", str(value))[:limit]
 
 
 def state_json(paths: Paths) -> dict[str, Any]:
@@ -792,9 +868,10 @@ def maintenance(paths: Paths) -> dict[str, Any] | None:
         data = json.loads(paths.maintenance.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {"reason": "unreadable maintenance record"}  # drained all the same
-    return data if isinstance(data, dict) else {"reason": "unreadable maintenance record"}
+    readable = isinstance(data, dict) and nesting(data) <= JSON_DEPTH
+    return data if readable else {"reason": "unreadable maintenance record"}
 
 
 def agent_answer(paths: Paths, request: str) -> str:
@@ -909,7 +986,7 @@ def cmd_maintenance(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """Take the whole host out of rotation, or put it back: an operator's act, recorded."""
     with host_lock(paths):
         before = maintenance(paths)
-        holder = json.loads(args.holder or "{}")
+        holder = json_object(args.holder or "{}", "--holder")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         kept = {k: holder[k] for k in ("operator", "reason", "release") if k in holder}
         if args.action == "on":
@@ -967,9 +1044,9 @@ def epoch(text: Any) -> float | None:
         return None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        return calendar.timegm(when.utctimetuple()) + when.microsecond / 1e6
+    except (ValueError, OverflowError):  # year 9999 in a zone west of UTC, say
         return None
-    return calendar.timegm(when.utctimetuple()) + when.microsecond / 1e6
 
 
 def changes_system(record: dict[str, Any]) -> bool:
@@ -1069,9 +1146,20 @@ def durations(record: dict[str, Any] | None) -> tuple[tuple[dict[str, str], floa
     timings = record.get("timings") if record else None
     if not isinstance(timings, dict):
         return ()
-    return tuple(({"phase": str(phase)}, float(seconds)) for phase, seconds in timings.items()
-                 if isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-                 and math.isfinite(seconds))  # fmt: skip
+    found = ((phase, number(seconds)) for phase, seconds in timings.items())
+    return tuple(({"phase": str(phase)}, value) for phase, value in found if value is not None)
+
+
+def number(value: Any) -> float | None:
+    """A record's number as a sample; None for a bool, NaN, an infinity or an integer
+    too large for a float, which no sample can say."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def lock_facts(paths: Paths, at: float) -> tuple[int, float, int]:
@@ -1256,7 +1344,7 @@ class Secret:
 def parse_secrets(text: str) -> list[Secret]:
     """``[{"service", "name", "data": base64}]``; names are checked here, since they
     become file names under the secrets folder."""
-    raw = json.loads(text) if text.strip() else []
+    raw = loads(text, "secrets", SECRETS_INPUT_MAX) if text.strip() else []
     if not isinstance(raw, list):
         raise Failure(Exit.USAGE, "secrets: expected a JSON list")
     found = []
@@ -1617,13 +1705,14 @@ def cmd_begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    holder = json.loads(args.holder)
-    base = json.loads(args.base) if args.base else {}
-    secrets = parse_secrets(sys.stdin.read()) if args.secrets else []
+    holder = json_object(args.holder, "--holder")
+    base = json_object(args.base, "--base") if args.base else {}
+    secrets = parse_secrets(read_input("secrets", SECRETS_INPUT_MAX)) if args.secrets else []
     target = Generation(args.generation, args.target) if args.target else None
     out: dict[str, Any] = {}
     with host_lock(paths):
         existing = read_txn(paths)
+        refuse_held_token(existing, args.token)
         inherited: Txn | None = None
         if (
             existing is not None
@@ -1704,18 +1793,34 @@ def begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
             if target is not None:
                 root(paths, "target", txn.token, target.path)
         except OSError as exc:
+            undrain(paths, txn)
             drop_txn(paths, txn)
             raise Failure(Exit.FAILED, f"rooting the systems: {exc}") from exc
         if inherited is not None:
             systemctl("stop", "--no-block", f"{inherited.watch_unit}.service")
+            for name in ("recorded", "target"):  # rooted under the new token now
+                (paths.gcroots / f"{name}-{inherited.token[:16]}").unlink(missing_ok=True)
             why = f"taken over by release {holder.get('release')}"
             append_record(paths, compose(inherited, "taken-over", None, inherited.state, why))
         try:
             start_watcher(paths, txn)
         except Failure:
+            undrain(paths, txn)
             drop_txn(paths, txn)
             raise
         return out | {"begun": True, "recorded": recorded}
+
+
+def refuse_held_token(existing: Txn | None, token: str) -> None:
+    """A new transaction's token must be new: one that names the held transaction's
+    dead-man switch and roots would take them over as its own, or stop them."""
+    if existing is not None and existing.token[:16] == token[:16]:
+        raise Failure(
+            Exit.HELD,
+            "the deploy lock is held under this token: a new transaction needs a new one",
+            holder=existing.holder,
+            deadline=existing.deadline,
+        )
 
 
 def activate(paths: Paths, token: str, health: float, confirm: float,
@@ -1773,7 +1878,7 @@ def cmd_weight(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """A canary's share of traffic: the activated new system gets the weights given per
     drained service ("drain" takes it out again), until the transaction ends. The hold is
     the host's to bound: its deadline moves to now + hold + the confirm time."""
-    weights = json.loads(args.weights)
+    weights = loads(args.weights, "--weights")
     if not isinstance(weights, dict):
         raise Failure(Exit.USAGE, "--weights: a JSON object of service -> percent or drain")
     with host_lock(paths):
@@ -1783,7 +1888,8 @@ def cmd_weight(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         for service, weight in weights.items():
             if service not in txn.drained:
                 raise Failure(Exit.USAGE, f"{service!r} is not drained by this transaction")
-            if weight != "drain" and not (isinstance(weight, int) and 1 <= weight <= 100):
+            percent = isinstance(weight, int) and not isinstance(weight, bool)
+            if weight != "drain" and not (percent and 1 <= weight <= 100):
                 raise Failure(Exit.USAGE, f"{service}: weight {weight!r}: 1 to 100, or drain")
         txn.deadline = now() + args.hold + txn.confirm
         write_txn(paths, txn)
@@ -1794,7 +1900,7 @@ def cmd_weight(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_commit(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    record = json.loads(sys.stdin.read() or "{}")
+    record = json_object(read_input("the record") or "{}", "the record")
     with host_lock(paths):
         txn = ours(paths, args.token)
         if now() > txn.deadline and txn.state != State.COMMITTED:
@@ -1847,7 +1953,7 @@ def cmd_commit(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_undo(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
-    record = json.loads(sys.stdin.read() or "{}")
+    record = json_object(read_input("the record") or "{}", "the record")
     with host_lock(paths):
         txn = ours(paths, args.token)
         if txn.state == State.COMMITTED:
@@ -1960,9 +2066,10 @@ def cmd_boot(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
 def cmd_gc(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
     """Delete generations and collect garbage under the deploy lock (a transaction with
     nothing to undo); the running, booted, current and boot-default systems stay."""
-    holder = json.loads(args.holder)
+    holder = json_object(args.holder, "--holder")
     out: dict[str, Any] = {}
     with host_lock(paths):
+        refuse_held_token(read_txn(paths), args.token)
         out.update(resolve_existing(paths, args.take_over))
         running = readlink(paths.current_system)
         txn = Txn(
@@ -2035,9 +2142,11 @@ def cmd_records(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_record(paths: Paths, _args: argparse.Namespace) -> dict[str, Any]:
-    record = parse_record(sys.stdin.read())
-    if record is None:
-        raise Failure(Exit.USAGE, "a record is one JSON object on stdin")
+    text = read_input("the record")
+    try:
+        record = json_object(text, "the record")
+    except Failure as exc:
+        raise Failure(Exit.USAGE, f"a record is one JSON object on stdin ({exc})") from None
     return {"recordError": append_record(paths, record)}
 
 
@@ -2082,6 +2191,13 @@ def store_path_arg(value: str) -> str:
         or ".." in value.split("/")
     ):
         raise argparse.ArgumentTypeError(f"{value!r} is not a path in {STORE_DIR}")
+    return value
+
+
+def output_path_arg(value: str) -> str:
+    """A store path to substitute: never a derivation, which Nix would build (as root)."""
+    if store_path_arg(value).endswith(".drv"):
+        raise argparse.ArgumentTypeError(f"{value!r} is a derivation, not a system")
     return value
 
 
@@ -2184,10 +2300,10 @@ def parser() -> argparse.ArgumentParser:
     command("record", "append one release record (JSON on stdin)")
     command("boot", "resolve what a crash left (run at every boot)")
     probe = command("probe-tcp", "connect to 127.0.0.1:PORT (a TCP health check)")
-    probe.add_argument("--port", type=int, required=True)
-    probe.add_argument("--timeout", type=float, default=5.0)
+    probe.add_argument("--port", type=port_arg, required=True)
+    probe.add_argument("--timeout", type=seconds_arg, default=5.0)
     settle_ = command("settle", "wait for systemd's jobs; report failed units")
-    settle_.add_argument("--seconds", type=float, default=30.0)
+    settle_.add_argument("--seconds", type=seconds_arg, default=30.0)
     begin = command("begin", "take the lock, record the running system, arm the switch")
     begin.add_argument("--token", required=True, type=token_arg)
     begin.add_argument("--holder", required=True, help="JSON: release, operator, action")
@@ -2195,8 +2311,8 @@ def parser() -> argparse.ArgumentParser:
     begin.add_argument("--mode", choices=MODES[:3], required=True)
     begin.add_argument("--target", required=True)
     begin.add_argument("--generation", type=int, help="an existing generation to go back to")
-    begin.add_argument("--deadline", type=float, required=True, help="seconds to activation")
-    begin.add_argument("--confirm", type=float, required=True)
+    begin.add_argument("--deadline", type=seconds_arg, required=True, help="seconds to activation")
+    begin.add_argument("--confirm", type=seconds_arg, required=True)
     begin.add_argument("--take-over", action="store_true")
     begin.add_argument(
         "--secrets", action="store_true", help="deliver the secrets given as JSON on stdin"
@@ -2206,24 +2322,26 @@ def parser() -> argparse.ArgumentParser:
         help="a service to take out of rotation until the transaction ends",
     )  # fmt: skip
     begin.add_argument("--activate", action="store_true", help="then activate, at once")
-    begin.add_argument("--health", type=float, help="the health timeout (--activate, --checks)")
-    begin.add_argument("--confirm-timeout", type=float, help="activation's confirm timeout")
+    begin.add_argument(
+        "--health", type=seconds_arg, help="the health timeout (--activate, --checks)"
+    )
+    begin.add_argument("--confirm-timeout", type=seconds_arg, help="activation's confirm timeout")
     begin.add_argument("--checks", action="store_true", help="then make the system's checks")
     activate_ = command("activate", "switch-to-configuration test, settle, report")
     activate_.add_argument("--token", required=True, type=token_arg)
-    activate_.add_argument("--health", type=float, required=True)
-    activate_.add_argument("--confirm", type=float, required=True)
+    activate_.add_argument("--health", type=seconds_arg, required=True)
+    activate_.add_argument("--confirm", type=seconds_arg, required=True)
     activate_.add_argument("--checks", action="store_true", help="then make its checks")
     health = command("health", "settle, failed units, the running system's checks")
-    health.add_argument("--seconds", type=float, default=30.0)
+    health.add_argument("--seconds", type=seconds_arg, default=30.0)
     commit = command("commit", "profile, boot entry, commit, record, unlock")
     commit.add_argument("--token", required=True, type=token_arg)
     undo_ = command("undo", "back to the recorded generation, record, unlock")
     undo_.add_argument("--token", required=True, type=token_arg)
-    undo_.add_argument("--settle", type=float, default=60.0)
+    undo_.add_argument("--settle", type=seconds_arg, default=60.0)
     reboot = command("reboot", "boot the target once and reboot")
     reboot.add_argument("--token", required=True, type=token_arg)
-    reboot.add_argument("--boot-timeout", type=float, required=True)
+    reboot.add_argument("--boot-timeout", type=seconds_arg, required=True)
     watch = command("watch", "the dead-man switch (run by systemd)")
     watch.add_argument("--token", required=True, type=token_arg)
     recover = command("recover", "resolve an abandoned transaction")
@@ -2232,18 +2350,18 @@ def parser() -> argparse.ArgumentParser:
     gc = command("gc", "delete generations and collect garbage, under the lock")
     gc.add_argument("--token", required=True, type=token_arg)
     gc.add_argument("--holder", required=True)
-    gc.add_argument("--deadline", type=float, default=600.0)
+    gc.add_argument("--deadline", type=seconds_arg, default=600.0)
     gc.add_argument("--take-over", action="store_true")
     gc.add_argument("delete", type=int, nargs="*")
     weight = command("weight", "give a canary its share of traffic, or drain it again")
     weight.add_argument("--token", required=True, type=token_arg)
     weight.add_argument("--weights", required=True, help="JSON: service -> percent | drain")
-    weight.add_argument("--hold", type=float, required=True, help="seconds until commit")
+    weight.add_argument("--hold", type=seconds_arg, required=True, help="seconds until commit")
     agent = command("agent", "answer one HAProxy agent check (stdin: the service)")
-    agent.add_argument("--timeout", type=float, default=1.0)
+    agent.add_argument("--timeout", type=seconds_arg, default=1.0)
     stat = command("traffic-stat", "the balancer's servers, from HAProxy's runtime API")
     stat.add_argument("--socket", default="/run/haproxy/admin.sock")
-    stat.add_argument("--timeout", type=float, default=5.0)
+    stat.add_argument("--timeout", type=seconds_arg, default=5.0)
     maint = command("maintenance", "drain the whole host (on) or undrain it (off)")
     maint.add_argument("action", choices=["on", "off"])
     maint.add_argument("--holder", default="", help="JSON: operator, reason")
@@ -2252,17 +2370,17 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--port", required=True, type=port_arg)
     query.add_argument("--query", required=True, help="PromQL")
     query.add_argument("--time", default="", help="evaluation time (RFC 3339 or epoch)")
-    query.add_argument("--timeout", type=float, default=5.0)
+    query.add_argument("--timeout", type=seconds_arg, default=5.0)
     fetch = command("fetch", "substitute a closure from the fleet's binary cache")
     fetch.add_argument("--cache", required=True, type=cache_url_arg, help="http://HOST:PORT")
-    fetch.add_argument("path", type=store_path_arg)
+    fetch.add_argument("path", type=output_path_arg)
     publish = command("publish", "add closures to the binary cache this host serves")
     publish.add_argument("paths", type=store_path_arg, nargs="+")
     run_ = command("run", "run a command until it ends or this session does (fleet exec)")
     run_.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
     alerts = command("prom-alerts", "the alerts of the Prometheus on 127.0.0.1:PORT")
     alerts.add_argument("--port", required=True, type=port_arg)
-    alerts.add_argument("--timeout", type=float, default=5.0)
+    alerts.add_argument("--timeout", type=seconds_arg, default=5.0)
     return top
 
 
@@ -2309,6 +2427,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     args = parser().parse_args(argv)
     if args.command == "run":  # the operator's own command, as the ssh user: never JSON
+        if os.geteuid() == 0 and caller_uid() != 0:
+            # sudo lets a deploy user run this program as root: `run` would be a root shell.
+            print("fleet-host run: runs as the ssh user, never through sudo", file=sys.stderr)
+            return Exit.USAGE
         return cmd_run(args.argv)
     os.umask(0o077)
     paths = Paths.from_env()

@@ -4,6 +4,7 @@ real)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -36,6 +37,10 @@ echo "systemctl $*" >> "$FLEET_HOST_ROOT/calls"
 if [ -n "$FAKE_ACTIVE" ] && [ "$1" = show ]; then
   printf 'ActiveState=active\\nActiveEnterTimestampMonotonic=1\\n'
 fi
+case "$*" in  # FAKE_WATCHING: the dead-man switches that run
+  list-units*fleet-watch-*)
+    for u in $FAKE_WATCHING; do echo "$u.service loaded active running x"; done ;;
+esac
 exit 0
 """
 FAKE_SYSTEMD_RUN = """#!/bin/sh
@@ -395,6 +400,284 @@ def test_what_only_the_host_runs_is_refused_to_a_deploy_user(
     assert code == 2 and "run by the host only" in out["error"]
 
 
+def test_run_is_never_a_root_shell_through_sudo(host: Path, deploy_user, tmp_path: Path) -> None:
+    """`fleet exec` runs `fleet-host run` as the ssh user; through the deploy user's sudo
+    rule it would run any command as root."""
+    ran = tmp_path / "ran"
+    code, _ = helper(host, "run", "--", "touch", str(ran), env=deploy_user)
+    assert code == fh.Exit.USAGE and not ran.exists()
+    # Not through sudo: the command runs, until it ends (the session stays open meanwhile).
+    environ = {k: v for k, v in os.environ.items() if k != "SUDO_UID"}
+    proc = subprocess.Popen([sys.executable, str(HELPER), "run", "--", "touch", str(ran)],
+                            stdin=subprocess.PIPE, env=environ)  # fmt: skip
+    try:
+        assert proc.wait(timeout=30) == 0 and ran.exists()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+
+
+SUBCOMMANDS = next(
+    a for a in fh.parser()._actions if isinstance(a, argparse._SubParsersAction)
+).choices
+# Every option that takes seconds, as the parser would take it.
+SECONDS_OPTIONS = [
+    ("probe-tcp", "--port", "1", "--timeout"),
+    ("settle", "--seconds"),
+    ("health", "--seconds"),
+    (*begin_args(Path("/h"), tk("x"))[:-4], "--confirm", "1", "--deadline"),
+    (*begin_args(Path("/h"), tk("x"))[:-2], "--confirm"),
+    (*begin_args(Path("/h"), tk("x")), "--health"),
+    (*begin_args(Path("/h"), tk("x")), "--confirm-timeout"),
+    ("activate", "--token", tk("x"), "--confirm", "1", "--health"),
+    ("activate", "--token", tk("x"), "--health", "1", "--confirm"),
+    ("undo", "--token", tk("x"), "--settle"),
+    ("reboot", "--token", tk("x"), "--boot-timeout"),
+    ("gc", "--token", tk("x"), "--holder", "{}", "--deadline"),
+    ("weight", "--token", tk("x"), "--weights", "{}", "--hold"),
+    ("agent", "--timeout"),
+    ("traffic-stat", "--timeout"),
+    ("prom-query", "--port", "1", "--query", "up", "--timeout"),
+    ("prom-alerts", "--port", "1", "--timeout"),
+]
+
+
+def test_every_number_a_caller_gives_is_checked() -> None:
+    """No option is a bare float or int (NaN, infinities, any size): each has a type that
+    bounds it, save the generation numbers that only pick among the profile's."""
+    unchecked = {
+        (name, action.dest)
+        for name, sub in SUBCOMMANDS.items()
+        for action in sub._actions
+        if action.type in (float, int)
+    }
+    assert unchecked == {("begin", "generation"), ("gc", "delete")}
+    taking_seconds = {
+        (name, action.dest)
+        for name, sub in SUBCOMMANDS.items()
+        for action in sub._actions
+        if action.type is fh.seconds_arg
+    }
+    assert taking_seconds == {(a[0], dest(a[-1])) for a in SECONDS_OPTIONS}
+
+
+def dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+@pytest.mark.parametrize("argv", SECONDS_OPTIONS, ids=lambda a: f"{a[0]}{a[-1]}")
+def test_a_time_is_finite_and_bounded(argv: tuple[str, ...]) -> None:
+    """An infinite or enormous deadline is a dead-man switch that never fires and a lock
+    held forever; NaN compares false with every time; a negative one has passed."""
+    parse = fh.parser().parse_args
+    for good in ("0", "2.5", "604800"):
+        assert getattr(parse([*argv, good]), dest(argv[-1])) == float(good)
+    for bad in ("nan", "inf", "-inf", "-1", "604801", "1e400", "x", ""):
+        with pytest.raises(SystemExit) as exit_:
+            parse([*argv, bad])
+        assert exit_.value.code == fh.Exit.USAGE, bad
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65536", "99999999999999999999", "x"])
+def test_probe_tcp_takes_a_port(port: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        fh.parser().parse_args(["probe-tcp", f"--port={port}"])
+    assert exit_.value.code == fh.Exit.USAGE
+
+
+DEEP = "[" * 40 + "]" * 40  # deeper than any record the tool writes
+ABYSS = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit
+# Each way a caller hands JSON in: the option that carries it (or stdin), and a step.
+BEGIN = ["begin", "--token", tk("j"), "--holder", "{}", "--base", "{}", "--mode", "switch",
+         "--target", "/h/store/sys-b", "--deadline", "30", "--confirm", "20"]  # fmt: skip
+JSON_INPUTS = [
+    ("--holder", BEGIN),
+    ("--base", BEGIN),
+    ("stdin", [*BEGIN, "--secrets"]),
+    ("--holder", ["gc", "--token", tk("j"), "--holder", "{}"]),
+    ("--weights", ["weight", "--token", tk("j"), "--weights", "{}", "--hold", "5"]),
+    ("--holder", ["maintenance", "on", "--holder", "{}"]),
+    ("stdin", ["commit", "--token", tk("j")]),
+    ("stdin", ["undo", "--token", tk("j")]),
+    ("stdin", ["record"]),
+]
+
+
+def answer(
+    paths: fh.Paths, argv: list[str], stdin: bytes, monkeypatch, capsys
+) -> tuple[int, dict[str, object]]:
+    """One step in this process (for what fails before it runs a program)."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = fh.run_command(paths, fh.parser().parse_args(argv))
+    return code, json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+@pytest.mark.parametrize(("where", "argv"), JSON_INPUTS, ids=[f"{a[0]}{w}" for w, a in JSON_INPUTS])
+@pytest.mark.parametrize(
+    "payload",
+    ["[1]", '"x"', DEEP, ABYSS, "{", "\udcff"],
+    ids=["list", "string", "deep", "abyss", "torn", "not-utf8"],
+)
+def test_json_a_caller_hands_in_is_bounded_and_changes_nothing(
+    host: Path, where: str, argv: list[str], payload: str, monkeypatch, capsys
+) -> None:
+    """Whatever the argument or stdin holds (not an object, nested past what any reader
+    can parse again, not JSON, not UTF-8), the step is refused before it changes anything:
+    kept, it would crash the dead-man switch, the agent or every later step."""
+    if "--secrets" in argv and payload == "[1]":
+        payload = "{}"  # the secrets are a list
+    stdin = payload.encode(errors="surrogateescape") if where == "stdin" else b""
+    if where != "stdin":
+        argv = [*argv]
+        argv[argv.index(where) + 1] = payload
+    code, out = answer(fh.Paths(host), argv, stdin, monkeypatch, capsys)
+    assert code == fh.Exit.USAGE and out["ok"] is False, out
+    assert not (host / "var/lib/fleet").exists()
+
+
+@pytest.mark.parametrize("command", ["commit", "undo", "record"])
+def test_a_record_larger_than_a_mebibyte_is_refused(
+    host: Path, command: str, monkeypatch, capsys
+) -> None:
+    argv = [command, *(["--token", tk("big")] if command != "record" else [])]
+    record = json.dumps({"message": "x" * fh.INPUT_MAX}).encode()
+    code, out = answer(fh.Paths(host), argv, record, monkeypatch, capsys)
+    assert code == fh.Exit.USAGE and "MiB" in str(out["error"])
+    assert not (host / "var/lib/fleet").exists()
+
+
+def test_stdin_is_read_no_further_than_its_bound(monkeypatch) -> None:
+    import io
+
+    raw = io.BytesIO(b"y" * 100)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw))
+    with pytest.raises(fh.Failure) as failure:
+        fh.read_input("secrets", limit=10)
+    assert failure.value.code == fh.Exit.USAGE and raw.tell() <= 11 + 8192
+
+
+DEPLOYED = '{"release": "%s", "action": "deploy", "result": "deployed", "time": "%s"'
+
+
+@pytest.mark.parametrize(
+    ("line", "last", "present", "absent"),
+    [  # a record parsed but nested too deep to keep, and one past the recursion limit
+        ('{"release": "d", "x": ' + "[" * 100 + "]" * 100 + "}", "r1", 'release="r1"',
+         'release="d"'),
+        ('{"release": "d", "x": ' + ABYSS + "}", "r1", 'release="r1"', 'release="d"'),
+        ((DEPLOYED % ("n", "2027-01-15T07:00:00Z"))
+         + ', "timings": {"huge": 1' + "0" * 400 + ', "ok": 2}}', "n",
+         'fleet_phase_duration_seconds{phase="ok"} 2', 'phase="huge"'),
+        (DEPLOYED % ("t", "9999-12-31T23:59:59-23:59") + "}", "t", 'release="t"',
+         "fleet_release_timestamp_seconds"),
+    ],
+    ids=["deep", "abyss", "huge-number", "time-out-of-range"],
+)  # fmt: skip
+def test_no_record_breaks_the_steps_or_the_metrics_that_read_them(
+    host: Path, line: str, last: str, present: str, absent: str
+) -> None:
+    """A deploy user may append records: none may break `state` (every deploy reads it),
+    `records`, or the metrics every step and the timer write."""
+    path = host / "var/lib/fleet/releases.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(record_line(1) + line + "\n")
+    paths = fh.Paths(host)
+    text = fh.metrics_text(paths, AT)
+    assert present in text and absent not in text
+    found = fh.cmd_records(paths, argparse.Namespace())
+    assert found["unreadable"] == (last == "r1")
+    code, out = helper(host, "state")
+    assert code == 0 and out["lastRecord"]["release"] == last, out
+
+
+def test_a_maintenance_record_too_deep_to_read_still_drains(host: Path) -> None:
+    paths = fh.Paths(host)
+    paths.maintenance.parent.mkdir(parents=True)
+    paths.maintenance.write_text('{"reason": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert fh.agent_answer(paths, "web") == "drain"
+
+
+@pytest.mark.parametrize("command", ["begin", "gc"])
+@pytest.mark.parametrize("token", [tk("held"), tk("held")[:16] + "0" * 16])
+def test_a_token_that_names_the_held_transaction_takes_nothing_over(
+    host: Path, command: str, token: str
+) -> None:
+    """Its dead-man switch and roots are named by the token: a new transaction under it
+    would stop the held one's switch, then fail to start its own, and drop the lock with
+    nothing left to undo what the held one changed."""
+    assert begin(host, tk("held"))[0] == 0
+    txn = host / "var/lib/fleet/txn.json"
+    if command == "gc":
+        txn.write_text(json.dumps(json.loads(txn.read_text()) | {"mode": "gc"}))
+    before = txn.read_text()
+    (host / "calls").unlink()
+    args = (begin_args(host, token) if command == "begin"
+            else ["gc", "--token", token, "--holder", "{}"])  # fmt: skip
+    code, out = helper(host, *args, "--take-over",
+                       env={"FAKE_WATCHING": f"fleet-watch-{tk('held')[:16]}"})  # fmt: skip
+    assert code == fh.Exit.HELD and "new one" in out["error"], out
+    assert txn.read_text() == before
+    calls = host / "calls"
+    assert not calls.exists() or "stop" not in calls.read_text()
+
+
+def test_a_transaction_taken_over_leaves_no_root_behind(host: Path) -> None:
+    assert begin(host, tk("old"))[0] == 0
+    code, out = helper(host, *begin_args(host, tk("new")), "--take-over",
+                       env={"FAKE_WATCHING": f"fleet-watch-{tk('old')[:16]}"})  # fmt: skip
+    assert code == 0 and out["begun"], out
+    roots = sorted(p.name for p in (host / "nix/var/nix/gcroots/fleet").iterdir())
+    assert roots == [f"recorded-{tk('new')[:16]}", f"target-{tk('new')[:16]}"]
+    assert json.loads((host / "var/lib/fleet/txn.json").read_text())["taken_over"] == [tk("old")]
+
+
+def test_the_path_not_the_number_names_the_system(host: Path) -> None:
+    """The signature or the generation check is made on the path: a generation number
+    that names another system must not put that one in the profile."""
+    code, _ = begin(host, tk("num"), "sys-b", "--generation", "1")  # generation 1 is sys-a
+    assert code == 0
+    helper(host, "activate", "--token", tk("num"), "--health", "5", "--confirm", "5")
+    code, out = helper(host, "commit", "--token", tk("num"), stdin="{}")
+    assert code == 0 and out["new"]["number"] == 2, out
+    assert os.path.realpath(host / "nix/var/nix/profiles/system").endswith("sys-b")
+    assert "--switch-generation" not in (host / "calls").read_text()
+
+
+def test_a_release_id_reaches_the_switch_unit_as_one_printable_line(host: Path) -> None:
+    holder = json.dumps({"release": "r\n-p ExecStart=/bin/sh\udcff"})
+    args = begin_args(host, tk("desc"))
+    args[args.index("--holder") + 1] = holder
+    code, out = helper(host, *args)
+    assert code == 0 and out["begun"], out
+    assert "release r?-p ExecStart=/bin/sh? " in (host / "calls").read_text()
+
+
+@pytest.mark.parametrize("writer", ["write_whole", "append_record", "host_lock"])
+def test_the_host_writes_through_no_symlink(tmp_path: Path, writer: str) -> None:
+    """Its folders are root's; should one ever be writable by another user, a link planted
+    where the host writes must not make root write elsewhere."""
+    paths = fh.Paths(tmp_path / "host")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("untouched")
+    if writer == "write_whole":
+        paths.state_dir.mkdir(parents=True)
+        (paths.state_dir / f".txn.json.{os.getpid()}").symlink_to(elsewhere)
+        fh.write_whole(paths.txn, "{}\n")
+        assert paths.txn.read_text() == "{}\n"
+    elif writer == "append_record":
+        paths.state_dir.mkdir(parents=True)
+        paths.records.symlink_to(elsewhere)
+        assert fh.append_record(paths, {"release": "r"}) is not None
+    else:
+        paths.run_dir.mkdir(parents=True)
+        paths.flock.symlink_to(elsewhere)
+        with pytest.raises(OSError), fh.host_lock(paths, wait=0):
+            pass
+    assert elsewhere.read_text() == "untouched"
+
+
 # -- secrets --------------------------------------------------------------------------
 
 
@@ -678,7 +961,15 @@ def test_a_canary_gets_its_weight_then_is_drained_again_and_undone(host: Path) -
 
 @pytest.mark.parametrize(
     "weights",
-    ['{"api": 50}', '{"web": 0}', '{"web": 101}', '{"web": "up"}', '{"web": 5.5}', "[1]"],
+    [
+        '{"api": 50}',
+        '{"web": 0}',
+        '{"web": 101}',
+        '{"web": "up"}',
+        '{"web": 5.5}',
+        "[1]",
+        '{"web": true}',
+    ],
 )
 def test_a_weight_the_transaction_cannot_give_is_refused(host: Path, weights: str) -> None:
     begin(host, tk("w2"), "sys-b", "--drain", "web")
@@ -1216,6 +1507,7 @@ def cache_host(host: Path) -> dict[str, str]:
         ["fetch", "--cache", "file:///etc", f"STORE/{HASHED}-system"],
         ["fetch", "--cache", "http://192.0.2.1:5080/x?secret-key=/etc/k", f"STORE/{HASHED}-s"],
         ["fetch", "--cache", "http://a b:1", f"STORE/{HASHED}-system"],
+        ["fetch", "--cache", "http://192.0.2.1:5080", f"STORE/{HASHED}-system.drv"],  # built
         ["publish", "--", "--to"],
         ["publish", f"STORE/{HASHED}-system", "/root/.ssh/id_ed25519"],
     ],
