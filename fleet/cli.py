@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,28 @@ def _session(ctx: Context, **build: Any) -> flows.Session:
     return flows.open_session(opened, ctx.parallel)
 
 
+class Seconds(click.ParamType):  # type: ignore[type-arg,unused-ignore]  # generic from click 8.2
+    """A number of seconds from ``low`` to ``high``: finite, unlike click's FloatRange,
+    which lets ``nan`` through every bound (each comparison with it is false) and ``inf``
+    through an open one; either would become a deadline that never comes."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float = 86400.0) -> None:
+        self.low, self.high = low, high
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not (math.isfinite(seconds) and self.low <= seconds <= self.high):
+            self.fail(f"{value!r}: seconds from {self.low:g} to {self.high:g}", param, ctx)
+        return seconds
+
+
 def parallel_option(command: F) -> F:
     """``--parallel`` of the commands that read or act on hosts outside a rollout."""
 
@@ -178,10 +201,10 @@ def rollout_options(command: F) -> F:
         click.option("--batch-size", metavar="N|P%",
                      help="Hosts per wave after the canary (default: the fleet's "
                      "deploy.batchSize)."),
-        click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S",
+        click.option("--health-timeout", type=Seconds(1), metavar="S",
                      help="Seconds from the start of activation for systemd to settle and "
                      "every check to pass."),
-        click.option("--confirm-timeout", type=click.FloatRange(min=2), metavar="S",
+        click.option("--confirm-timeout", type=Seconds(2), metavar="S",
                      help="Seconds past the health timeout the host waits for the commit; "
                      "then its dead-man switch re-activates the recorded generation (it "
                      "fires at activation start + health + confirm timeout)."),
@@ -224,7 +247,7 @@ def rollout_options(command: F) -> F:
 )
 @click.option(
     "--boot-timeout",
-    type=click.FloatRange(min=10, max=3600),
+    type=Seconds(10, 3600),
     metavar="S",
     help="With --reboot: seconds a host may take to come back (default 300).",
 )
@@ -238,7 +261,7 @@ def rollout_options(command: F) -> F:
 )
 @click.option(
     "--canary-hold",
-    type=click.FloatRange(1, 3600),
+    type=Seconds(1, 3600),
     metavar="S",
     help="Seconds a weighted canary is held before the rollout continues (default 30).",
 )
@@ -526,7 +549,7 @@ def generations(ctx: Context, selectors: tuple[str, ...]) -> None:
 @cli.command()
 @parallel_option
 @click.argument("selectors", nargs=-1, metavar="[SELECTOR]...")
-@click.option("--health-timeout", type=click.FloatRange(min=1), metavar="S")
+@click.option("--health-timeout", type=Seconds(1), metavar="S")
 @click.pass_obj
 def health(ctx: Context, selectors: tuple[str, ...], health_timeout: float | None) -> None:
     """Run the health checks only (failed units, then every declared check)."""
