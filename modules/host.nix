@@ -891,7 +891,12 @@ in
       commands = [
         {
           command = runningHelper;
-          options = [ "NOPASSWD" ];
+          # NOSETENV: the caller's environment never reaches the program, even
+          # where a site's sudo defaults allow it for other commands.
+          options = [
+            "NOPASSWD"
+            "NOSETENV"
+          ];
         }
       ];
     };

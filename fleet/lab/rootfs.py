@@ -25,7 +25,7 @@ PACKAGES = (
     "nginx-light",  # the binary cache host's (lab up --cache); the package's unit stays masked
 )  # fmt: skip
 # Bump when customise() changes: a cached root of an older layout is customised again.
-LAYOUT_VERSION = "8"
+LAYOUT_VERSION = "9"
 # Units that fail or make no sense in a container; a failed unit fails every switch.
 # Debian's own units of the balancer's and the monitoring's programs run Debian's
 # configuration; a lab host runs its system's own units of them.
@@ -62,7 +62,7 @@ substituters =
 DEPLOY_USER = "deploy"
 DEPLOY_UID = 1500
 SUDOERS = f"""\
-{DEPLOY_USER} ALL=(root) NOPASSWD: /run/current-system/sw/bin/fleet-host
+{DEPLOY_USER} ALL=(root) NOPASSWD:NOSETENV: /run/current-system/sw/bin/fleet-host
 """
 
 # Root uses the store directly; any other user goes through the daemon, which accepts

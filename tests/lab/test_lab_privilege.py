@@ -78,6 +78,7 @@ def test_sudo_allows_the_running_helper_and_nothing_else(lab):
             ["sudo", "-n", "/bin/sh", "-c", "id"],
             ["sudo", "-n", "/usr/bin/nix-env", "--version"],
             ["sudo", "-n", "-E", RUNNING_HELPER, "version"],  # no environment of its own
+            ["sudo", "-n", "FLEET_HOST_ROOT=/tmp", RUNNING_HELPER, "version"],
         ):
             assert not remote.run(argv, check=False).ok, argv
         assert remote.run(["sudo", "-n", RUNNING_HELPER, "version"]).ok
@@ -86,6 +87,10 @@ def test_sudo_allows_the_running_helper_and_nothing_else(lab):
             ["sudo", "-n", RUNNING_HELPER, "watch", "--token", "0" * 32], check=False
         )
         assert result.returncode == 2 and "run by the host only" in result.stdout
+        # `fleet exec` runs as the ssh user: through sudo, `run` would be a root shell.
+        result = remote.run(["sudo", "-n", RUNNING_HELPER, "run", "--", "id", "-u"], check=False)
+        assert result.returncode == 2 and result.stdout == "", result
+        assert remote.run([RUNNING_HELPER, "run", "--", "id", "-un"]).stdout.strip() == DEPLOY_USER
 
 
 def test_a_system_the_deploy_user_made_itself_is_refused(lab):

@@ -230,7 +230,10 @@ def test_ssh_access_for_a_deploy_user(hosts: dict[str, Any]) -> None:
             "host": "ALL",
             "runAs": "root",
             "commands": [
-                {"command": "/run/current-system/sw/bin/fleet-host", "options": ["NOPASSWD"]}
+                {
+                    "command": "/run/current-system/sw/bin/fleet-host",
+                    "options": ["NOPASSWD", "NOSETENV"],
+                }
             ],
         }
     ]
