@@ -1789,26 +1789,41 @@ def begin(paths: Paths, args: argparse.Namespace) -> dict[str, Any]:
         for service in txn.drained:  # after the record names them: undo finds them all
             write_whole(paths.traffic / service, "drain\n", 0o644)
         try:
-            root(paths, "recorded", txn.token, str(recorded["path"]))
-            if target is not None:
-                root(paths, "target", txn.token, target.path)
-        except OSError as exc:
-            undrain(paths, txn)
-            drop_txn(paths, txn)
-            raise Failure(Exit.FAILED, f"rooting the systems: {exc}") from exc
+            try:
+                root(paths, "recorded", txn.token, str(recorded["path"]))
+                if target is not None:
+                    root(paths, "target", txn.token, target.path)
+            except OSError as exc:
+                raise Failure(Exit.FAILED, f"rooting the systems: {exc}") from exc
+            # A taken-over transaction's switch keeps running until this one's runs: the
+            # change it guards is never left without one.
+            start_watcher(paths, txn)
+        except Failure:
+            unbegin(paths, txn, inherited)
+            raise
         if inherited is not None:
             systemctl("stop", "--no-block", f"{inherited.watch_unit}.service")
             for name in ("recorded", "target"):  # rooted under the new token now
                 (paths.gcroots / f"{name}-{inherited.token[:16]}").unlink(missing_ok=True)
             why = f"taken over by release {holder.get('release')}"
             append_record(paths, compose(inherited, "taken-over", None, inherited.state, why))
-        try:
-            start_watcher(paths, txn)
-        except Failure:
-            undrain(paths, txn)
-            drop_txn(paths, txn)
-            raise
         return out | {"begun": True, "recorded": recorded}
+
+
+def unbegin(paths: Paths, txn: Txn, inherited: Txn | None) -> None:
+    """A begin that could not root its systems or arm its switch leaves the host as it
+    found it: no lock of its own, nothing drained by it, and a transaction it was taking
+    over held again as it was, its own switch still armed to undo its change."""
+    kept = set(inherited.drained) if inherited is not None else set()
+    for service in set(txn.drained) - kept:
+        (paths.traffic / service).unlink(missing_ok=True)
+    if inherited is None:
+        drop_txn(paths, txn)
+        return
+    write_txn(paths, inherited)
+    for name in ("recorded", "target"):
+        (paths.gcroots / f"{name}-{txn.token[:16]}").unlink(missing_ok=True)
+    systemctl("stop", "--no-block", f"{txn.watch_unit}.service")
 
 
 def refuse_held_token(existing: Txn | None, token: str) -> None:

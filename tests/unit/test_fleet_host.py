@@ -46,6 +46,8 @@ exit 0
 FAKE_SYSTEMD_RUN = """#!/bin/sh
 echo "systemd-run $*" >> "$FLEET_HOST_ROOT/calls"
 case "$*" in
+  *--unit=fleet-watch-*)
+    if [ -n "$FAIL_WATCHER" ]; then echo "Failed to start transient service" >&2; exit 1; fi ;;
   *switch-to-configuration*)
     while [ "${1%switch-to-configuration}" = "$1" ]; do shift; done
     exec "$@" ;;
@@ -631,6 +633,35 @@ def test_a_transaction_taken_over_leaves_no_root_behind(host: Path) -> None:
     roots = sorted(p.name for p in (host / "nix/var/nix/gcroots/fleet").iterdir())
     assert roots == [f"recorded-{tk('new')[:16]}", f"target-{tk('new')[:16]}"]
     assert json.loads((host / "var/lib/fleet/txn.json").read_text())["taken_over"] == [tk("old")]
+
+
+@pytest.mark.parametrize("take_over", [False, True])
+def test_a_switch_that_cannot_be_armed_leaves_the_host_as_it_was(
+    host: Path, take_over: bool
+) -> None:
+    """No begin without its dead-man switch; and a transaction being taken over stays
+    held, drained and rooted as it was, its own switch still armed."""
+    txn = host / "var/lib/fleet/txn.json"
+    traffic = host / "run/fleet/traffic"
+    roots = host / "nix/var/nix/gcroots/fleet"
+    if take_over:
+        assert begin(host, tk("old"), "sys-b", "--drain", "web")[0] == 0
+    before = (txn.read_text() if txn.exists() else None,
+              sorted(p.name for p in traffic.iterdir()) if traffic.exists() else [],
+              sorted(p.name for p in roots.iterdir()) if roots.exists() else [])  # fmt: skip
+    (host / "calls").unlink(missing_ok=True)
+    watching = f"fleet-watch-{tk('old')[:16]}"
+    code, out = helper(
+        host, *begin_args(host, tk("new")), "--drain", "web", "--drain", "api",
+        *(["--take-over"] if take_over else []),
+        env={"FAIL_WATCHER": "1", "FAKE_WATCHING": watching if take_over else ""},
+    )  # fmt: skip
+    assert code == fh.Exit.FAILED and "dead-man switch" in out["error"], out
+    after = (txn.read_text() if txn.exists() else None,
+             sorted(p.name for p in traffic.iterdir()) if traffic.exists() else [],
+             sorted(p.name for p in roots.iterdir()) if roots.exists() else [])  # fmt: skip
+    assert after == before
+    assert f"stop --no-block {watching}" not in (host / "calls").read_text()
 
 
 def test_the_path_not_the_number_names_the_system(host: Path) -> None:
