@@ -389,9 +389,26 @@ def watchers() -> dict[str, str]:
     return found
 
 
+def last_lines(path: Path, count: int, block: int = 1 << 16) -> list[str]:
+    """The file's last ``count`` lines, read from its end: every step reads the newest
+    records, and a host deployed for years must not read all of them each time."""
+    try:
+        with path.open("rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            start, data = end, b""
+            while start > 0 and data.count(b"\n") <= count:
+                start = max(0, start - block)
+                handle.seek(start)
+                data = handle.read(end - start)
+    except OSError:
+        return []
+    lines = data.decode(errors="replace").splitlines()
+    return lines[-count:] if start == 0 else lines[1:][-count:]  # the first may be cut
+
+
 def last_record(paths: Paths) -> dict[str, Any] | None:
     """The newest record of a change of system (a drain or undrain changes none)."""
-    for line in reversed(read_lines(paths.records)[-50:]):
+    for line in reversed(last_lines(paths.records, 50)):
         record = parse_record(line)
         if record is not None and changes_system(record):
             return record

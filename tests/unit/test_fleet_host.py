@@ -1866,3 +1866,13 @@ def test_the_launcher_is_the_program_a_transaction_records(
     assert code == fh.Exit.FENCED and not out["ok"]
     result = run_launcher(launcher, "no-such-command")
     assert result.returncode == fh.Exit.USAGE and "usage: fleet-host" in result.stderr
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 16])
+@pytest.mark.parametrize("lines", [0, 1, 49, 50, 51, 300])
+def test_the_newest_records_are_read_from_the_end(tmp_path: Path, block: int, lines: int) -> None:
+    path = tmp_path / "releases.jsonl"
+    text = [json.dumps({"n": n, "pad": "x" * (n % 13)}) for n in range(lines)]
+    path.write_text("".join(f"{line}\n" for line in text))
+    assert fh.last_lines(path, 50, block) == text[-50:]
+    assert fh.last_lines(tmp_path / "none", 50) == []
