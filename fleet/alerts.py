@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from fleet.errors import FleetError
-from fleet.hostops import HostOps, printable
+from fleet.errors import FleetError, printable
+from fleet.hostops import HostOps
 from fleet.inventory import Monitoring
 
 # More than any fleet raises at once; the rest is dropped, not the whole answer.

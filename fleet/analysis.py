@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from fleet import interrupt
+from fleet.errors import printable
 
 
 class ConditionError(ValueError):
@@ -176,10 +177,14 @@ class Measurement:
 def judge(
     answer: Mapping[str, Any], condition: Condition
 ) -> tuple[tuple[float, ...], Outcome, str | None]:
-    """One Prometheus answer (``status``, ``data``) against the condition."""
+    """One Prometheus answer (``status``, ``data``) against the condition. The answer
+    comes through a monitoring host: any shape is a verdict (inconclusive), never an
+    error, and what it says is cut and made printable."""
     if answer.get("status") != "success":
-        return (), Outcome.INCONCLUSIVE, f"Prometheus: {answer.get('error', 'no success')}"
-    data = answer.get("data") or {}
+        error = printable(str(answer.get("error", "no success")))
+        return (), Outcome.INCONCLUSIVE, f"Prometheus: {error}"
+    data = answer.get("data")
+    data = data if isinstance(data, dict) else {}
     kind, result = data.get("resultType"), data.get("result")
     pairs: list[Any]
     if kind == "scalar" and isinstance(result, list):
@@ -187,13 +192,18 @@ def judge(
     elif kind == "vector" and isinstance(result, list):
         pairs = [s.get("value") if isinstance(s, dict) else None for s in result]
     else:
-        return (), Outcome.INCONCLUSIVE, f"expected an instant vector, not {kind!r}"
+        return (
+            (),
+            Outcome.INCONCLUSIVE,
+            f"expected an instant vector, not {printable(repr(kind), 40)}",
+        )
+    # Prometheus writes each sample as [time, "value"]: the value a string, always.
+    samples = [p[1] for p in pairs if isinstance(p, list) and len(p) == 2]
     try:
-        # Prometheus writes each sample as [time, "value"].
-        values = tuple(float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2)
-        if len(values) != len(pairs):
+        if len(samples) != len(pairs) or not all(isinstance(v, str) for v in samples):
             raise ValueError
-    except (TypeError, ValueError):
+        values = tuple(float(v) for v in samples)
+    except ValueError:
         return (), Outcome.INCONCLUSIVE, "a sample's value is not a number"
     if not values:
         return values, Outcome.INCONCLUSIVE, "no data: the query matched no series"

@@ -68,9 +68,14 @@ def fetch_or_copy(
             return {"source": "operator", "cacheError": str(exc)}
         return {
             "source": "cache",
-            "paths": answer.get("fetched"),
-            "downloadBytes": answer.get("downloadBytes"),
+            "paths": _amount(answer.get("fetched")),
+            "downloadBytes": _amount(answer.get("downloadBytes")),
         }
     nix.copy_closure(ops.remote, path, substitute=substitute)
     why = None if published is None else (published.error or "the cache does not hold it")
     return {"source": "operator", "cacheError": why} if why else {"source": "operator"}
+
+
+def _amount(value: Any) -> int | None:
+    """A count the host reports for the report: a whole number (never a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

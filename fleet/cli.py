@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from fleet import interrupt
-from fleet.errors import ExitCode, FleetError, Interrupted
+from fleet.errors import ExitCode, FleetError, Interrupted, printable, printable_lines
 from fleet.errors import UsageError as FleetUsageError
 from fleet.models import READ_PARALLEL
 from fleet.waves import Order
@@ -64,8 +64,9 @@ class Context:
     override_inputs: tuple[tuple[str, str], ...] = ()
 
     def say(self, message: str) -> None:
-        """Progress for people: stderr, so stdout stays a clean report."""
-        click.echo(message, err=True)
+        """Progress for people: stderr, so stdout stays a clean report (printable: it may
+        hold a host's words)."""
+        click.echo(printable_lines(message), err=True)
 
 
 def _emit(ctx: Context, data: Any, table: list[dict[str, Any]] | None = None) -> None:
@@ -136,7 +137,7 @@ def _report(ctx: Context, report: Report) -> NoReturn:
     else:
         click.echo(output.host_table(report.reports))
         summary = f"release {report.release.id}: {report.result.value}"
-        click.echo(summary + (f" ({report.stopped})" if report.stopped else ""))
+        click.echo(printable(summary + (f" ({report.stopped})" if report.stopped else ""), None))
     sys.exit(report.exit_code)
 
 
@@ -594,9 +595,9 @@ def diff(ctx: Context, selectors: tuple[str, ...]) -> None:
                 + ("no package changes" if not changes else f"{len(changes)} package changes")
             )
             for change in changes:
-                click.echo(f"  {change}")
+                click.echo(printable(f"  {change}", None))
         for host, why in bad.items():
-            click.echo(f"{host}: {why}")
+            click.echo(printable(f"{host}: {why}", None))
     if bad:
         sys.exit(ExitCode.ATTENTION)
 
@@ -690,10 +691,12 @@ def exec_(ctx: Context, words: tuple[str, ...]) -> None:
             json.dumps({"hosts": data, "unreachable": bad, "interrupted": stopped}, indent=2)
         )
     else:
+        # Each line the host's own, printable: no escape sequence from one host may move
+        # the cursor, rewrite another host's lines or reach the terminal (--json: as is).
         for host, result in good.items():
             for stream, text in ((None, result.stdout), (True, result.stderr)):
                 for line in text.splitlines():
-                    click.echo(f"{host}: {line}", err=bool(stream))
+                    click.echo(f"{host}: {printable(line, None)}", err=bool(stream))
         rows = [{"host": h, "exit": r.returncode} for h, r in good.items()]
         rows += [{"host": h, "exit": f"unreachable: {why}"} for h, why in bad.items()]
         rows += [{"host": h, "exit": "interrupted: the command was stopped"} for h in stopped]
@@ -781,7 +784,7 @@ _JSON: list[bool] = [False]
 def _fail(message: str, code: int) -> NoReturn:
     """The error on stderr; with --json also one JSON document on stdout, so that a script
     reading stdout always gets one."""
-    click.echo(f"fleet: {message}", err=True)
+    click.echo(f"fleet: {printable_lines(message)}", err=True)
     if _JSON[0] or "--json" in _ARGV[: _ARGV.index("--") if "--" in _ARGV else None]:
         click.echo(json.dumps({"error": message, "exitCode": int(code)}, indent=2))
     sys.exit(code)

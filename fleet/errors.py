@@ -5,6 +5,20 @@ from __future__ import annotations
 from enum import IntEnum
 
 
+def printable(text: str, limit: int | None = 200) -> str:
+    """Another machine's text, fit for a terminal: every character that is not printable
+    (an escape sequence's ESC, a carriage return, a newline) becomes ``?``, so that no host
+    can move the cursor, retitle the window, write the clipboard or forge a line; cut to
+    ``limit`` characters (None: whole)."""
+    kept = text if limit is None else text[:limit]
+    return "".join(c if c.isprintable() else "?" for c in kept)
+
+
+def printable_lines(text: str) -> str:
+    """Text that may hold another machine's words, its lines kept, each ``printable``."""
+    return "\n".join(printable(line, None) for line in text.split("\n"))
+
+
 class ExitCode(IntEnum):
     """Process exit codes; README.md documents them for scripts and CI."""
 

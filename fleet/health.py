@@ -13,7 +13,6 @@ host's health deadline passes.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -21,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fleet import interrupt
-from fleet.errors import SshError
-from fleet.hostops import RUNNING_HELPER, Declared, HelperUsage, HostOps, declared, printable
+from fleet.errors import SshError, printable
+from fleet.hostops import RUNNING_HELPER, Declared, HelperUsage, HostOps, declared, parse_json
 from fleet.hostside.fleet_host import http_request, http_verdict
 from fleet.inventory import Check, CheckType
 from fleet.ssh import Remote
@@ -61,7 +60,7 @@ def _http(remote: Remote, check: Check) -> tuple[bool, str]:
             return False, f"no answer within {check.timeout:g} s"
     if not out:
         lines = err.decode(errors="replace").strip().splitlines()
-        return False, lines[-1] if lines else "connection closed without an answer"
+        return False, printable(lines[-1]) if lines else "connection closed without an answer"
     return http_verdict(out, check.expect_status, check.expect_body)
 
 
@@ -77,12 +76,14 @@ def _tcp(remote: Remote, check: Check) -> tuple[bool, str]:
         return False, str(exc)
     lines = result.stdout.strip().splitlines()
     try:
-        answer = json.loads(lines[-1]) if lines else {}
+        answer = parse_json(lines[-1]) if lines else {}
     except ValueError:
         answer = {}
-    if result.ok and answer.get("connected"):
+    if result.ok and isinstance(answer, dict) and answer.get("connected") is True:
         return True, "connected"
-    return False, str(answer.get("error") or result.last_error_line())
+    if not isinstance(answer, dict):
+        answer = {}
+    return False, printable(str(answer.get("error") or result.last_error_line()))
 
 
 # timeout(1)'s exit codes when it stopped the command.
@@ -147,11 +148,18 @@ def from_host(answer: object, checks: Declared) -> Health | None:
     if [r.get("name") for r in raw] != [c.name for c in checks.checks]:
         return None
     results = tuple(
-        CheckResult(c.name, r.get("ok") is True, int(r.get("attempts") or 0),
+        CheckResult(c.name, r.get("ok") is True, _attempts(r.get("attempts")),
                     printable(str(r.get("message", ""))))
         for c, r in zip(checks.checks, raw, strict=True)
     )  # fmt: skip
     return Health(all(r.ok for r in results), (), results)
+
+
+def _attempts(value: object) -> int:
+    """A count the host reports: a small whole number, else 0 (it may say anything)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1_000_000:
+        return value
+    return 0
 
 
 def verdict(

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.errors import UsageError
-from fleet.hostops import HostState
+from fleet.errors import UsageError, printable
+from fleet.hostops import HostState, is_count
 from fleet.models import Generation
 
 
@@ -32,7 +32,7 @@ class ReleaseEntry:
 
     @property
     def result(self) -> str:
-        counts = Counter(str(h.get("result")) for h in self.hosts.values())
+        counts = Counter(printable(str(h.get("result")), 40) for h in self.hosts.values())
         if set(counts) == {"deployed"}:
             return "deployed"
         return ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
@@ -63,11 +63,12 @@ def merge(records: Mapping[str, Sequence[dict[str, Any]]]) -> list[ReleaseEntry]
     entries = []
     for release, hosts in by_release.items():
         first = min(hosts.values(), key=lambda r: str(r.get("time", "")))
+        # The hosts' words, shown in tables and on the page: printable, never escapes.
         entries.append(ReleaseEntry(
-            id=release,
-            action=str(first.get("action", "deploy")),
-            operator=str(first.get("operator", "?")),
-            time=str(first.get("time", "")),
+            id=printable(release),
+            action=printable(str(first.get("action", "deploy"))),
+            operator=printable(str(first.get("operator", "?"))),
+            time=printable(str(first.get("time", ""))),
             flake=first.get("flake"),
             revision=first.get("revision"),
             hosts={h: {k: r.get(k) for k in ("result", "previous", "new", "phase", "message")}
@@ -111,7 +112,7 @@ def rollback_target(
         if not taken:
             return None
         number = taken[-1]["previous"].get("number")
-        if not isinstance(number, int):
+        if not is_count(number):
             raise UsageError(
                 f"{name}: the system it ran before release {release} was in no "
                 "generation of its profile; use --to"

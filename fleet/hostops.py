@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
-from fleet.errors import FleetError, InventoryError
+from fleet.errors import FleetError, InventoryError, printable
 from fleet.inventory import Check, parse_checks
 from fleet.models import Generation
 from fleet.process import Result
@@ -53,6 +54,12 @@ class HelperUsage(HelperError):
     the subcommand or option existed. Safe to ask again the older way."""
 
 
+class Malformed(HelperError):
+    """fleet-host answered, but not in its protocol's shape (a broken or foreign program,
+    a wrong type, a number out of range): that host's error, never a crash of the command
+    or of the other hosts' work. Whether it acted is unknown."""
+
+
 class LockHeld(HelperError):
     pass
 
@@ -72,7 +79,7 @@ def describe_holder(holder: Any) -> str:
     """A lock holder in one line, whatever the host sent (never trusted as text)."""
     if isinstance(holder, str):
         try:
-            holder = json.loads(holder)
+            holder = parse_json(holder)
         except ValueError:
             return printable(repr(holder))
     if not isinstance(holder, dict):
@@ -83,9 +90,67 @@ def describe_holder(holder: Any) -> str:
     )
 
 
-def printable(text: str) -> str:
-    """No terminal escapes from another operator's strings."""
-    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+# Generation numbers and times as a host names them: whole, finite and in range, never a
+# bool (JSON's true is Python's 1) nor a string.
+LATEST_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can show
+
+
+def is_count(value: Any) -> TypeGuard[int]:
+    """A generation number: an int of at least 1, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_real(value: Any) -> TypeGuard[int | float]:
+    """A finite number, not a bool (nor an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _real(value: Any) -> float:
+    if not is_real(value):
+        raise ValueError(f"not a finite number: {printable(repr(value), 40)}")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if not is_count(value):
+        raise ValueError(f"not a generation number: {printable(repr(value), 40)}")
+    return value
+
+
+def _epoch(value: Any) -> int:
+    if not is_real(value) or not 0 <= value <= LATEST_EPOCH:
+        raise ValueError(f"not a time: {printable(repr(value), 40)}")
+    return int(value)
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    """``data[key]``, a list (absent or null: empty)."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{key} is not a list")
+    return value
+
+
+def _texts(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    return tuple(printable(str(v)) for v in _list(data, key))
+
+
+@contextlib.contextmanager
+def shape(name: str, command: str) -> Iterator[None]:
+    """Reading a host's answer: one of another shape is that host's Malformed error."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        why = printable(str(exc) or type(exc).__name__)
+        message = f"{name}: fleet-host {command}: an answer of another shape: {why}"
+        raise Malformed(message) from None
 
 
 @dataclass(frozen=True)
@@ -309,14 +374,26 @@ def store_path(value: Any) -> str | None:
     return value if isinstance(value, str) and _STORE_PATH.fullmatch(value) else None
 
 
-def _generation(data: Any) -> Generation | None:
+def generation(data: Any) -> Generation | None:
+    """A generation a host names (``{"number", "path"}``), checked: None unless its path is
+    a store path; its number None unless it is a generation number. A host's generations
+    reach command lines (``--target``, ``--generation``) and the operator's terminal."""
     if not isinstance(data, dict) or store_path(data.get("path")) is None:
         return None
     number = data.get("number")
-    return Generation(number if isinstance(number, int) else None, data["path"])
+    return Generation(number if is_count(number) else None, data["path"])
+
+
+def _generation_info(entry: Any) -> GenerationInfo | None:
+    number, created, path = entry
+    if store_path(path) is None:
+        return None
+    return GenerationInfo(_count(number), _epoch(created), path)
 
 
 def parse_state(data: dict[str, Any]) -> HostState:
+    """``fleet-host state``'s answer; one of another shape raises ValueError or TypeError
+    (``HostOps.state`` makes that the host's Malformed error)."""
     txn_data = data.get("txn")
     txn = None
     if isinstance(txn_data, dict):
@@ -326,34 +403,32 @@ def parse_state(data: dict[str, Any]) -> HostState:
             holder=holder if isinstance(holder, dict) else {},
             mode=printable(str(txn_data.get("mode", "?"))),
             state=printable(str(txn_data.get("state", "?"))),
-            deadline=float(txn_data.get("deadline") or 0),
-            recorded=_generation(txn_data.get("recorded")),
-            target=_generation(txn_data.get("target")),
+            deadline=_real(txn_data.get("deadline") or 0),
+            recorded=generation(txn_data.get("recorded")),
+            target=generation(txn_data.get("target")),
             abandoned=bool(data.get("abandoned")),
         )
     own = f"fleet-watch-{txn.token[:16]}" if txn else None
     last = data.get("lastRecord")
+    now = data.get("now")
+    infos = (_generation_info(entry) for entry in _list(data, "generations"))
     return HostState(
-        current=data.get("current") if isinstance(data.get("current"), int) else None,
+        current=data.get("current") if is_count(data.get("current")) else None,
         running=store_path(data.get("running")),
         booted=store_path(data.get("booted")),
-        generations=tuple(
-            GenerationInfo(int(n), int(c), p)
-            for n, c, p in data.get("generations", [])
-            if store_path(p) is not None
-        ),
+        generations=tuple(g for g in infos if g is not None),
         txn=txn,
-        watchers=tuple(printable(str(w)) for w in data.get("watchers", []) if w != own),
-        failed_units=tuple(printable(str(u)) for u in data.get("failedUnits", [])),
+        watchers=tuple(printable(str(w)) for w in _list(data, "watchers") if w != own),
+        failed_units=_texts(data, "failedUnits"),
         last_release=last if isinstance(last, dict) else None,
         boot_entry=store_path(data.get("bootEntry")),
-        host_time=data.get("now"),
+        host_time=float(now) if is_real(now) else None,
         missing_secrets=tuple(
             printable(f"{m.get('service')}/{m.get('name')}")
-            for m in data.get("missingSecrets") or []
+            for m in _list(data, "missingSecrets")
             if isinstance(m, dict)
         ),
-        held_secrets=tuple(printable(str(h)) for h in data.get("heldSecrets") or []),
+        held_secrets=_texts(data, "heldSecrets"),
         declared=declared(data.get("checks"), "the running system's manifest"),
         traffic={
             printable(str(k)): printable(str(v)) for k, v in (data.get("traffic") or {}).items()
@@ -364,8 +439,9 @@ def parse_state(data: dict[str, Any]) -> HostState:
     )
 
 
-def clock(epoch: float | None) -> str:
-    if epoch is None:
+def clock(epoch: Any) -> str:
+    """A host's deadline as a time of day; "?" for what is no time (it may say anything)."""
+    if not is_real(epoch) or not 0 <= epoch <= LATEST_EPOCH:
         return "?"
     return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
 
@@ -386,17 +462,22 @@ class Activation:
 
     @classmethod
     def parse(cls, data: dict[str, Any], command: str | None = None) -> Activation:
+        """An activation's answer; one of another shape raises ValueError, KeyError or
+        TypeError (within ``shape``, the host's Malformed error)."""
         health = data.get("health")
         seconds = data.get("seconds")
+        switch_exit = data["switchExit"]
+        if not isinstance(switch_exit, int) or isinstance(switch_exit, bool):
+            raise ValueError("switchExit is not an exit code")
         return cls(
-            switch_exit=int(data["switchExit"]),
+            switch_exit=switch_exit,
             output=str(data.get("output", "")),
             settled=bool(data.get("settled")),
-            failed_units=tuple(data.get("failedUnits", [])),
-            deadline=float(data["deadline"]),
+            failed_units=_texts(data, "failedUnits"),
+            deadline=_real(data["deadline"]),
             declared=declared(data.get("checks"), "the new system's manifest"),
             health=health if isinstance(health, dict) else None,
-            seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+            seconds=float(seconds) if is_real(seconds) and seconds >= 0 else None,
             command=command,
         )
 
@@ -445,9 +526,13 @@ class HostOps:
     def _answer(self, command: str, helper: str, result: Result) -> dict[str, Any]:
         lines = result.stdout.strip().splitlines()
         try:
-            data = json.loads(lines[-1]) if lines else None
-        except ValueError:
-            data = None
+            data = parse_json(lines[-1]) if lines else None
+        except ValueError as exc:
+            data, refused = None, printable(str(exc))
+        else:
+            refused = "not a JSON object"
+        if lines and result.returncode == 0 and not isinstance(data, dict):
+            raise Malformed(f"{self.name}: fleet-host {command}: no JSON answer: {refused}")
         if not isinstance(data, dict):
             if result.returncode == 127 or "command not found" in result.stderr:
                 raise HelperMissing(f"{self.name}: {helper} is missing: the host has no fleet-host")
@@ -463,7 +548,9 @@ class HostOps:
         return data
 
     def state(self, *, fresh: bool = False, timeout: float | None = None) -> HostState:
-        return parse_state(self.call("state", fresh=fresh, timeout=timeout))
+        data = self.call("state", fresh=fresh, timeout=timeout)
+        with shape(self.name, "state"):
+            return parse_state(data)
 
     def begin(
         self,
@@ -566,7 +653,8 @@ class HostOps:
             "weight", "--token", token, "--weights", json.dumps(dict(weights), sort_keys=True),
             "--hold", f"{hold:g}", helper=helper,
         )  # fmt: skip
-        return float(data["deadline"])
+        with shape(self.name, "weight"):
+            return _real(data["deadline"])
 
     def activate(self, helper: str, token: str, health: float, confirm: float) -> Activation:
         """Activate and settle; the host also makes the new system's checks when it can."""
@@ -577,7 +665,8 @@ class HostOps:
         except HelperUsage:  # a helper from before --checks
             data = self.call("activate", *args, helper=helper)
             line = self.command_line("activate", *args, helper=helper)
-        return Activation.parse(data, line)
+        with shape(self.name, "activate"):
+            return Activation.parse(data, line)
 
     def health(self, seconds: float) -> dict[str, Any]:
         """Settle, failed units, and the running system's checks made by the host when it
@@ -619,7 +708,8 @@ class HostOps:
     def settle(self, seconds: float) -> tuple[bool, tuple[str, ...]]:
         """Wait for systemd's job queue to drain; (settled, failed units)."""
         data = self.call("settle", "--seconds", f"{max(1.0, seconds):g}")
-        return bool(data.get("settled")), tuple(data.get("failedUnits", []))
+        with shape(self.name, "settle"):
+            return bool(data.get("settled")), _texts(data, "failedUnits")
 
     def gc(
         self, token: str, holder: dict[str, Any], delete: Sequence[int], take_over: bool
@@ -627,18 +717,22 @@ class HostOps:
         args = ["--token", token, "--holder", json.dumps(holder, sort_keys=True)]
         if take_over:
             args.append("--take-over")
-        return self.call("gc", *args, *map(str, delete))
+        data = self.call("gc", *args, *map(str, delete))
+        with shape(self.name, "gc"):
+            data["deleted"] = [_count(n) for n in _list(data, "deleted")]
+        return data
 
     def records(self) -> list[dict[str, Any]]:
         """The host's release records, oldest first; unreadable lines are passed over."""
-        found = self.call("records").get("records", [])
-        return [r for r in found if isinstance(r, dict)]
+        data = self.call("records")
+        with shape(self.name, "records"):
+            return [r for r in _list(data, "records") if isinstance(r, dict)]
 
     def append_record(self, record: dict[str, Any]) -> str | None:
         """Add a record (a correction); the error if it could not be written."""
         data = self.call("record", input=json.dumps(record, sort_keys=True))
         error = data.get("recordError")
-        return str(error) if error else None
+        return printable(str(error)) if error else None
 
     def prom_query(self, port: int, query: str, at: str | None = None) -> dict[str, Any]:
         """A PromQL query to the host's own Prometheus (127.0.0.1:PORT), asked on the host
@@ -652,11 +746,38 @@ class HostOps:
         return _without_ok(self.call("prom-alerts", f"--port={port}", timeout=timeout))
 
     def running_closure(self) -> list[str]:
+        """The running system's closure: store paths only (their names reach the
+        operator's terminal)."""
         result = self.remote.run(["nix-store", "-qR", "/run/current-system"], check=False)
         if not result.ok:
             raise FleetError(f"{self.name}: nix-store -qR: {result.last_error_line()}")
-        return result.stdout.split()
+        paths = result.stdout.split()
+        odd = next((p for p in paths if store_path(p) is None), None)
+        if odd is not None:
+            raise Malformed(f"{self.name}: nix-store -qR named no store path: {printable(odd, 80)}")
+        return paths
 
 
 def _without_ok(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != "ok"}
+
+
+def _refuse(constant: str) -> float:
+    raise ValueError(f"{constant} is no JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{printable(text, 40)} is beyond a float's range")
+    return value
+
+
+def parse_json(line: str) -> Any:
+    """A host's JSON answer, as RFC 8259 has it: no NaN or Infinity (Python's own JSON
+    would take them, and then write a document no other reader takes), no number out of
+    a float's range; nesting too deep for the parser is a ValueError too."""
+    try:
+        return json.loads(line, parse_constant=_refuse, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

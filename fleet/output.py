@@ -8,15 +8,29 @@ import shutil
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TextIO
 
+from fleet.errors import printable, printable_lines
 from fleet.models import Generation, HostReport, HostResult, Phase
 
 WAVE_NAMES = 6  # hosts a plain wave line names before "(+N more)"
+
+
+def fit(text: str, columns: int) -> str:
+    """``text`` cut to ``columns`` columns of a terminal, where a wide character (CJK,
+    most emoji) takes two: a host's message cannot wrap a line of the live view, whose
+    redraw counts lines."""
+    used = 0
+    for index, char in enumerate(text):
+        used += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+        if used > columns:
+            return text[:index]
+    return text
 
 
 class Reporter:
@@ -39,7 +53,7 @@ class Reporter:
     def phase(self, host: str, phase: Phase, detail: str = "") -> None:
         with self.lock:
             elapsed = time.monotonic() - self.start_time
-            suffix = f": {detail}" if detail else ""
+            suffix = f": {printable(detail, None)}" if detail else ""
             self.stream.write(f"{host}: {phase.value}{suffix} [{elapsed:.1f}s]\n")
             self.stream.flush()
 
@@ -50,7 +64,7 @@ class Reporter:
 
     def note(self, message: str) -> None:
         with self.lock:
-            self.stream.write(message + "\n")
+            self.stream.write(printable_lines(message) + "\n")
             self.stream.flush()
 
     def finish(self) -> None:
@@ -159,7 +173,7 @@ class LiveReporter(Reporter):
     def note(self, message: str) -> None:
         with self.lock:
             self._clear()
-            self.stream.write(message + "\n")
+            self.stream.write(printable_lines(message) + "\n")
             self._draw()
 
     def _tick(self) -> None:
@@ -188,7 +202,7 @@ class LiveReporter(Reporter):
         else:
             label = row.phase.value if row.phase else ""
             seconds = now - row.since
-        extra = f"  {row.detail}" if row.detail else ""
+        extra = f"  {printable(row.detail, None)}" if row.detail else ""
         return f"  {host:<{self.width}}  {label:<9} {seconds:5.1f}s{extra}"
 
     def frame(self) -> list[str]:
@@ -214,7 +228,7 @@ class LiveReporter(Reporter):
         if summary is not None:
             out.append(summary)
         limit = max(10, columns - 1)  # a wrapped line would throw the redraw off
-        return [text[:limit] for text in out]
+        return [fit(text, limit) for text in out]
 
     def _draw(self) -> None:
         if self.began is None:
@@ -286,13 +300,17 @@ def host_table(reports: list[HostReport]) -> str:
     for r in reports:
         if r.command and not r.result.succeeded:
             lines += [f"{r.name} ({r.phase.value if r.phase else r.result.value}):",
-                      f"  to run it again: {r.command}"]  # fmt: skip
+                      f"  to run it again: {printable(r.command, None)}"]  # fmt: skip
     return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Rows as an aligned table, headed by their keys. tabulate is imported only when a
-    table is printed: --json and every error never need it."""
+    """Rows as an aligned table, headed by their keys, every cell printable (cells hold
+    hosts' words). tabulate is imported only when a table is printed: --json and every
+    error never need it."""
     from tabulate import tabulate
 
-    return tabulate(rows, headers="keys")
+    safe = [
+        {k: printable(v, None) if isinstance(v, str) else v for k, v in r.items()} for r in rows
+    ]
+    return tabulate(safe, headers="keys")

@@ -11,7 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fleet import interrupt
-from fleet.errors import FleetError, Interrupted
+from fleet.errors import FleetError, Interrupted, printable
+
+# A stderr line in a one-line message: long enough for any Nix error, bounded for a host's.
+ERROR_LINE_MAX = 2000
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Result:
         failed Nix builder's own last words follow as ``> ...`` lines (``nix build``) or
         come just before the error (``nix-store --realise``).
         """
-        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        lines = self._lines()
         if not lines:
             return f"exit code {self.returncode}"
         first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
@@ -43,10 +46,16 @@ class Result:
             builder_log = [lines[first - 1]]
         return lines[first] + (f" ({builder_log[-1]})" if builder_log else "")
 
+    def _lines(self) -> list[str]:
+        """stderr's lines, stripped, printable and cut: what it says ends up on a terminal
+        (and a host's ssh or program may say anything)."""
+        stripped = (line.strip() for line in self.stderr.splitlines())
+        return [printable(line, ERROR_LINE_MAX) for line in stripped if line]
+
     def error_text(self, limit: int = 2000) -> str:
         """All that Nix says from its first ``error:`` on, in one line: every problem of a
         declaration, the file, a "did you mean"; not the pointer to ``--show-trace``."""
-        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        lines = self._lines()
         first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
         if first is None:
             return self.last_error_line()

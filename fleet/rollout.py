@@ -34,9 +34,18 @@ from typing import Any
 
 from fleet import analysis, health, interrupt, testhook, traffic
 from fleet.cache import Published, fetch_or_copy
-from fleet.errors import ExitCode, FleetError, Interrupted, NixError, SshError, UsageError
+from fleet.errors import (
+    ExitCode,
+    FleetError,
+    Interrupted,
+    NixError,
+    SshError,
+    UsageError,
+    printable,
+)
 from fleet.events import Events
 from fleet.hostops import (
+    RUNNING_HELPER,
     Activation,
     Declared,
     Expired,
@@ -45,11 +54,14 @@ from fleet.hostops import (
     HostOps,
     HostState,
     LockHeld,
+    Malformed,
     clock,
     declared,
+    generation,
     helper_of,
+    is_real,
     new_token,
-    printable,
+    shape,
 )
 from fleet.inventory import Host, Monitoring, Traffic
 from fleet.models import Generation, HostReport, HostResult, Phase, RolloutResult
@@ -450,6 +462,9 @@ class Rollout:
         except LockHeld as exc:
             report.fail(HostResult.FAILED, Phase.LOCK, str(exc))
             return
+        except Malformed as exc:  # it may have begun (and activated): ours to undo
+            self._undo(ops, report, txn, phase, str(exc))
+            return
         except SshError as exc:
             if merged:  # it may have begun and activated: ours to undo, or the host's
                 self._undo(ops, report, txn, Phase.ACTIVATE, str(exc))
@@ -486,14 +501,18 @@ class Rollout:
                 self._split(report, Phase.ACTIVATE, {Phase.LOCK: None})
             self._noop(ops, report, answer)
             return
-        txn.helper = str(answer.get("helper", txn.helper))
-        self._begun(report, txn, answer)
-        txn.deadline = time.time() + deadline
-        activation = None
-        if isinstance(answer.get("activation"), dict):
-            activation = Activation.parse(answer["activation"], self._activation_line(ops, txn))
-            txn.deadline = activation.deadline
         try:
+            # Begun: an answer of another shape from here on is undone like any failure.
+            with shape(ops.name, "begin"):
+                txn.helper = self._helper(answer, txn)
+                self._begun(report, txn, answer, required=True)
+                txn.deadline = time.time() + deadline
+                activation = None
+                if isinstance(answer.get("activation"), dict):
+                    activation = Activation.parse(
+                        answer["activation"], self._activation_line(ops, txn)
+                    )
+                    txn.deadline = activation.deadline
             if activation is not None:
                 self._split(report, Phase.ACTIVATE, self._host_times(answer, activation))
             elif merged:  # a helper from before --activate: the steps one by one
@@ -530,12 +549,25 @@ class Rollout:
         args = ["--token", txn.token, "--health", f"{health:g}", "--confirm", f"{confirm:g}"]
         return ops.command_line("activate", *args, helper=txn.helper)
 
-    def _begun(self, report: HostReport, txn: _Txn, answer: Mapping[str, Any]) -> None:
-        """What the host recorded as the generation to go back to."""
-        recorded = answer.get("recorded")
-        if isinstance(recorded, dict):
-            txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
-            report.previous = txn.recorded
+    @staticmethod
+    def _helper(answer: Mapping[str, Any], txn: _Txn) -> str:
+        """The helper that drives the transaction, as begin named it: the target's, or the
+        running system's (a target from before fleet-host); never another program."""
+        named = answer.get("helper", txn.helper)
+        if named not in (txn.helper, RUNNING_HELPER):
+            raise ValueError(f"helper {printable(str(named), 80)!r} is not a fleet-host")
+        return str(named)
+
+    def _begun(
+        self, report: HostReport, txn: _Txn, answer: Mapping[str, Any], required: bool = False
+    ) -> None:
+        """What the host recorded as the generation to go back to (``required``: a begin
+        that says it began names one; a revert puts the host back on it)."""
+        recorded = generation(answer.get("recorded"))
+        if recorded is not None:
+            txn.recorded = report.previous = recorded
+        elif required:
+            raise ValueError("it names no recorded generation (a store path)")
 
     def _noop(self, ops: HostOps, report: HostReport, answer: Mapping[str, Any]) -> None:
         """The host already runs and names the target: proven by its checks, unchanged."""
@@ -544,7 +576,7 @@ class Rollout:
         if "checks" in answer:
             checks = declared(answer["checks"], "the running system's manifest")
         if isinstance(running, dict):
-            report.previous = Generation(running.get("number"), str(running.get("path")))
+            report.previous = generation(running)
         else:  # a helper from before it named the running system: one more round trip
             state = ops.state()
             report.previous = state.running_generation()
@@ -566,7 +598,7 @@ class Rollout:
             parts[Phase.ACTIVATE] = None
         made = activation.health
         seconds = made.get("seconds") if made is not None else None
-        if isinstance(seconds, (int, float)):
+        if is_real(seconds) and seconds >= 0:
             parts[Phase.HEALTH] = float(seconds)
         return parts
 
@@ -780,14 +812,15 @@ class Rollout:
             report.fail(HostResult.FAILED, Phase.PERSIST, str(exc))
             self._verify_restored(ops, report, txn, exc.data)
             return
-        new = answer.get("new") or {}
-        report.new = report.attempted = Generation(
-            new.get("number"), str(new.get("path", txn.target.path))
-        )
+        new = answer.get("new")
+        named = generation(new if isinstance(new, dict) else {"path": txn.target.path})
+        # Committed to the target: its number as the host gave it, never another path.
+        number = named.number if named is not None and named.path == txn.target.path else None
+        report.new = report.attempted = Generation(number, txn.target.path)
         report.result = (
             HostResult.PENDING_REBOOT if self.options.mode == "boot" else HostResult.DEPLOYED
         )
-        report.record_error = answer.get("record_error")
+        report.record_error = _text(answer.get("record_error"))
 
     @interrupt.protecting
     def _undo(self, ops: HostOps, report: HostReport, txn: _Txn, phase: Phase, why: str) -> None:
@@ -816,21 +849,21 @@ class Rollout:
         self, ops: HostOps, report: HostReport, txn: _Txn, data: dict[str, Any]
     ) -> None:
         """The host undid the change; it counts as rolled back once proven healthy."""
-        if txn.recorded is None and isinstance(data.get("recorded"), dict):
-            recorded = data["recorded"]
-            txn.recorded = Generation(recorded.get("number"), str(recorded.get("path")))
-            report.previous = txn.recorded
+        if txn.recorded is None:
+            self._begun(report, txn, data)
         report.new = txn.recorded
         problems = []
         code = data.get("switch_exit")
         if code:
-            problems.append(f"re-activation exited {code}{_tail(str(data.get('output', '')))}")
+            exited = printable(str(code), 20)
+            problems.append(f"re-activation exited {exited}{_tail(str(data.get('output', '')))}")
         failed = data.get("failed_units") or []
         if failed:
-            problems.append(f"failed units: {', '.join(failed)}")
+            units = failed if isinstance(failed, list) else [failed]
+            problems.append(f"failed units: {', '.join(printable(str(u)) for u in units)}")
         for key in ("profile_error", "boot_error"):
             if data.get(key):
-                problems.append(str(data[key]))
+                problems.append(printable(str(data[key])))
         if not problems:
             # The restored generation is proven by its own checks: today's may name a
             # service it never had.
@@ -847,7 +880,7 @@ class Rollout:
                     problems.append(verdict.message)
         if not problems:
             report.result = HostResult.ROLLED_BACK
-            report.record_error = data.get("record_error")
+            report.record_error = _text(data.get("record_error"))
             return
         report.result = HostResult.FAILED
         report.message = (
@@ -888,11 +921,11 @@ class Rollout:
             return
         last = state.last_release or {}
         if last.get("release") == self.release.id and last.get("host") in (None, report.name):
-            new = last.get("new") or {}
+            new = generation(last.get("new"))
             result = str(last.get("result"))
-            if result in ("deployed", "pending-reboot") and new.get("path") == txn.target.path:
+            if result in ("deployed", "pending-reboot") and new and new.path == txn.target.path:
                 report.result = HostResult(result)
-                report.new = Generation(new.get("number"), str(new.get("path")))
+                report.new = new
                 report.phase = None
                 report.message = None
                 return
@@ -947,7 +980,11 @@ class Rollout:
     def revert_host(self, report: HostReport) -> None:
         """Put a host this release persisted back on its recorded generation, through a
         transaction of its own (switch, health, commit to the existing generation)."""
-        assert report.previous is not None
+        if report.previous is None:  # never so after a begin that named it (_begun)
+            report.fail(HostResult.FAILED, Phase.ROLLBACK, "no recorded generation to go back to")
+            self.reporter.done(report)
+            self.events.host_end(report)
+            return
         back = HostReport(
             report.name, changed=True, previous=report.new, reverting=True, started=time.time()
         )
@@ -1183,8 +1220,14 @@ INTERRUPT_NOTICES = {
 
 
 def _tail(output: str, lines: int = 3) -> str:
-    kept = [line for line in output.strip().splitlines() if line.strip()][-lines:]
+    """The last lines a host's program printed, for a one-line message: printable."""
+    kept = [printable(line) for line in output.strip().splitlines() if line.strip()][-lines:]
     return (": " + " | ".join(kept)) if kept else ""
+
+
+def _text(value: Any) -> str | None:
+    """What a host says went wrong (a record it could not write): one printable line."""
+    return printable(str(value)) if value else None
 
 
 @dataclass(frozen=True)

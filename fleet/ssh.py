@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from fleet import interrupt, process
-from fleet.errors import FleetError, HostKeyError, Interrupted, SshError, UsageError
+from fleet.errors import FleetError, HostKeyError, Interrupted, SshError, UsageError, printable
 from fleet.process import Result
 
 # What OpenSSH prints when it refuses a host key (unknown, changed, or mismatched alias).
@@ -883,7 +883,7 @@ class Remote:
                 and result.returncode == 255
                 and not any(m in result.stderr for m in _HOST_KEY_MESSAGES)
             ):
-                return SshError(f"{where}: cannot connect: {jump_lines[-1]}")
+                return SshError(f"{where}: cannot connect: {printable(jump_lines[-1])}")
         if any(m in result.stderr for m in _HOST_KEY_MESSAGES):
             if e.host_key is not None:
                 return HostKeyError(

@@ -9,7 +9,8 @@ from typing import Any
 
 from fleet import health
 from fleet.alerts import Alert, FleetAlerts, cell
-from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock, printable
+from fleet.errors import printable
+from fleet.hostops import Breach, BreachKind, Declared, HostOps, HostState, clock
 from fleet.inventory import Host
 from fleet.models import Generation
 from fleet.output import generation_cell, short_path
@@ -106,8 +107,10 @@ class HostStatus:
             "failed units": " ".join(s.failed_units) or "-",
             "health": ("ok" if self.health.ok else self.health.message[:40])
             if self.health else "-",
-            "last release": (f"{last.get('release')} {last.get('result')} by "
-                             f"{str(last.get('operator', '?')).split('@')[0]}") if last else "-",
+            "last release": printable(
+                f"{last.get('release')} {last.get('result')} by "
+                f"{str(last.get('operator', '?')).split('@')[0]}"
+            ) if last else "-",
             "lock": (f"{s.lock}, {'ABANDONED' if s.txn.abandoned else 'until'} "
                      f"{clock(s.txn.deadline)}") if s.txn and s.lock else "-",
             "rotation": rotation(s),

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fleet.errors import printable
 from fleet.history import ReleaseEntry
+from fleet.hostops import LATEST_EPOCH, is_real
 from fleet.models import Phase
 
 PROTOCOL = [p.value for p in Phase]
@@ -39,6 +41,7 @@ COLOURS = {
 }
 FAILED = "#d32f2f"
 STEPS = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
+TICKS = 8  # the most ticks an axis gets, however long a record says a rollout took
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class Bar:
     seconds: float  # 0: a mark (a step the record does not time)
     failed: bool = False
     revert: bool = False  # a fleet-wide revert's transaction on the host
+
+    @property
+    def css(self) -> str:
+        """Its phase as a class of the page: a phase of the protocol, or "other" (the
+        name is the host's word: it only ever reaches the tooltip, escaped)."""
+        return self.phase if self.phase in COLOURS else "other"
 
     @property
     def title(self) -> str:
@@ -86,7 +95,9 @@ class Timeline:
 
     @property
     def ticks(self) -> list[tuple[float, str]]:
-        step = next((s for s in STEPS if self.span / s <= 8), STEPS[-1])
+        step = next((s for s in STEPS if self.span / s <= TICKS), None)
+        if step is None:  # beyond two hours a tick: whole hours, at most TICKS of them
+            step = 3600 * math.ceil(self.span / (3600 * TICKS))
         count = int(self.span // step) + 1
         return [(i * step, _seconds(i * step)) for i in range(count)]
 
@@ -104,6 +115,12 @@ def _epoch(text: Any) -> float | None:
     except ValueError:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _clocked(value: Any) -> bool:
+    """A record's epoch seconds, or a phase's length: a number (never a bool) from 0 to
+    what a clock can show, so that no record can stretch the axis beyond it."""
+    return is_real(value) and 0 <= value <= LATEST_EPOCH
 
 
 def _order(phase: str) -> int:
@@ -124,16 +141,13 @@ def _place(record: Mapping[str, Any]) -> _Placed | None:
     if not isinstance(timings, dict):
         return None  # written by the host alone (its switch, its boot): nothing timed
     phases = sorted(
-        (
-            (str(k), float(v))
-            for k, v in timings.items()
-            if isinstance(v, int | float) and math.isfinite(v) and v >= 0
-        ),
+        ((printable(str(k), 40), float(v)) for k, v in timings.items() if _clocked(v)),
         key=lambda kv: _order(kv[0]),
     )
     written = _epoch(record.get("time"))
+    written = written if _clocked(written) else None
     started = record.get("started")
-    estimated = not (isinstance(started, int | float) and math.isfinite(started))
+    estimated = not _clocked(started)
     if estimated:
         if written is None:
             return None
@@ -141,6 +155,7 @@ def _place(record: Mapping[str, Any]) -> _Placed | None:
     assert isinstance(started, int | float)
     result, failing = record.get("result"), record.get("phase")
     failed = result not in SUCCEEDED and isinstance(failing, str)
+    failing = printable(failing, 40) if isinstance(failing, str) else failing
     bars: list[tuple[str, float, float, bool]] = []
     at = float(started)
     for name, seconds in phases:
@@ -174,7 +189,7 @@ def build(entry: ReleaseEntry) -> Timeline:
     lanes = []
     first_of_wave: dict[int, float] = {}
     for host, records in entry.records.items():
-        wave = next((r.get("wave") for r in records if isinstance(r.get("wave"), int)), None)
+        wave = next((r["wave"] for r in records if _wave(r.get("wave"))), None)
         found = placed[host]
         bars = tuple(
             Bar(name, start - origin, seconds, failed, revert=index > 0)
@@ -209,6 +224,11 @@ def build(entry: ReleaseEntry) -> Timeline:
         waves=tuple(sorted(first_of_wave.items())),
         estimated=any(p.estimated for found in placed.values() for p in found),
     )
+
+
+def _wave(value: Any) -> bool:
+    """A record's wave: 1 first, never a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_000_000
 
 
 def recent(releases: Sequence[ReleaseEntry], count: int) -> list[Timeline]:

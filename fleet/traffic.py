@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import interrupt
-from fleet.errors import FleetError
-from fleet.hostops import HostOps, printable
+from fleet.errors import FleetError, printable
+from fleet.hostops import HostOps
 from fleet.inventory import Traffic
 from fleet.ssh import Remote
 
@@ -91,24 +91,33 @@ def read(traffic: Traffic, balancer: str, remote: Remote) -> list[Server]:
         data = HostOps(remote).call("traffic-stat", "--socket", traffic.socket, timeout=15)
     except FleetError as exc:
         raise BalancerError(f"balancer {balancer}: {exc}") from exc
+    rows = data.get("servers", [])
+    if not isinstance(rows, list):
+        raise BalancerError(f"balancer {balancer}: fleet-host traffic-stat: no list of servers")
     servers = []
-    for row in data.get("servers", []):
-        if not isinstance(row, dict) or row.get("backend") not in traffic.services:
+    for row in rows:
+        backend = row.get("backend") if isinstance(row, dict) else None
+        if not isinstance(backend, str) or backend not in traffic.services:
             continue
         # What a balancer says is shown on the operator's terminal: printable only.
         servers.append(
             Server(
                 balancer,
-                str(row["backend"]),
+                backend,
                 printable(str(row.get("server", ""))),
                 printable(str(row.get("status", ""))),
-                row.get("weight") if isinstance(row.get("weight"), int) else None,
-                row.get("sessions") if isinstance(row.get("sessions"), int) else None,
+                _whole(row.get("weight")),
+                _whole(row.get("sessions")),
                 printable(str(row.get("check", ""))),
                 printable(str(row.get("agent", ""))),
             )
         )
     return servers
+
+
+def _whole(value: Any) -> int | None:
+    """A balancer's count (weight, sessions): a whole number, never a bool; else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def read_all(
