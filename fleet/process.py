@@ -74,6 +74,7 @@ def run(
     error: type[FleetError] = FleetError,
     what: str | None = None,
     hold_stdin: bool = False,
+    limit: int | None = None,
 ) -> Result:
     """Run argv (never through a shell) and capture its output.
 
@@ -82,6 +83,8 @@ def run(
     session of its own, so that Ctrl-C is the tool's to handle (fleet/interrupt.py); one
     it stops raises Interrupted. ``hold_stdin``: its stdin stays open (and empty) until it
     ends, so that a remote ``fleet-host run`` sees the session end only when ours does.
+    ``limit``: a program that prints more bytes than that (a host may say anything) is
+    stopped, and that is its error, before it can fill the operator's memory.
     """
     interrupt.check()
     held: int | None = None
@@ -108,10 +111,14 @@ def run(
     try:
         with interrupt.child(proc):
             try:
-                stdout, stderr = _communicate(proc, input, timeout)
+                stdout, stderr = _communicate(proc, input, timeout, limit)
             except subprocess.TimeoutExpired as exc:
                 _kill(proc)
                 raise error(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
+            except _TooLarge:
+                _kill(proc)
+                size = f"{limit >> 20} MiB" if limit and limit >= 1 << 20 else f"{limit} bytes"
+                raise error(f"{what or argv[0]}: printed more than {size}: stopped") from None
             except BaseException:
                 _kill(proc)
                 raise
@@ -130,10 +137,15 @@ def run(
 POLL = 0.2
 
 
+class _TooLarge(Exception):
+    """The program printed more than run's ``limit``."""
+
+
 def _communicate(
-    proc: subprocess.Popen[str], input: str | None, timeout: float | None
+    proc: subprocess.Popen[str], input: str | None, timeout: float | None, limit: int | None
 ) -> tuple[str, str]:
-    """Its output once it ends, or TimeoutExpired. An ssh that rides a master connection
+    """Its output once it ends, or TimeoutExpired (or _TooLarge past ``limit`` bytes,
+    looked at every POLL). An ssh that rides a master connection
     hands its descriptors to the master, which holds them while the remote command runs:
     when the ssh itself is ended (a Ctrl-C), its pipes may never close, so the wait ends
     with the program, and what it had printed by then is its output."""
@@ -146,6 +158,9 @@ def _communicate(
             return out, err
         except subprocess.TimeoutExpired as exc:
             given = None  # sent with the first call
+            # What it printed so far, all of it (communicate keeps it between calls).
+            if limit is not None and len(exc.output or b"") + len(exc.stderr or b"") > limit:
+                raise _TooLarge from None
             if proc.poll() is not None:  # ended: what is left in its pipes, then no more
                 try:
                     out, err = proc.communicate(timeout=POLL)

@@ -168,6 +168,9 @@ class RemoteCommandError(FleetError):
 # until its stdin closes, which happens when this process closes it or dies. So a master
 # never outlives the run that opened it, and this process owns it (its pid): closing it
 # needs no `ssh -O exit` of its own.
+# The most a remote command may print: a host's answers, records and `fleet exec` output
+# stay far below it; a host that sends more could fill the operator's memory.
+REMOTE_OUTPUT_MAX = 64 << 20
 MASTER_READY = "fleet-master-ready"
 MASTER_COMMAND = ("sh", "-c", f"echo {MASTER_READY}; exec cat")
 
@@ -845,6 +848,7 @@ class Remote:
                     error=SshError,
                     what=f"{self.name}: ssh",
                     hold_stdin=hold_stdin,
+                    limit=REMOTE_OUTPUT_MAX,
                 )
         except SshError as exc:  # no answer in time, or no ssh
             exc.command = exc.command or self.command_line(argv)

@@ -471,3 +471,26 @@ def test_a_failed_hosts_message_quotes_its_words_printable(monkeypatch: pytest.M
 def test_a_state_error_is_a_fleet_error() -> None:
     """Every command's per-host collection catches FleetError alone."""
     assert issubclass(Malformed, FleetError)
+
+
+@pytest.mark.parametrize("stream", ["1", "2"])
+def test_a_program_that_prints_without_end_is_stopped_at_the_limit(stream: str) -> None:
+    """A host may answer gigabytes: what it prints, on stdout or stderr, is bounded, and
+    the program (and its pipes' writer) is stopped, not waited for."""
+    from fleet import process
+
+    script = f"head -c 50000000 /dev/zero >&{stream}; sleep 30"
+    with pytest.raises(FleetError, match=r"^h: ssh: printed more than 1 MiB: stopped$"):
+        process.run(["sh", "-c", script], limit=1 << 20, what="h: ssh", timeout=60)
+    small = process.run(["sh", "-c", "head -c 1000 /dev/zero"], limit=1 << 20)
+    assert len(small.stdout) == 1000
+
+
+def test_every_remote_command_is_bounded() -> None:
+    """Remote.run hands process.run the remote limit (fleet/ssh.py)."""
+    import inspect
+
+    from fleet import ssh
+
+    assert "limit=REMOTE_OUTPUT_MAX" in inspect.getsource(ssh.Remote.run)
+    assert ssh.REMOTE_OUTPUT_MAX == 64 << 20
