@@ -734,11 +734,14 @@ class HostOps:
         error = data.get("recordError")
         return printable(str(error)) if error else None
 
-    def prom_query(self, port: int, query: str, at: str | None = None) -> dict[str, Any]:
+    def prom_query(
+        self, port: int, query: str, at: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
         """A PromQL query to the host's own Prometheus (127.0.0.1:PORT), asked on the host
-        over the ssh connection: Prometheus's JSON answer (``status``, ``data``)."""
+        over the ssh connection: Prometheus's JSON answer (``status``, ``data``). The
+        round trip is bounded: a measurement that hangs would hang the rollout."""
         args = [f"--port={port}", f"--query={query}", *([f"--time={at}"] if at else [])]
-        return _without_ok(self.call("prom-query", *args))
+        return _without_ok(self.call("prom-query", *args, timeout=timeout))
 
     def prom_alerts(self, port: int, timeout: float | None = None) -> dict[str, Any]:
         """The alerts of the host's own Prometheus, as its /api/v1/alerts answers;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -67,19 +68,34 @@ def fleet_argv(lab: Lab, *args: str) -> list[str]:
 def run_fleet(
     lab: Lab, *args: str, timeout: float = 180, env: dict[str, str] | None = None
 ) -> tuple[int, Any, str]:
-    """Exit code, the JSON report (or None) and stderr of one `fleet` run (stdin closed)."""
-    proc = subprocess.run(
-        fleet_argv(lab, *args),
-        capture_output=True,
+    """Exit code, the JSON report (or None) and stderr of one `fleet` run (stdin closed).
+
+    A run past ``timeout`` fails the test with all it printed and, from Python's fault
+    handler (SIGABRT), where each of its threads waited."""
+    argv = fleet_argv(lab, *args)
+    argv.insert(1, "-Xfaulthandler")
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=env,
         stdin=subprocess.DEVNULL,
-    )
-    report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            pytest.fail(f"fleet {' '.join(args)}: no end within {timeout:g} s:\n{stderr}")
+    report = json.loads(stdout) if stdout.strip() else None
     # Shown by pytest when the test fails: each host's whole message, not the progress line.
-    print(f"fleet {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}")
-    return proc.returncode, report, proc.stderr
+    print(f"fleet {' '.join(args)}: exit {proc.returncode}\n{stdout}")
+    return proc.returncode, report, stderr
 
 
 def results(report: dict[str, Any]) -> dict[str, str]:

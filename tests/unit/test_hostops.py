@@ -24,13 +24,15 @@ class FakeRemote:
     answers: list[tuple[int, str, str]]
     endpoint: Endpoint = field(default_factory=lambda: Endpoint("web1", "192.0.2.1"))
     calls: list[list[str]] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.endpoint.name
 
-    def run(self, argv: list[str], **_: Any) -> Result:
+    def run(self, argv: list[str], **kwargs: Any) -> Result:
         self.calls.append(list(argv))
+        self.timeouts.append(kwargs.get("timeout"))
         code, out, err = self.answers.pop(0)
         return Result(tuple(argv), code, out, err)
 
@@ -98,6 +100,7 @@ def test_a_prometheus_query_goes_through_the_hosts_program() -> None:
         "status": "success", "data": {"result": []}}  # fmt: skip
     assert remote.calls[0] == [RUNNING_HELPER, "prom-query", "--port=9090", "--query=-up or x",
                                "--time=2027-01-15T08:00:00Z"]  # fmt: skip
+    assert remote.timeouts[0] == 30  # a measurement never hangs the rollout
     assert host.prom_alerts(9090)["status"] == "success"
     assert remote.calls[1] == [RUNNING_HELPER, "prom-alerts", "--port=9090"]
     failed = json.dumps({"ok": False, "error": "127.0.0.1:9090/api/v1/query: Connection refused"})
