@@ -90,7 +90,10 @@ def test_sudo_allows_the_running_helper_and_nothing_else(lab):
         # `fleet exec` runs as the ssh user: through sudo, `run` would be a root shell.
         result = remote.run(["sudo", "-n", RUNNING_HELPER, "run", "--", "id", "-u"], check=False)
         assert result.returncode == 2 and result.stdout == "", result
-        assert remote.run([RUNNING_HELPER, "run", "--", "id", "-un"]).stdout.strip() == DEPLOY_USER
+        assert (
+            remote.run([RUNNING_HELPER, "run", "--", "id", "-un"], hold_stdin=True).stdout.strip()
+            == DEPLOY_USER
+        )
 
 
 def test_a_system_the_deploy_user_made_itself_is_refused(lab):
