@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from fleet.cli import Context, _emit, lab
+from fleet.cli import Context, Seconds, _emit, lab
 from fleet.lab import boot as lab_boot
 from fleet.lab import flake as lab_flake_files
 from fleet.lab import ops as lab_ops
@@ -62,7 +62,7 @@ def _state_rows(states: list[lab_ops.HostState]) -> list[dict[str, Any]]:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=1),
+    type=Seconds(1),
     default=None,
     help=f"Seconds for every host to boot and answer ssh (default {lab_boot.PACE.base:g} + "
     f"{lab_boot.PACE.per_host:g} per host started).",
@@ -135,7 +135,7 @@ def lab_flake() -> None:
 )
 @click.option(
     "--start-delay",
-    type=float,
+    type=Seconds(0),
     default=0.0,
     metavar="S",
     help="The service takes S seconds to become ready (a slow activation).",

@@ -4,12 +4,15 @@ each is exit 2 with one line naming the option, before the flake is read."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import click
 import pytest
 
 from fleet import cli
+
+importlib.import_module("fleet.lab.cli")  # `fleet lab`'s commands, loaded when asked for
 
 # Python reads " 1\n" as 1, harmlessly: what is refused is what is no number in range.
 HOSTILE = ["nan", "NaN", "inf", "-inf", "1e400", "-1", "0x10", "", "1 2", "1\n2", "\x00"]
