@@ -7,16 +7,22 @@ reached is a result of its own, never a reason to stop the others.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleet import closure, generations, health, nix, testhook, traffic
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UsageError
 from fleet.flows import Session
 from fleet.hostops import RUNNING_HELPER, HostOps, new_token
 from fleet.inventory import Host
 from fleet.process import Result
 from fleet.rollout import Release, endpoint
+
+# Text an operator hands a host: a drain's reason is kept in every record and shown in
+# `history`; a command goes to ssh as one argument, which the kernel caps at 128 KiB.
+REASON_MAX = 500
+COMMAND_MAX = 100_000
 
 
 def list_generations(
@@ -88,6 +94,8 @@ def drain(
 ) -> dict[str, Drained | FleetError]:
     """Take whole hosts out of rotation for maintenance (``on``), or put them back; then
     wait for the balancers to agree (their sessions ended, or serving again)."""
+    if reason is not None and not (reason.isprintable() and 0 < len(reason) <= REASON_MAX):
+        raise UsageError(f"--reason: one printable line of 1 to {REASON_MAX} characters")
     balanced = session.inventory.traffic
     release = Release.new("drain" if on else "undrain", session.flake, None)
     holder = release.holder() | ({"reason": reason} if reason else {})
@@ -119,6 +127,9 @@ def run_everywhere(
 
     It runs under the host's ``fleet-host run``, which ends it when our ssh session ends
     (Ctrl-C, a cut link); a host whose running system predates that runs it bare."""
+    size = len(shlex.join(argv))
+    if size > COMMAND_MAX:
+        raise UsageError(f"exec: the command is {size} bytes quoted; at most {COMMAND_MAX}")
 
     def one(_host: Host, ops: HostOps) -> Result:
         result = ops.remote.run([RUNNING_HELPER, "run", "--", *argv], check=False, hold_stdin=True)

@@ -105,6 +105,8 @@ def run(
         )
     except FileNotFoundError as exc:
         raise error(f"{argv[0]}: command not found") from exc
+    except (OSError, ValueError) as exc:  # an argument list too long, a NUL in one
+        raise error(f"{argv[0]}: cannot start: {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         if held is not None:
             os.close(stdin)

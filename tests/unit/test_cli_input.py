@@ -1,6 +1,7 @@
-"""Every number the command line takes: nothing that is not one, nothing outside its
-range, never ``nan`` or an infinity (a deadline that never comes) gets past the parser;
-each is exit 2 with one line naming the option, before the flake is read."""
+"""What the operator types. Every number the command line takes: nothing that is not
+one, nothing outside its range, never ``nan`` or an infinity (a deadline that never comes)
+gets past the parser; each is exit 2 with one line naming the option, before the flake is
+read. Text handed to hosts (a drain's reason, a command) is bounded and one line."""
 
 from __future__ import annotations
 
@@ -79,3 +80,23 @@ def test_seconds_bounds(value: str, low: float, high: float, ok: bool) -> None:
     else:
         with pytest.raises(click.BadParameter):
             kind.convert(value, None, None)
+
+
+@pytest.mark.parametrize("reason", ["", "two\nlines", "a\x1b[2Jb", "tab\there", "x" * 501])
+def test_a_drain_reason_is_one_printable_line(reason: str) -> None:
+    """Checked before the session is touched: kept in every record, shown in history."""
+    from fleet import day2
+    from fleet.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--reason: one printable line"):
+        day2.drain(None, [], True, reason)  # type: ignore[arg-type]
+
+
+def test_a_command_too_long_for_ssh_is_bad_input_not_a_traceback() -> None:
+    from fleet import day2, process
+    from fleet.errors import FleetError, UsageError
+
+    with pytest.raises(UsageError, match=r"^exec: the command is 200\d+ bytes quoted"):
+        day2.run_everywhere(None, [], ["echo", "x" * 200_000])  # type: ignore[arg-type]
+    with pytest.raises(FleetError, match=r"^echo: cannot start: Argument list too long"):
+        process.run(["echo", "x" * 200_000])
